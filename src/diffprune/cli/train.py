@@ -1,0 +1,86 @@
+"""``diffprune train``: train a UNet2DModel from scratch (a teacher, or the 'scratch' baseline)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_training_flags(p) -> None:
+    """Flags shared by ``train`` and ``finetune`` (defaults: the paper's recipe)."""
+    from ..train import TrainConfig
+
+    d = TrainConfig(steps=1)
+    p.add_argument("--data", required=True, help="training images: 'mnist', 'digits', a folder, or a HF dataset id")
+    p.add_argument("--steps", type=int, required=True, help="optimisation steps")
+    p.add_argument("--out", required=True, help="output folder (the final model; checkpoints, logs, samples)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per process")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (constant after warm-up)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="constant EMA decay; default: min(0.9999, 1 - 10/steps), an EMA over the last ~10%% of steps")
+    p.add_argument("--no-antithetic", action="store_true", help="sample timesteps independently (default: t, T-1-t pairs)")
+    p.add_argument("--dropout", type=float, default=None, help="set every dropout layer's p (default: the model's)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept (newest)")
+    p.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids (0: none)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between log rows")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data order, noise and timesteps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--device", default=None, help="ignored under `accelerate launch`; e.g. cpu or cuda:0")
+
+
+def train_config_from_args(args, **extra):
+    from ..train import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip, ema_decay=args.ema_decay, antithetic=not args.no_antithetic,
+        dropout=args.dropout, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        sample_every=args.sample_every, log_every=args.log_every, seed=args.seed, **extra,
+    )
+
+
+def make_accelerator(device):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=(device == "cpu")) if device in (None, "cpu") else Accelerator()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a diffusion UNet from scratch (teacher or scratch baseline)",
+                       description=__doc__)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--preset", help="a named architecture (see diffprune.presets), e.g. mnist-16")
+    group.add_argument("--config", help="a JSON file of UNet2DModel config values")
+    add_training_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..data import load_images
+    from ..errors import DiffPruneError
+    from ..presets import PRESETS, build_unet
+    from ..sampling import default_scheduler
+    from ..seed import seed_everything
+    from ..train import run_info, train
+
+    config = train_config_from_args(args)
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise DiffPruneError(f"--config {args.config!r} does not exist; pass a JSON file of UNet2DModel settings")
+        arch = json.loads(path.read_text())
+    else:
+        arch = PRESETS.get(args.preset)
+    seed_everything(config.seed)
+    unet = build_unet(dict(arch))
+    images = load_images(args.data, resolution=unet.config.sample_size, channels=unet.config.in_channels)
+    info = run_info(command=" ".join(["diffprune"] + sys.argv[1:]), data=args.data, architecture=arch,
+                    num_images=len(images))
+    res = train(unet, default_scheduler(), images, config, args.out, resume=args.resume, overwrite=args.overwrite,
+                run_info=info, accelerator=make_accelerator(args.device))
+    print(f"trained {res.steps} steps, final loss {res.final_loss:.4f} -> {res.out_dir}")
+    return 0

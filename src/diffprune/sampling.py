@@ -1,0 +1,146 @@
+"""Sampling: DDIM with uniform or quadratic timestep spacing, and DDPM, reproducible per sample.
+
+Image i always comes from seed ``seeds[i]``: its starting noise and (for stochastic samplers) every step's noise
+are drawn from its own generator, so a seed gives the same image at every batch size.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
+
+from .errors import require
+
+SAMPLERS = ("ddim", "ddpm")
+SKIPS = ("uniform", "quad")
+
+
+def default_scheduler() -> DDPMScheduler:
+    """The DDPM training schedule diffprune uses when a model ships none: 1000 steps, linear betas."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def skip_timesteps(num_train_timesteps: int, num_inference_steps: int, skip: str) -> np.ndarray:
+    """Descending timesteps of a strided sampler, as in the DDIM paper's code.
+
+    ``uniform``: range(0, T, T // S). ``quad``: int(linspace(0, sqrt(0.8 T), S) ** 2), duplicates removed (for
+    large S the first values repeat), so fewer than S steps may remain.
+    """
+    T, S = num_train_timesteps, num_inference_steps
+    require(1 <= S <= T, f"num_inference_steps={S} must be in [1, {T}] (the scheduler's num_train_timesteps)")
+    require(skip in SKIPS, f"unknown skip {skip!r}; choose from {list(SKIPS)}")
+    if skip == "uniform":
+        seq = np.arange(0, T, T // S)[:S]
+    else:
+        seq = np.unique((np.linspace(0, np.sqrt(0.8 * T), S) ** 2).astype(np.int64))
+    return seq[::-1].copy()
+
+
+class QuadDDIMScheduler(DDIMScheduler):
+    """DDIM whose every step goes to the *true* previous timestep of an arbitrary (e.g. quadratic) sequence.
+
+    Stock ``DDIMScheduler.step`` assumes even spacing (prev = t - T // S), which is wrong for quadratic spacing.
+    Supports ``prediction_type`` epsilon, sample and v_prediction.
+    """
+
+    def set_timesteps(self, num_inference_steps: int, device=None, skip: str = "uniform"):  # type: ignore[override]
+        seq = skip_timesteps(self.config.num_train_timesteps, num_inference_steps, skip)
+        self.num_inference_steps = len(seq)
+        self.timesteps = torch.from_numpy(seq).to(device)
+        self._prev = {int(t): int(p) for t, p in zip(seq, list(seq[1:]) + [-1])}
+
+    def previous_timestep(self, timestep) -> int:
+        return self._prev[int(timestep)]
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+             generator=None, variance_noise=None, return_dict: bool = True):
+        t = int(timestep)
+        prev = self._prev[t]
+        a_t = self.alphas_cumprod[t].to(sample.device, sample.dtype)
+        a_prev = (self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod).to(sample.device, sample.dtype)
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            eps = model_output
+            x0 = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        elif kind == "sample":
+            x0 = model_output
+            eps = (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        elif kind == "v_prediction":
+            x0 = a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output
+            eps = a_t.sqrt() * model_output + (1 - a_t).sqrt() * sample
+        else:
+            raise ValueError(f"prediction_type {kind!r} is not supported; use epsilon, sample or v_prediction")
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+            if use_clipped_model_output:
+                eps = (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * var.clamp(min=0).sqrt()
+        prev_sample = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            require(variance_noise is not None, "eta > 0 needs variance_noise (per-sample noise for reproducibility)")
+            prev_sample = prev_sample + std * variance_noise
+        if not return_dict:
+            return (prev_sample, x0)
+        from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+@torch.no_grad()
+def sample(unet, scheduler, *, seeds: Sequence[int], num_inference_steps: int = 50, sampler: str = "ddim",
+           skip: str = "uniform", eta: float | None = None, batch_size: int = 64, device=None,
+           progress: bool = True) -> torch.Tensor:
+    """Generate ``len(seeds)`` images; returns float32 ``[N, C, H, W]`` in [-1, 1] on the CPU.
+
+    ``sampler="ddim"`` is deterministic (eta 0 unless given). ``sampler="ddpm"`` is DDIM with eta 1, which over all
+    T steps is exactly ancestral DDPM with the posterior variance (and its strided generalisation for fewer steps).
+    ``device`` defaults to the UNet's device.
+    """
+    require(sampler in SAMPLERS, f"unknown sampler {sampler!r}; choose from {list(SAMPLERS)}")
+    require(batch_size >= 1, f"batch_size={batch_size} must be >= 1")
+    eta = (0.0 if sampler == "ddim" else 1.0) if eta is None else float(eta)
+    device = device if device is not None else next(unet.parameters()).device
+    sched = QuadDDIMScheduler.from_config(scheduler.config)
+    sched.set_timesteps(num_inference_steps, skip=skip)
+    cfg = unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    was_training = unet.training
+    unet.eval()
+    out = []
+    seeds = [int(s) for s in seeds]
+    bar = tqdm(total=len(seeds) * len(sched.timesteps), desc="sampling", unit="step", disable=not progress)
+    for i in range(0, len(seeds), batch_size):
+        chunk = seeds[i:i + batch_size]
+        gens = [torch.Generator().manual_seed(s) for s in chunk]
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        for t in sched.timesteps:
+            eps = unet(x, t.to(device).expand(len(chunk))).sample
+            noise = None
+            if eta > 0:
+                noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+            x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            bar.update(len(chunk))
+        out.append(x.clamp(-1, 1).float().cpu())
+    bar.close()
+    unet.train(was_training)
+    return torch.cat(out)
+
+
+def image_grid(images_uint8: torch.Tensor, nrow: int | None = None, pad: int = 2):
+    """A PIL image tiling uint8 ``[N, C, H, W]`` images in rows of ``nrow`` (default: about square)."""
+    from PIL import Image
+
+    n, c, h, w = images_uint8.shape
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
+    rows = int(np.ceil(n / nrow))
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = (
+            images_uint8[k].permute(1, 2, 0).numpy()
+        )
+    return Image.fromarray(grid[:, :, 0] if c == 1 else grid)

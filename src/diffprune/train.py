@@ -1,0 +1,432 @@
+"""The training loop behind ``diffprune train`` (a teacher or scratch baseline) and ``diffprune finetune``.
+
+Read top to bottom: one step = sample a batch, noise it at antithetic timesteps, ε-prediction MSE (optionally
+distilled from a teacher), Adam with gradient clipping, EMA. Every random draw of step k on process r comes from
+a generator seeded by (seed, k, r) and the data order from a per-epoch permutation seeded by (seed, epoch), so a
+run resumed from a checkpoint ends with exactly the weights of an uninterrupted run.
+
+Output folder (written by the main process only):
+  config.json, diffusion_pytorch_model.safetensors, [pruning.json], scheduler/   final model (EMA weights)
+  raw/                                                                          final model (raw weights)
+  train_config.json, train_log.csv, train_summary.json, samples/, checkpoints/step-XXXXXXX/
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ._fs import atomic_write_json, read_json
+from .data import to_model_range, to_uint8
+from .errors import DiffPruneError, require
+
+CHECKPOINT_PREFIX = "step-"
+LOG_FIELDS = ["step", "loss", "lr", "images_per_s"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training or fine-tuning run. Defaults are the Diff-Pruning paper's recipe.
+
+    ``ema_decay=None`` ties the EMA horizon to the run: decay = min(0.9999, 1 - 10 / steps), i.e. the EMA averages
+    over the last ~10% of the steps. The paper's constant 0.9999 suits 100K-step runs; over a 2K-step run it would
+    leave the EMA weights ~82% the pruned initialisation (0.9999^2000). The decay is constant from the first step on.
+    ``batch_size`` is per process; ``kd_weight`` > 0 needs a teacher (loss = a·‖ε_T − ε_S‖² + (1 − a)·‖ε − ε_S‖²).
+    """
+
+    steps: int
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float | None = None
+    antithetic: bool = True
+    dropout: float | None = None
+    kd_weight: float = 0.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 0
+    sample_steps: int = 20
+    log_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        def positive_int(name, lo):
+            v = getattr(self, name)
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+                    f"{name}={v!r} must be an integer >= {lo}")
+
+        positive_int("steps", 1)
+        positive_int("batch_size", 1)
+        positive_int("warmup_steps", 0)
+        positive_int("checkpoint_every", 1)
+        positive_int("keep_checkpoints", 1)
+        positive_int("sample_every", 0)
+        positive_int("sample_steps", 1)
+        positive_int("log_every", 1)
+        positive_int("seed", 0)
+        require(self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr!r} must be a positive number, e.g. 2e-4")
+        require(self.grad_clip >= 0, f"grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
+        require(self.ema_decay is None or 0 <= self.ema_decay < 1,
+                f"ema_decay={self.ema_decay!r} must be in [0, 1) or None (auto: 1 - 10/steps)")
+        require(self.dropout is None or 0 <= self.dropout < 1, f"dropout={self.dropout!r} must be in [0, 1)")
+        require(0 <= self.kd_weight <= 1, f"kd_weight={self.kd_weight!r} must be in [0, 1] (paper: 0.7)")
+
+    @property
+    def resolved_ema_decay(self) -> float:
+        return self.ema_decay if self.ema_decay is not None else min(0.9999, 1 - 10 / self.steps)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        require(not unknown, f"unknown training option(s) {unknown}; choose from {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+
+
+def denoising_loss(pred: torch.Tensor, noise: torch.Tensor, teacher_pred: torch.Tensor | None = None,
+                   kd_weight: float = 0.0) -> torch.Tensor:
+    """ε-prediction MSE, optionally mixed with output distillation: a·‖ε_T − ε_S‖² + (1 − a)·‖ε − ε_S‖²."""
+    loss = F.mse_loss(pred, noise)
+    if teacher_pred is not None and kd_weight > 0:
+        loss = kd_weight * F.mse_loss(pred, teacher_pred) + (1 - kd_weight) * loss
+    return loss
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def antithetic_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """n timesteps where the second half mirrors the first (t, T-1-t): lower-variance loss estimates."""
+    half = torch.randint(0, num_train_timesteps, ((n + 1) // 2,), generator=generator)
+    return torch.cat([half, num_train_timesteps - 1 - half])[:n]
+
+
+class _DataOrder:
+    """Global sample position p -> image index, via a permutation per epoch seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        out = []
+        for p in range(start, start + count):
+            epoch, offset = divmod(p, self.n)
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                    _seed_of(self.seed, epoch, 7)))}
+            out.append(self._perms[epoch][offset])
+        return torch.stack(out)
+
+
+# --- checkpoints: safetensors + JSON, never pickles ------------------------------------------------------------
+
+def _save_checkpoint(folder: Path, step: int, model, ema, optimizer, keep: int) -> None:
+    tmp = folder / f".{CHECKPOINT_PREFIX}{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for i, st in opt["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{i}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{i}.{k}"] = v
+    save_file(tensors, tmp / "optimizer.safetensors")
+    atomic_write_json(tmp / "state.json", {
+        "step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
+        "ema": {"optimization_step": ema.optimization_step, "decay": ema.decay},
+    })
+    final = folder / f"{CHECKPOINT_PREFIX}{step:07d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints (those with state.json), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _load_checkpoint(ckpt: Path, model, ema, optimizer) -> int:
+    state = read_json(ckpt / "state.json")
+    weights = load_file(ckpt / "model.safetensors")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise DiffPruneError(f"checkpoint {str(ckpt)!r} does not fit this model ({first}); resume with the same model") from None
+    shadow = load_file(ckpt / "ema.safetensors")
+    ema.shadow_params = [shadow[f"{i}"].to(p.device) for i, p in enumerate(ema.shadow_params)]
+    ema.optimization_step = state["ema"]["optimization_step"]
+    tensors = load_file(ckpt / "optimizer.safetensors")
+    opt_state: dict = {}
+    for key, v in list(tensors.items()) + list(state["optimizer_scalars"].items()):
+        i, k = key.split(".", 1)
+        opt_state.setdefault(int(i), {})[k] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    return int(state["step"])
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: str | os.PathLike, *,
+          teacher=None, pruning: dict | None = None, resume: bool = False, overwrite: bool = False,
+          run_info: dict | None = None, accelerator=None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train ``unet`` (ε-prediction) on uint8 ``images`` [N, C, H, W]; write the final EMA model to ``out_dir``.
+
+    ``pruning``: the pruned model's record; when given, the model is saved in diffprune's pruned format.
+    ``resume``: continue from the newest checkpoint in ``out_dir/checkpoints`` (settings must match, ``steps`` may
+    grow). ``accelerator``: an ``accelerate.Accelerator`` (one is created if None; under ``accelerate launch`` it
+    runs data-parallel). ``on_step(step, loss)`` is called after every step (a hook for callers and tests).
+    """
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    out = Path(out_dir)
+    require(images.dtype == torch.uint8 and images.ndim == 4, "images must be a uint8 tensor [N, C, H, W]")
+    cfg = unet.config
+    expect = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    require(tuple(images.shape[1:]) == expect,
+            f"images have shape {tuple(images.shape[1:])} but the model takes {expect}; load them with the model's "
+            "resolution and channels")
+    require(scheduler.config.prediction_type == "epsilon",
+            f"prediction_type {scheduler.config.prediction_type!r} is not supported for training; use 'epsilon'")
+    require(config.kd_weight == 0 or teacher is not None, f"kd_weight={config.kd_weight} needs a teacher (--teacher DIR)")
+    if teacher is not None and config.kd_weight == 0:
+        raise DiffPruneError("a teacher was given but kd_weight=0; pass --kd-weight (paper: 0.7) or drop --teacher")
+
+    acc = accelerator or Accelerator()
+    main = acc.is_main_process
+    ckpt_dir = out / "checkpoints"
+    saved_cfg_path = out / "train_config.json"
+    start_step = 0
+    if resume:
+        require(saved_cfg_path.is_file(), f"--resume: {str(out)!r} holds no train_config.json; start without --resume")
+        saved = read_json(saved_cfg_path)["train"]
+        mine = config.to_dict()
+        mine["ema_decay"] = config.resolved_ema_decay
+        diff = sorted(k for k in mine if k != "steps" and saved.get(k) != mine[k])
+        require(not diff, f"--resume: settings {diff} differ from the interrupted run's {str(saved_cfg_path)!r}; "
+                          "resume with the same settings (only --steps may change)")
+    elif out.exists() and any(out.iterdir()):
+        require(overwrite, f"--out {str(out)!r} exists and is not empty; pass --resume to continue it, "
+                           "--overwrite to replace it, or choose a new folder")
+        if main:
+            shutil.rmtree(out)
+    acc.wait_for_everyone()
+
+    if config.dropout is not None:
+        for m in unet.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = config.dropout
+    unet.train()
+    optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
+    model, optimizer = acc.prepare(unet, optimizer)
+    raw = acc.unwrap_model(model)
+    decay = config.resolved_ema_decay
+    # min_decay = decay makes diffusers' EMAModel constant (its default ramps (1+k)/(10+k) up to `decay`).
+    ema = EMAModel(raw.parameters(), decay=decay, min_decay=decay)
+    if teacher is not None:
+        teacher = teacher.to(acc.device).eval().requires_grad_(False)
+
+    if resume and list_checkpoints(ckpt_dir):
+        ckpt = list_checkpoints(ckpt_dir)[-1]
+        start_step = _load_checkpoint(ckpt, raw, ema, optimizer)
+        require(start_step <= config.steps, f"--steps {config.steps} is below the checkpoint's step {start_step}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = config.to_dict() | {"ema_decay": decay}
+        atomic_write_json(saved_cfg_path, {"train": resolved, "world_size": acc.num_processes, **(run_info or {})})
+        _truncate_log(out / "train_log.csv", start_step)
+
+    T = scheduler.config.num_train_timesteps
+    order = _DataOrder(len(images), config.seed)
+    rank, world, B = acc.process_index, acc.num_processes, config.batch_size
+    writer = _tensorboard(out) if main else None
+    bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not (progress and main))
+    t0, window, last_loss = time.time(), [], float("nan")
+    step = start_step
+    for step in range(start_step, config.steps):
+        lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seed = _seed_of(config.seed, step, rank)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # dropout
+        idx = order.indices(step * B * world + rank * B, B)
+        x0 = to_model_range(images[idx]).to(acc.device)
+        noise = torch.randn(x0.shape, generator=gen).to(acc.device)
+        t = (antithetic_timesteps(B, T, gen) if config.antithetic else torch.randint(0, T, (B,), generator=gen))
+        t = t.to(acc.device)
+        xt = scheduler.add_noise(x0, noise, t)
+        pred = model(xt, t).sample
+        teacher_pred = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_pred = teacher(xt, t).sample
+        loss = denoising_loss(pred, noise, teacher_pred, config.kd_weight)
+        if not torch.isfinite(loss):
+            good = list_checkpoints(ckpt_dir)
+            where = f"the last good checkpoint is {str(good[-1])!r}" if good else "no checkpoint was written yet"
+            raise DiffPruneError(f"loss became {loss.item()} at step {step}; {where}; lower --lr and resume")
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if config.grad_clip > 0:
+            acc.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.step(raw.parameters())
+        last_loss = loss.item()
+        window.append(last_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}")
+        done = step + 1
+        if main and (done % config.log_every == 0 or done == config.steps):
+            ips = len(window) * B * world / max(time.time() - t0, 1e-9)
+            row = {"step": done, "loss": float(np.mean(window)), "lr": lr, "images_per_s": ips}
+            _append_log(out / "train_log.csv", row)
+            if writer is not None:
+                for k in ("loss", "lr", "images_per_s"):
+                    writer.add_scalar(f"train/{k}", row[k], done)
+            t0, window = time.time(), []
+        if main and config.sample_every and done % config.sample_every == 0:
+            _save_sample_grid(raw, ema, scheduler, out / "samples" / f"{CHECKPOINT_PREFIX}{done:07d}.png",
+                              config.sample_steps)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            acc.wait_for_everyone()
+            if main:
+                _save_checkpoint(ckpt_dir, done, raw, ema, optimizer, config.keep_checkpoints)
+        if on_step is not None:
+            on_step(done, last_loss)
+    bar.close()
+    acc.wait_for_everyone()
+    if main:
+        _save_final(raw, ema, scheduler, out, pruning)
+        atomic_write_json(out / "train_summary.json", {"steps": config.steps, "final_loss": last_loss,
+                                                        "ema_decay": decay, "world_size": world})
+        if writer is not None:
+            writer.close()
+    acc.wait_for_everyone()
+    return TrainResult(out, config.steps, last_loss, time.time() - t0)
+
+
+def ema_copy(raw, ema):
+    """A copy of ``raw`` holding the EMA weights."""
+    model = copy.deepcopy(raw)
+    ema.copy_to(model.parameters())
+    return model.eval()
+
+
+def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None) -> None:
+    for folder, model in ((out / "raw", raw), (out, ema_copy(raw, ema))):
+        tmp = out / f".final-{folder.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if pruning is not None:
+            from .io import save_pruned
+
+            save_pruned(model, tmp, pruning, scheduler=scheduler, overwrite=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            scheduler.save_pretrained(tmp / "scheduler")
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in tmp.iterdir():
+            target = folder / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        tmp.rmdir()
+
+
+def _save_sample_grid(raw, ema, scheduler, path: Path, steps: int) -> None:
+    from .sampling import image_grid, sample
+
+    imgs = sample(ema_copy(raw, ema), scheduler, seeds=range(36), num_inference_steps=steps, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(to_uint8(imgs), nrow=6).save(path)
+
+
+def _append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past ``step`` (a resumed run rewrites them)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    path.unlink()
+    for r in rows:
+        _append_log(path, r)
+
+
+def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A training log as columns of floats (empty dict if there is no log)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) for r in rows]) for k in LOG_FIELDS}
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def run_info(**extra) -> dict:
+    """Versions and anything else worth recording beside a run's outputs."""
+    import diffusers
+    import torch_pruning
+
+    from . import __version__
+
+    return {"versions": {"diffprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "torch_pruning": torch_pruning.__version__}, **extra}
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
