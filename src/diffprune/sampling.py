@@ -144,3 +144,37 @@ def image_grid(images_uint8: torch.Tensor, nrow: int | None = None, pad: int = 2
             images_uint8[k].permute(1, 2, 0).numpy()
         )
     return Image.fromarray(grid[:, :, 0] if c == 1 else grid)
+
+
+SAMPLES_NPZ = "samples.npz"
+
+
+def save_samples(images_uint8: torch.Tensor, seeds: Sequence[int], out_dir, meta: dict | None = None) -> None:
+    """Write a sample folder: ``{i:05d}.png`` (image i from ``seeds[i]``), ``samples.npz`` (images, seeds),
+    ``samples.json`` (seeds and how they were made) and ``grid.png`` (the first 64)."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = np.asarray([int(s) for s in seeds], dtype=np.int64)
+    require(len(seeds) == len(images_uint8), f"{len(images_uint8)} images but {len(seeds)} seeds")
+    arr = images_uint8.permute(0, 2, 3, 1).numpy()
+    for i, a in enumerate(arr):
+        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(out / f"{i:05d}.png")
+    np.savez_compressed(out / SAMPLES_NPZ, images=images_uint8.numpy(), seeds=seeds)
+    (out / "samples.json").write_text(json.dumps({"seeds": seeds.tolist(), **(meta or {})}, indent=2) + "\n")
+    image_grid(images_uint8[:64]).save(out / "grid.png")
+
+
+def load_samples(folder) -> tuple[torch.Tensor, np.ndarray]:
+    """(uint8 images [N, C, H, W], seeds [N]) from a folder written by :func:`save_samples`."""
+    from pathlib import Path
+
+    path = Path(folder) / SAMPLES_NPZ
+    require(path.is_file(), f"{str(folder)!r} is not a sample folder (no {SAMPLES_NPZ}); write one with "
+                            "`diffprune sample`")
+    with np.load(path, allow_pickle=False) as d:
+        return torch.from_numpy(d["images"].copy()), d["seeds"].copy()

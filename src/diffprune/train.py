@@ -88,7 +88,7 @@ class TrainConfig:
 
     @property
     def resolved_ema_decay(self) -> float:
-        return self.ema_decay if self.ema_decay is not None else min(0.9999, 1 - 10 / self.steps)
+        return self.ema_decay if self.ema_decay is not None else min(0.9999, max(0.0, 1 - 10 / self.steps))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

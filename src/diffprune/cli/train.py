@@ -29,7 +29,7 @@ def add_training_flags(p) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data order, noise and timesteps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--device", default=None, help="ignored under `accelerate launch`; e.g. cpu or cuda:0")
+    p.add_argument("--device", default=None, help="cpu forces the CPU; default: accelerate's choice (GPU when present; all GPUs under `accelerate launch`)")
 
 
 def train_config_from_args(args, **extra):
@@ -46,7 +46,8 @@ def train_config_from_args(args, **extra):
 def make_accelerator(device):
     from accelerate import Accelerator
 
-    return Accelerator(cpu=(device == "cpu")) if device in (None, "cpu") else Accelerator()
+    # None: accelerate's own choice (its launch config, else CUDA when present); "cpu" forces the CPU.
+    return Accelerator(cpu=(device == "cpu"))
 
 
 def add_parser(sub) -> None:

@@ -1,0 +1,16 @@
+"""Helpers shared by the subcommands (the CLI may choose a device; the library never does)."""
+from __future__ import annotations
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device_flag(p) -> None:
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
+
+
+def device_of(args) -> str:
+    return args.device or default_device()

@@ -1,0 +1,136 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffprune.data import load_images
+from diffprune.errors import DiffPruneError
+from diffprune.presets import build_unet
+from diffprune.sampling import default_scheduler
+from diffprune.train import TrainConfig, denoising_loss, list_checkpoints, read_log, train
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_images("mnist", resolution=8, channels=1, limit=256)
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed)
+    return build_unet("tiny")
+
+
+def test_loss_decreases(images, tmp_path):
+    cfg = TrainConfig(steps=60, batch_size=16, lr=2e-3, log_every=10, checkpoint_every=60)
+    train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
+    log = read_log(tmp_path / "train_log.csv")
+    assert log["step"].tolist() == [10, 20, 30, 40, 50, 60]
+    assert log["loss"][-2:].mean() < 0.6 * log["loss"][0]
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                 "raw/diffusion_pytorch_model.safetensors", "train_config.json"):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_resume_is_exact(images, tmp_path):
+    cfg = TrainConfig(steps=12, batch_size=8, checkpoint_every=4, dropout=0.1, warmup_steps=3, ema_decay=0.9)
+    init = _unet().state_dict()
+    full = _unet()
+    train(full, default_scheduler(), images, cfg, tmp_path / "a", progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_9(step, loss):
+        if step == 9:
+            raise Interrupt
+
+    part = _unet(seed=1)
+    part.load_state_dict(init)
+    with pytest.raises(Interrupt):
+        train(part, default_scheduler(), images, cfg, tmp_path / "b", progress=False, on_step=stop_at_9)
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-0000004", "step-0000008"]
+    train(_unet(seed=2), default_scheduler(), images, cfg, tmp_path / "b", progress=False, resume=True)
+    for name in ("diffusion_pytorch_model.safetensors", "raw/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_refuses_changed_settings(images, tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=4, checkpoint_every=1)
+    train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
+    with pytest.raises(DiffPruneError, match=r"settings \['lr'\] differ"):
+        train(_unet(), default_scheduler(), images, TrainConfig(steps=4, batch_size=4, checkpoint_every=1, lr=1e-3),
+              tmp_path, progress=False, resume=True)
+    with pytest.raises(DiffPruneError, match="exists and is not empty"):
+        train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
+
+
+def test_kd_loss_formula():
+    pred = torch.tensor([[1.0, 2.0]])
+    noise = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[1.0, 0.0]])
+    # a * mean((pred - teacher)^2) + (1 - a) * mean((pred - noise)^2) = 0.7 * 2 + 0.3 * 2.5
+    assert denoising_loss(pred, noise, teacher, 0.7).item() == pytest.approx(0.7 * 2.0 + 0.3 * 2.5)
+    assert denoising_loss(pred, noise).item() == pytest.approx(2.5)
+
+
+def test_ema_decay_is_constant(images, tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    d = 0.95
+    ema = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=d, min_decay=d)
+    assert [ema.get_decay(k) for k in (2, 3, 10, 1000)] == [d] * 4
+    # stock EMAModel is *not* constant: it ramps (1 + k) / (10 + k) up to `decay`
+    assert EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=d).get_decay(3) == pytest.approx(3 / 12)
+    # end to end: with lr 0 the raw weights stay w0, the EMA stays w0; with d=0 EMA == raw
+    cfg = TrainConfig(steps=5, batch_size=4, ema_decay=0.0, checkpoint_every=5)
+    train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
+    a = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "raw" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "train_config.json").read_text())["train"]["ema_decay"] == 0.0
+    assert TrainConfig(steps=2000).resolved_ema_decay == pytest.approx(0.995)
+    assert TrainConfig(steps=5).resolved_ema_decay == 0.0
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(images, tmp_path):
+    unet = _unet()
+
+    def poison(step, loss):
+        if step == 4:
+            with torch.no_grad():
+                next(unet.parameters()).fill_(float("nan"))
+
+    cfg = TrainConfig(steps=10, batch_size=4, checkpoint_every=2)
+    with pytest.raises(DiffPruneError, match=r"loss became nan at step 4; the last good checkpoint is .*step-0000004"):
+        train(unet, default_scheduler(), images, cfg, tmp_path, progress=False, on_step=poison)
+    ckpt = load_file(tmp_path / "checkpoints" / "step-0000004" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in ckpt.values())
+
+
+def test_config_validation():
+    with pytest.raises(DiffPruneError, match="kd_weight=1.5 must be in"):
+        TrainConfig(steps=1, kd_weight=1.5)
+    with pytest.raises(DiffPruneError, match="steps=0 must be an integer >= 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(DiffPruneError, match="unknown training option"):
+        TrainConfig.from_dict({"steps": 1, "lrr": 1})
+
+
+def test_two_process_accelerate_run(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): one run, written once by the main process."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffprune", "train",
+           "--preset", "tiny", "--data", "mnist", "--steps", "4", "--batch-size", "4", "--log-every", "2",
+           "--checkpoint-every", "2", "--out", str(out), "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
+    assert res.stdout.count("trained 4 steps") == 2  # both processes ran the loop...
+    assert read_log(out / "train_log.csv")["step"].tolist() == [2, 4]  # ...but rows were written once
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002", "step-0000004"]
