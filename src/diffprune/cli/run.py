@@ -1,0 +1,59 @@
+"""``diffprune run CONFIG.yaml``: prune -> finetune -> eval (with report), resumable, skipping finished stages."""
+from __future__ import annotations
+
+from ._common import add_device_flag
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the whole pipeline from a YAML config", description=__doc__)
+    p.add_argument("config", help="a YAML run config (see the shipped configs/demo.yaml)")
+    p.add_argument("--out", required=True, help="the run folder (re-running it skips finished stages)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo STAGE (prune, finetune or eval) and every stage after it; repeatable")
+    add_device_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..pipeline import load_run_config
+
+    config = load_run_config(args.config)
+    return execute(config, args.out, force=tuple(args.force), device=args.device)
+
+
+def execute(config, out, *, force=(), device=None) -> int:
+    """Run the pipeline and print the summary table (shared with ``diffprune demo``)."""
+    import time
+
+    from ..pipeline import run_pipeline
+    from ._common import default_device
+
+    t0 = time.time()
+    device = device or config.device or default_device()
+    metrics = run_pipeline(config, out, force=force, device=device)
+    print(summary_table(metrics, out, time.time() - t0))
+    return 0
+
+
+def summary_table(m: dict, out, seconds: float) -> str:
+    def num(key, fmt):
+        v = m.get(key)
+        return "n/a" if v is None else format(v, fmt)
+
+    def ratio(a, b):
+        va, vb = m.get(a), m.get(b)
+        return f"{va / vb:.2f}x" if va and vb else "n/a"
+
+    rows = [
+        ("", "teacher", "student", "ratio"),
+        ("params", num("teacher_params", ",d"), num("params", ",d"), ratio("params", "teacher_params")),
+        ("MACs / UNet call", num("teacher_macs", ",d"), num("macs", ",d"), ratio("macs", "teacher_macs")),
+        ("FID", num("fid_teacher", ".2f"), num("fid", ".2f"), ""),
+        ("speedup (measured)", "", "", num("speedup", ".2f") + "x"),
+        ("SSIM teacher<->student", "", num("ssim", ".3f"), ""),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"report: {out}/eval/report.html   ({seconds / 60:.1f} min)")
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""``diffprune run CONFIG.yaml``: prune -> finetune -> eval, each stage in its own subfolder of the run folder.
+
+A stage folder holds ``stage.json`` (its resolved settings, the hash of those and of every upstream stage, and
+how long it took), written last: a stage is complete when ``stage.json`` exists and its hash matches. Re-running
+skips complete stages, redoes a stage whose settings (or an upstream stage) changed, and resumes an interrupted
+fine-tuning run from its last checkpoint. ``force=["finetune"]`` redoes that stage and everything after it.
+
+Config file (YAML), every key validated up front::
+
+    model: mnist-teacher       # the model to prune: a folder, a shipped name or a hub id
+    data: mnist                # calibration, fine-tuning and FID reference data
+    seed: 0
+    device: null               # null: cuda when available, else cpu
+    prune:    {...}            # PruneConfig fields (method, thr, target_macs | ratio, ...)
+    finetune: {...}            # TrainConfig fields (steps, batch_size, lr, kd_weight, ...)
+    eval:     {...}            # EvalConfig fields (n, steps, latency_batches, ...)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._fs import atomic_write_json, read_json
+from .errors import DiffPruneError, require
+
+STAGES = ("prune", "finetune", "eval")
+TOP_KEYS = {"model": str, "data": str, "seed": int, "device": (str, type(None))}
+
+
+def _section_classes() -> dict[str, type]:
+    from .evaluate import EvalConfig
+    from .prune import PruneConfig
+    from .train import TrainConfig
+
+    return {"prune": PruneConfig, "finetune": TrainConfig, "eval": EvalConfig}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else True
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def build_section(section: str, cls: type, values: dict | None, *, seed: int | None = None):
+    """Validate one config section against ``cls``'s fields (names and types) and construct it."""
+    values = dict(values or {})
+    require(isinstance(values, dict), f"config section {section!r} must be a mapping of settings")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key, value in values.items():
+        require(key in hints, f"unknown key {section}.{key}; allowed: {sorted(fields)}")
+        require(_type_ok(value, hints[key]),
+                f"{section}.{key}={value!r} has the wrong type; expected {_type_name(hints[key])}")
+    if seed is not None and "seed" in hints:
+        values.setdefault("seed", seed)
+    if "latency_batches" in values:
+        values["latency_batches"] = tuple(values["latency_batches"])
+    try:
+        return cls(**values)
+    except DiffPruneError as e:
+        raise DiffPruneError(f"{section}: {e}") from None
+    except TypeError as e:  # a required field is missing
+        raise DiffPruneError(f"{section}: {e}; see the keys allowed in {section!r}") from None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    data: str
+    prune: Any
+    finetune: Any
+    eval: Any
+    seed: int = 0
+    device: str | None = None
+
+    def section(self, stage: str) -> dict:
+        return getattr(self, stage).to_dict()
+
+
+def load_run_config(source: str | os.PathLike | dict) -> RunConfig:
+    """Read and validate a run config (a YAML path or a dict). Every problem is one line naming the key."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        import yaml
+
+        path = Path(source)
+        require(path.is_file(), f"config {str(path)!r} does not exist; pass a YAML file (see configs/demo.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise DiffPruneError(f"config {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    require(isinstance(raw, dict), "a run config must be a YAML mapping with keys model, data, prune, finetune, eval")
+    allowed = sorted(set(TOP_KEYS) | set(STAGES))
+    for key in raw:
+        require(key in allowed, f"unknown key {key!r}; allowed: {allowed}")
+    for key in ("model", "data", "prune", "finetune", "eval"):
+        require(key in raw, f"config is missing {key!r}; required: model, data, prune, finetune, eval")
+    for key, kind in TOP_KEYS.items():
+        if key in raw:
+            require(isinstance(raw[key], kind) and not isinstance(raw[key], bool),
+                    f"{key}={raw[key]!r} has the wrong type; expected {kind}")
+    seed = raw.get("seed", 0)
+    require(seed >= 0, f"seed={seed} must be >= 0")
+    classes = _section_classes()
+    sections = {}
+    for stage in STAGES:
+        values = dict(raw[stage] or {})
+        if stage == "eval":
+            values.setdefault("data", raw["data"])
+        sections[stage] = build_section(stage, classes[stage], values, seed=seed)
+    return RunConfig(model=raw["model"], data=raw["data"], seed=seed, device=raw.get("device"), **sections)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_hashes(cfg: RunConfig) -> dict[str, str]:
+    """Each stage's hash covers its own settings, the run's inputs and every upstream stage's hash."""
+    out, upstream = {}, {"model": cfg.model, "data": cfg.data}
+    for stage in STAGES:
+        extra = {"device": cfg.device} if stage == "eval" else {}
+        out[stage] = _hash({"stage": stage, "settings": cfg.section(stage), "upstream": upstream, **extra})
+        upstream = {"stage": out[stage]}
+    return out
+
+
+def stage_complete(folder: Path, digest: str) -> bool:
+    marker = folder / "stage.json"
+    return marker.is_file() and read_json(marker).get("hash") == digest
+
+
+def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, *, force: tuple[str, ...] = (), device=None,
+                 progress: bool = True, log=print) -> dict:
+    """Run (or resume) every stage; returns the eval metrics. ``device``: where models run (CLI picks one)."""
+    for name in force:
+        require(name in STAGES, f"unknown stage {name!r} for --force; choose from {list(STAGES)}")
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    hashes = stage_hashes(config)
+    forced_from = min((STAGES.index(s) for s in force), default=len(STAGES))
+    atomic_write_json(run / "run_config.json", {
+        "model": config.model, "data": config.data, "seed": config.seed, "device": config.device,
+        **{s: config.section(s) for s in STAGES}, "hashes": hashes,
+    })
+    for i, stage in enumerate(STAGES):
+        folder = run / stage
+        redo = i >= forced_from
+        if not redo and stage_complete(folder, hashes[stage]):
+            log(f"[{stage}] complete with the same settings; skipped ({folder})")
+            continue
+        if redo:
+            shutil.rmtree(folder, ignore_errors=True)
+        t0 = time.time()
+        log(f"[{stage}] running -> {folder}")
+        _STAGE_FUNCS[stage](config, run, folder, hashes[stage], device=device, progress=progress)
+        atomic_write_json(folder / "stage.json", {"stage": stage, "hash": hashes[stage], "settings":
+                                                  config.section(stage), "seconds": round(time.time() - t0, 1)})
+        forced_from = min(forced_from, i + 1)  # a redone stage invalidates everything after it
+    return read_json(run / "eval" / "metrics.json")
+
+
+def _stale(folder: Path, digest: str, resumable: bool) -> None:
+    """Clear a stage folder left by other settings; keep a resumable one left by the same settings."""
+    marker = folder / ".hash"
+    if folder.exists() and not (resumable and marker.is_file() and marker.read_text() == digest):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest)
+
+
+def _run_prune(config: RunConfig, run: Path, folder: Path, digest: str, *, device, progress: bool) -> None:
+    from .io import load_model, save_pruned
+    from .prune import prune_
+    from .sampling import default_scheduler
+
+    _stale(folder, digest, resumable=False)
+    loaded = load_model(config.model)
+    unet = loaded.unet.to(device) if device else loaded.unet
+    scheduler = loaded.scheduler or default_scheduler()
+    report = prune_(unet, config.prune, calibration=config.data, scheduler=scheduler, progress=progress)
+    save_pruned(unet.cpu(), folder / "model", report.to_dict(), scheduler=scheduler, overwrite=True)
+
+
+def _run_finetune(config: RunConfig, run: Path, folder: Path, digest: str, *, device, progress: bool) -> None:
+    from accelerate import Accelerator
+
+    from .finetune import finetune
+
+    _stale(folder, digest, resumable=True)
+    resume = (folder / "train_config.json").is_file()
+    teacher = config.model if config.finetune.kd_weight > 0 else None
+    finetune(run / "prune" / "model", config.data, config.finetune, folder / "model", teacher=teacher,
+             resume=resume, overwrite=not resume, accelerator=Accelerator(cpu=(str(device) == "cpu")),
+             progress=progress, command=f"diffprune run (stage finetune, hash {digest})")
+
+
+def _run_eval(config: RunConfig, run: Path, folder: Path, digest: str, *, device, progress: bool) -> None:
+    from .evaluate import evaluate, load_for_eval
+
+    _stale(folder, digest, resumable=False)
+    student, scheduler, pruning, log = load_for_eval(run / "finetune" / "model")
+    teacher, _, _, _ = load_for_eval(config.model)
+    if device:
+        student, teacher = student.to(device), teacher.to(device)
+    evaluate(student, teacher, config=config.eval, out_dir=folder, scheduler=scheduler, pruning=pruning,
+             train_log=log, device=device, overwrite=True, progress=progress,
+             names={"student": "pruned + fine-tuned", "teacher": str(config.model)})
+
+
+_STAGE_FUNCS = {"prune": _run_prune, "finetune": _run_finetune, "eval": _run_eval}

@@ -1,0 +1,61 @@
+import pytest
+
+from diffprune.cli.demo import config_path
+from diffprune.errors import DiffPruneError
+from diffprune.pipeline import load_run_config, stage_hashes
+
+BASE = {
+    "model": "mnist-teacher", "data": "mnist",
+    "prune": {"method": "diff-pruning", "target_macs": 0.5},
+    "finetune": {"steps": 10}, "eval": {"n": 8, "steps": 2},
+}
+
+
+def _with(section, **kv):
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    if section is None:
+        cfg.update(kv)
+    else:
+        cfg[section].update(kv)
+    return cfg
+
+
+def test_shipped_configs_validate():
+    demo, quick = load_run_config(config_path(False)), load_run_config(config_path(True))
+    assert demo.prune.target_macs == quick.prune.target_macs == 0.5
+    assert demo.finetune.steps == 1800 and demo.eval.n == 500
+    assert quick.finetune.steps < demo.finetune.steps and quick.eval.n < demo.eval.n
+    assert demo.eval.data == "mnist"  # FID reference defaults to the run's data
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (_with(None, modle="x"), r"unknown key 'modle'; allowed: \['data', 'device', 'eval', 'finetune', 'model'"),
+    (_with("prune", thrr=0.1), r"unknown key prune.thrr; allowed: \["),
+    (_with("finetune", steps="ten"), r"finetune.steps='ten' has the wrong type; expected int"),
+    (_with("finetune", lr=-1.0), r"finetune: lr=-1.0 must be a positive number"),
+    (_with("prune", thr=1.5), r"prune: thr=1.5 must be in \[0, 1\)"),
+    (_with("prune", method="magic"), r"unknown method 'magic'"),
+    (_with("eval", latency_batches=[1, "x"]), r"eval.latency_batches=\[1, 'x'\] has the wrong type"),
+    ({k: v for k, v in BASE.items() if k != "finetune"}, r"config is missing 'finetune'"),
+])
+def test_config_errors_name_the_key(cfg, message):
+    with pytest.raises(DiffPruneError, match=message):
+        load_run_config(cfg)
+
+
+def test_stage_hashes_chain():
+    h0 = stage_hashes(load_run_config(BASE))
+    h1 = stage_hashes(load_run_config(_with("finetune", steps=11)))
+    assert h1["prune"] == h0["prune"]
+    assert h1["finetune"] != h0["finetune"] and h1["eval"] != h0["eval"]  # downstream of a change is redone
+    h2 = stage_hashes(load_run_config(_with("eval", n=9)))
+    assert (h2["prune"], h2["finetune"]) == (h0["prune"], h0["finetune"]) and h2["eval"] != h0["eval"]
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(DiffPruneError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(DiffPruneError, match="is not valid YAML"):
+        load_run_config(bad)
