@@ -1,2 +1,22 @@
 """diffprune: structural pruning for diffusion models (Diff-Pruning, Fang, Ma & Wang, NeurIPS 2023)."""
 __version__ = "0.1.0"
+
+# Public API, imported lazily so that ``import diffprune`` (and the CLI's start-up) stays light.
+_LAZY = {
+    # pruning engine
+    "PruneConfig": "prune", "PruneReport": "prune", "prune_": "prune", "DATA_FREE": "prune",
+    "accumulate_gradients": "prune", "calibration_images": "prune",
+    "METHODS": "importance", "TIMESTEP_STRATEGIES": "timesteps", "make_strategy": "timesteps",
+    "count_macs": "macs", "count_params": "macs", "MacsReport": "macs",
+    "ADAPTERS": "adapters", "adapter_for": "adapters",
+    # safe model format
+    "save_pruned": "io", "load_pruned": "io", "load_model": "io", "LoadedModel": "io",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'diffprune' has no attribute {name!r}")

@@ -1,0 +1,129 @@
+"""``diffprune prune``: structurally prune a diffusion UNet (Diff-Pruning and baselines) and save it safely.
+
+Prints params and MACs before -> after and a per-layer width table; ``--dry-run`` prints the same and writes
+nothing. The output folder holds config.json + pruning.json + diffusion_pytorch_model.safetensors (+ scheduler/).
+"""
+from __future__ import annotations
+
+from ._common import add_device_flag, device_of
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune a UNet (diff-pruning, taylor, magnitude, random, reinit)",
+                       description=__doc__)
+    p.add_argument("--model", required=True,
+                   help="model folder (diffusers model or pipeline, or a pruned folder), shipped name or hub id")
+    p.add_argument("--data", default=None,
+                   help="calibration images for gradient methods: an image folder, a bundled dataset (mnist, "
+                        "digits), a Hugging Face id, a .npy/.safetensors tensor [N,C,H,W] of the model's exact "
+                        "shape, or 'data-free' (images sampled from the model itself)")
+    p.add_argument("--split", default="train", help="dataset split used for --data (default: train)")
+    p.add_argument("--method", default="diff-pruning",
+                   help="importance: diff-pruning (default), taylor, magnitude, random or reinit")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of channels to remove, in (0, 1), e.g. 0.3")
+    p.add_argument("--ratio-mode", default=None,
+                   help="paper (default with --ratio: the Diff-Pruning repository's per-GroupNorm-group rule) or "
+                        "uniform (Torch-Pruning 1.6.1's semantics; default with --target-macs)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="keep this fraction of the MACs of one UNet call, in (0, 1), found within "
+                        "--macs-tolerance (instead of --ratio)")
+    p.add_argument("--macs-tolerance", type=float, default=0.02,
+                   help="relative tolerance for --target-macs (default 0.02 = +-2%%)")
+    p.add_argument("--global-ranking", action="store_true",
+                   help="rank channels across layers (Torch-Pruning global pruning; needs --ratio-mode uniform)")
+    p.add_argument("--prune-heads", action="store_true",
+                   help="remove whole attention heads instead of shrinking head dims (needs --ratio-mode uniform)")
+    p.add_argument("--thr", type=float, default=0.05,
+                   help="diff-pruning threshold in [0, 1): stop at the first t with L_t < thr * max L (0 = all t)")
+    p.add_argument("--threshold-semantics", default="accumulate-trigger",
+                   help="accumulate-trigger (default, diffusers reference: the stopping step is accumulated) or "
+                        "exclude-trigger (the paper's experiment code)")
+    p.add_argument("--timesteps", default=None,
+                   help="timestep strategy: threshold, all or strided (default: threshold for diff-pruning, "
+                        "all for taylor)")
+    p.add_argument("--stride", type=int, default=None, help="every k-th timestep (with --timesteps strided)")
+    p.add_argument("--max-timesteps", type=int, default=None,
+                   help="cap on the number of calibration timesteps (the rule never fires on an untrained model)")
+    p.add_argument("--taylor-form", default="abs",
+                   help="diff-pruning score: abs (sum |w*g|, default) or squared (sum (w*g)^2, paper experiments)")
+    p.add_argument("--calib-batch", type=int, default=64, help="number of calibration images (default 64)")
+    p.add_argument("--data-free-steps", type=int, default=10,
+                   help="DDIM steps used to sample calibration images with --data data-free (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise, image subset, random scores")
+    p.add_argument("--out", default=None, help="output folder (new or empty unless --overwrite; not with --dry-run)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--dry-run", action="store_true", help="prune in memory and print the numbers; write nothing")
+    p.add_argument("--json", action="store_true", help="also print the pruning record (pruning.json) to stdout")
+    add_device_flag(p)
+    p.set_defaults(func=run)
+
+
+def _fmt_count(n: int, unit: str) -> str:
+    return f"{n / 1e6:.4f}M" if unit == "params" else f"{n / 1e9:.4f}G"
+
+
+def width_table(before: dict, after: dict) -> str:
+    """Per-layer widths ``in -> out`` before and after, one row per Conv/Linear/GroupNorm layer."""
+    rows = [("layer", "before (in->out)", "after (in->out)", "")]
+    for name, (i0, o0) in before.items():
+        i1, o1 = after.get(name, [0, 0])
+        rows.append((name, f"{i0}->{o0}", f"{i1}->{o1}", "" if (i0, o0) == (i1, o1) else "*"))
+    w = [max(len(r[k]) for r in rows) for k in range(3)]
+    return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}} {r[3]}".rstrip() for r in rows)
+
+
+def summary_lines(rec: dict) -> list[str]:
+    """``params``/``MACs`` before -> after lines of a pruning record."""
+    p0, p1, m0, m1 = rec["base_params"], rec["params"], rec["base_macs"], rec["macs"]
+    return [
+        f"params: {_fmt_count(p0, 'params')} -> {_fmt_count(p1, 'params')} ({p1 / p0:.1%})",
+        f"MACs:   {_fmt_count(m0, 'macs')} -> {_fmt_count(m1, 'macs')} ({m1 / m0:.1%}, one call at batch 1)",
+    ]
+
+
+def run(args) -> int:
+    import json
+
+    from .._fs import check_output_dir
+    from ..errors import require
+    from ..io import load_model, save_pruned
+    from ..prune import PruneConfig, chain_records, prune_
+    from ..sampling import default_scheduler
+
+    config = PruneConfig(
+        method=args.method, ratio=args.ratio, ratio_mode=args.ratio_mode, target_macs=args.target_macs,
+        global_ranking=args.global_ranking, prune_heads=args.prune_heads, thr=args.thr,
+        threshold_semantics=args.threshold_semantics, timesteps=args.timesteps, stride=args.stride,
+        max_timesteps=args.max_timesteps, taylor_form=args.taylor_form, calib_batch=args.calib_batch,
+        seed=args.seed, data_free_steps=args.data_free_steps, macs_tolerance=args.macs_tolerance,
+    )
+    if not args.dry_run:
+        require(args.out is not None, "--out DIR is required (or pass --dry-run to only print the numbers)")
+        check_output_dir(args.out, args.overwrite)
+    loaded = load_model(args.model)
+    scheduler = loaded.scheduler if loaded.scheduler is not None else default_scheduler()
+    report = prune_(loaded.unet, config, args.data, scheduler=scheduler, device=device_of(args), split=args.split)
+    record = report.to_dict()
+    record["model_source"] = str(args.model)
+    record["scheduler_source"] = "model" if loaded.scheduler is not None else "default (DDPM, 1000 steps, linear)"
+    if loaded.pruning is not None:
+        record = chain_records(loaded.pruning, record)
+
+    print(width_table(report.widths_before, report.widths_after))
+    if report.calibration is not None:
+        cal = report.calibration
+        print(f"calibration: {cal['batch']} images from {cal['source']}, {len(cal['accumulated'])} timesteps "
+              f"accumulated (cutoff t={cal['cutoff_t']}, stopped by {cal['stopped_by']})")
+    if config.target_macs is not None:
+        print(f"target MACs {config.target_macs:.3f}: ratio {report.ratio:.4f} ({config.ratio_mode} mode) keeps "
+              f"{report.macs_after / report.macs_before:.4f}")
+    for line in summary_lines(record):
+        print(line)
+    if args.json:
+        print(json.dumps(record, sort_keys=True, default=str))
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    save_pruned(loaded.unet.to("cpu"), args.out, record, scheduler=scheduler, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,587 @@
+"""The pruning verb: ``report = prune_(unet, PruneConfig(...), calibration, scheduler=...)`` (in place).
+
+Diff-Pruning, exactly (``method="diff-pruning"``):
+
+1. One calibration batch ``x0`` (``calib_batch`` images in [-1, 1]) and one fixed noise
+   ``eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))`` (drawn on the CPU).
+2. For ``t = 0, 1, 2, ...``: ``x_t = scheduler.add_noise(x0, eps, t)``, ``L_t = mse(unet(x_t, t).sample, eps)``,
+   ``L_t.backward()`` **without zeroing gradients**, until the timestep strategy stops (by default the threshold
+   rule ``L_t < thr * max(L_0..L_t)``, see :mod:`diffprune.timesteps`).
+3. Channel scores from the accumulated gradients (:mod:`diffprune.importance`), then structural pruning with
+   Torch-Pruning's dependency graph, model surgery by the adapter (:mod:`diffprune.adapters`).
+
+How much to prune (exactly one of):
+
+``ratio`` with ``ratio_mode="paper"`` (default for ``ratio``)
+    Local pruning as in the Diff-Pruning repository's bundled Torch-Pruning: for each group with ``n`` channels,
+    ``n_pruned = n - int(n * (1 - ratio))``; a group coupled to GroupNorm (or to attention heads) is split into
+    ``num_groups`` contiguous chunks and each chunk drops its own ``n_pruned // num_groups`` lowest-scoring
+    channels. google/ddpm-cifar10-32 at ratio 0.3: 35.75M -> 19.85M parameters.
+``ratio`` with ``ratio_mode="uniform"``
+    Torch-Pruning 1.6.1's own semantics: per-chunk scores are averaged over the chunks and each chunk keeps
+    ``int(chunk_size * (1 - ratio))`` channels (35.75M -> 13.95M at 0.3). ``global_ranking`` ranks all groups
+    together (Torch-Pruning's global pruning).
+``target_macs=F``
+    Bisection on the ratio until the MACs of one UNet call are ``F`` x the original within ``macs_tolerance``
+    (relative, default 2%). Uses ``ratio_mode="uniform"`` unless told otherwise (finer steps than "paper").
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import ModelAdapter, adapter_for
+from .errors import DiffPruneError, require
+from .importance import METHODS, TAYLOR_FORMS, get_method, reinitialize_
+from .macs import count_macs
+from .seed import seed_everything
+from .timesteps import TIMESTEP_STRATEGIES, TimestepStrategy, make_strategy
+
+RATIO_MODES = ("paper", "uniform")
+DATA_FREE = "data-free"
+STRUCTURE_FORMAT = "diffprune-structure/1"
+_MAX_SEARCH_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides a pruning run; validated on construction, serialisable with :meth:`to_dict`.
+
+    Exactly one of ``ratio`` (fraction of channels to remove, in (0, 1)) and ``target_macs`` (fraction of the
+    original MACs to keep, in (0, 1)) is given. ``ratio_mode`` defaults to "paper" for ``ratio`` and "uniform"
+    for ``target_macs``. ``timesteps`` names the timestep strategy (default: the method's, "threshold" for
+    diff-pruning and "all" for taylor); ``thr``/``threshold_semantics`` configure "threshold", ``stride``
+    configures "strided", ``max_timesteps`` caps any of them. ``calib_batch`` images are used for calibration;
+    ``seed`` fixes the calibration noise, the image subset and random scores. ``data_free_steps``: DDIM steps used
+    to sample calibration images from the model itself (``calibration="data-free"``).
+    """
+
+    method: str = "diff-pruning"
+    ratio: float | None = None
+    ratio_mode: str | None = None
+    target_macs: float | None = None
+    global_ranking: bool = False
+    prune_heads: bool = False
+    thr: float = 0.05
+    threshold_semantics: str = "accumulate-trigger"
+    timesteps: str | None = None
+    stride: int | None = None
+    max_timesteps: int | None = None
+    taylor_form: str = "abs"
+    calib_batch: int = 64
+    seed: int = 0
+    data_free_steps: int = 10
+    macs_tolerance: float = 0.02
+
+    def __post_init__(self):
+        method = get_method(self.method)  # unknown name -> error listing the choices
+        require((self.ratio is None) != (self.target_macs is None),
+                "give exactly one of ratio (e.g. --ratio 0.3) and target_macs (e.g. --target-macs 0.5)")
+        if self.ratio is not None:
+            require(isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0,
+                    f"ratio={self.ratio!r} must be in (0, 1); pass e.g. --ratio 0.3")
+        if self.target_macs is not None:
+            require(isinstance(self.target_macs, (int, float)) and 0.0 < self.target_macs < 1.0,
+                    f"target_macs={self.target_macs!r} must be in (0, 1), the fraction of MACs to keep; e.g. 0.5")
+        mode = self.ratio_mode
+        if mode is None:
+            mode = "paper" if self.ratio is not None else "uniform"
+            object.__setattr__(self, "ratio_mode", mode)
+        require(mode in RATIO_MODES, f"unknown ratio_mode {mode!r}; choose from {list(RATIO_MODES)}")
+        require(not (self.global_ranking and mode == "paper"),
+                "global ranking uses Torch-Pruning's semantics; pass ratio_mode='uniform' (--ratio-mode uniform)")
+        require(not (self.prune_heads and mode == "paper"),
+                "prune_heads (drop whole attention heads) needs ratio_mode='uniform' (--ratio-mode uniform)")
+        require(isinstance(self.thr, (int, float)) and 0.0 <= self.thr < 1.0,
+                f"thr={self.thr!r} must be in [0, 1); 0 means all timesteps, the paper uses 0.05")
+        require(self.taylor_form in TAYLOR_FORMS,
+                f"unknown taylor_form {self.taylor_form!r}; choose from {list(TAYLOR_FORMS)}")
+        require(self.taylor_form == "abs" or self.method == "diff-pruning",
+                "taylor_form='squared' applies to method 'diff-pruning' only")
+        require(isinstance(self.calib_batch, int) and self.calib_batch >= 1,
+                f"calib_batch={self.calib_batch!r} must be an integer >= 1")
+        require(isinstance(self.seed, int) and self.seed >= 0, f"seed={self.seed!r} must be an integer >= 0")
+        require(isinstance(self.data_free_steps, int) and self.data_free_steps >= 1,
+                f"data_free_steps={self.data_free_steps!r} must be an integer >= 1")
+        require(0.0 < self.macs_tolerance < 1.0, f"macs_tolerance={self.macs_tolerance!r} must be in (0, 1)")
+        if self.timesteps is not None:
+            TIMESTEP_STRATEGIES.get(self.timesteps)
+        if method.needs_gradients:
+            self.timestep_strategy()  # validates stride/max_timesteps against the strategy
+
+    def timestep_strategy(self) -> TimestepStrategy | None:
+        """The timestep strategy of a gradient method (None for data-free criteria)."""
+        method = get_method(self.method)
+        if not method.needs_gradients:
+            return None
+        name = self.timesteps or method.default_timesteps
+        params: dict[str, Any] = {"max_timesteps": self.max_timesteps}
+        if name == "threshold":
+            params.update(thr=float(self.thr), semantics=self.threshold_semantics)
+        if self.stride is not None:
+            require(name == "strided", f"stride={self.stride} applies to timesteps='strided', not {name!r}")
+            params["stride"] = self.stride
+        return make_strategy(name, **params)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PruneConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        require(not unknown, f"unknown PruneConfig keys {unknown}; known: {sorted(fields)}")
+        return cls(**d)
+
+
+@dataclass
+class CalibrationResult:
+    """Per-timestep losses of the calibration pass and where it stopped."""
+
+    losses: list[tuple[int, float]]
+    accumulated: list[int]
+    cutoff_t: int | None
+    stopped_by: str  # "threshold" | "cap" | "end"
+    strategy: dict
+
+    def to_dict(self) -> dict:
+        return {"losses": {"t": [t for t, _ in self.losses], "loss": [v for _, v in self.losses]},
+                "accumulated": self.accumulated,
+                "cutoff_t": self.cutoff_t, "stopped_by": self.stopped_by, "timesteps": self.strategy}
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_` did. ``to_dict()`` is the ``pruning.json`` payload (``scores`` are not serialised)."""
+
+    config: dict
+    method: str
+    ratio: float
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    structure: dict
+    calibration: dict | None = None
+    search: list[dict] = field(default_factory=list)
+    widths_before: dict[str, list[int]] = field(default_factory=dict)
+    widths_after: dict[str, list[int]] = field(default_factory=dict)
+    macs_per_layer_before: dict[str, int] = field(default_factory=dict)
+    macs_per_layer_after: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        if self.calibration is None:
+            return []
+        rec = self.calibration["losses"]
+        return list(zip(rec["t"], rec["loss"]))
+
+    @property
+    def cutoff_t(self) -> int | None:
+        return None if self.calibration is None else self.calibration["cutoff_t"]
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scores"}
+        d["diffprune_version"] = __version__
+        d["torch_pruning_version"] = tp.__version__
+        d["seed"] = self.config.get("seed")
+        # Flat keys read by `diffprune info` and the report: totals, output widths, the calibration curve.
+        d.update(params=self.params_after, macs=self.macs_after, base_params=self.params_before,
+                 base_macs=self.macs_before,
+                 widths={k: [v[1], self.widths_after.get(k, [0, 0])[1]] for k, v in self.widths_before.items()})
+        if self.calibration is not None:
+            d.update(timestep_losses=self.calibration["losses"], cutoff_t=self.calibration["cutoff_t"])
+        return d
+
+
+# ---- calibration ----------------------------------------------------------------------------------------------
+
+def calibration_noise(shape, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The fixed calibration noise: ``torch.randn(shape, generator=Generator().manual_seed(seed))`` on the CPU."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed))).to(device=device, dtype=dtype)
+
+
+def _model_shape(unet) -> tuple[int, int, int]:
+    cfg = unet.config
+    s = cfg.sample_size
+    h, w = (s, s) if isinstance(s, int) else tuple(s)
+    return int(cfg.in_channels), int(h), int(w)
+
+
+def _check_tensor(x: torch.Tensor, unet, what: str) -> torch.Tensor:
+    c, h, w = _model_shape(unet)
+    if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
+        raise DiffPruneError(
+            f"{what} have shape {tuple(x.shape)} but the model takes [N, {c}, {h}, {w}]; "
+            f"resize them to {h}x{w} with {c} channel(s) (or pass a folder/dataset name, which is fitted)"
+        )
+    require(x.shape[0] >= 1, f"{what} are empty")
+    if x.dtype == torch.uint8:
+        from .data import to_model_range
+
+        return to_model_range(x)
+    require(x.is_floating_point(), f"{what} must be float in [-1, 1] or uint8, got {x.dtype}")
+    lo, hi = float(x.min()), float(x.max())
+    require(lo >= -1.0 - 1e-4 and hi <= 1.0 + 1e-4,
+            f"{what} range [{lo:.3g}, {hi:.3g}] is outside [-1, 1]; map uint8 images with diffprune.data.to_model_range")
+    return x.float()
+
+
+def _load_tensor_file(path: Path) -> torch.Tensor:
+    if path.suffix == ".npy":
+        import numpy as np
+
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except ValueError as e:
+            raise DiffPruneError(f"cannot read {str(path)!r} without pickle ({e}); save a plain numeric array") from None
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    require(len(tensors) == 1 or "images" in tensors,
+            f"{str(path)!r} holds tensors {sorted(tensors)}; store the images under the key 'images'")
+    return tensors["images"] if "images" in tensors else next(iter(tensors.values()))
+
+
+def calibration_images(unet, source, *, batch_size: int, seed: int = 0, scheduler=None, split: str = "train",
+                       data_free_steps: int = 10, device=None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """The calibration batch (float32 in [-1, 1], model shape) and a JSON description of where it came from.
+
+    ``source``: a tensor ``[N, C, H, W]`` (float in [-1, 1] or uint8) of exactly the model's shape; a ``.npy`` or
+    ``.safetensors`` file holding one (key ``images``); a folder of images, a bundled dataset name or a Hugging
+    Face id (loaded with :func:`diffprune.data.load_images`, fitted to the model); or ``"data-free"``: images
+    sampled from the model itself with ``data_free_steps`` DDIM steps. When more than ``batch_size`` images are
+    available a seeded random subset is used.
+    """
+    c, h, w = _model_shape(unet)
+    device = device if device is not None else next(unet.parameters()).device
+    if isinstance(source, torch.Tensor):
+        x, desc = _check_tensor(source, unet, "calibration images"), {"source": "tensor"}
+    elif isinstance(source, str) and source == DATA_FREE:
+        require(scheduler is not None, "data-free calibration samples from the model and needs its noise scheduler")
+        from .sampling import sample
+
+        seeds = list(range(seed, seed + batch_size))
+        x = sample(unet, scheduler, seeds=seeds, num_inference_steps=data_free_steps, device=device,
+                   progress=progress)
+        desc = {"source": DATA_FREE, "ddim_steps": data_free_steps, "sample_seeds": [seeds[0], seeds[-1]]}
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_file() and path.suffix in (".npy", ".safetensors"):
+            x = _check_tensor(_load_tensor_file(path), unet, f"calibration images in {str(path)!r}")
+        else:
+            from .data import load_images, to_model_range
+
+            x = to_model_range(load_images(source, resolution=h, channels=c, split=split))
+        desc = {"source": str(source), "split": split}
+    else:
+        raise DiffPruneError(f"calibration must be a tensor, a path/dataset name or {DATA_FREE!r}, got {type(source).__name__}")
+    if x.shape[0] > batch_size:
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:batch_size]
+        x = x[idx]
+        desc["subset_seed"] = int(seed)
+    desc["batch"] = int(x.shape[0])
+    return x.to(device=device), desc
+
+
+def accumulate_gradients(unet: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Tensor,
+                         strategy: TimestepStrategy, *, progress: bool = True) -> CalibrationResult:
+    """Step 2 of Diff-Pruning: walk the strategy's timesteps, ``backward()`` each loss without zeroing gradients.
+
+    Gradients are zeroed once at the start. Each planned ``(t, weight)`` gives ``L_t = mse(unet(x_t, t), eps)``;
+    ``strategy.decide`` says whether it is accumulated (``(weight * L_t).backward()``) and whether to stop.
+    """
+    require(hasattr(scheduler, "add_noise"), "the scheduler must have add_noise (a diffusers noise scheduler)")
+    T = int(scheduler.config.num_train_timesteps)
+    plan = strategy.plan(T)
+    full = len(type(strategy)(**{**dataclasses.asdict(strategy), "max_timesteps": None}).plan(T))
+    unet.zero_grad(set_to_none=True)
+    dtype = next(unet.parameters()).dtype
+    x0, noise = x0.to(dtype=dtype), noise.to(device=x0.device, dtype=dtype)
+    losses: list[tuple[int, float]] = []
+    accumulated: list[int] = []
+    stopped = False
+    bar = tqdm(plan, desc="calibration", unit="t", disable=not progress)
+    for t, weight in bar:
+        tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+        x_t = scheduler.add_noise(x0, noise, tt)
+        loss = F.mse_loss(unet(x_t, tt).sample, noise)
+        value = float(loss.detach())
+        losses.append((t, value))
+        accumulate, stop = strategy.decide([v for _, v in losses])
+        if accumulate:
+            (loss * weight if weight != 1.0 else loss).backward()
+            accumulated.append(t)
+        bar.set_postfix(loss=f"{value:.4f}")
+        if stop:
+            stopped = True
+            break
+    bar.close()
+    stopped_by = "threshold" if stopped else ("cap" if len(plan) < full else "end")
+    return CalibrationResult(losses, accumulated, accumulated[-1] if accumulated else None, stopped_by,
+                             strategy.to_dict())
+
+
+# ---- pruning ----------------------------------------------------------------------------------------------------
+
+class PaperPruner(tp.pruner.BasePruner):
+    """Torch-Pruning 1.6.1 pruner with the Diff-Pruning repository's local selection rule ("paper" mode).
+
+    For each group: ``n_pruned = current - int(initial * (1 - ratio))``; with ``k`` channel groups (GroupNorm
+    groups or attention heads) the channels form ``k`` contiguous chunks and each chunk drops its own
+    ``n_pruned // k`` lowest-scoring channels; otherwise the ``n_pruned`` lowest-scoring channels go.
+    Everything else (dependency graph, importance, pruning functions, history) is Torch-Pruning's.
+    """
+
+    @torch.no_grad()
+    def _prune(self):
+        if self.current_step > self.iterative_steps:
+            return
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types):
+            if not self._check_pruning_ratio(group):
+                continue
+            is_attn, _ = self._is_atten_group(group)
+            if is_attn:
+                group = self._downstream_node_as_root_if_attention(group)
+                if group is None:
+                    continue
+            module, pruning_fn = group[0].dep.target.module, group[0].dep.handler
+            ch_groups = self._get_channel_groups(group)
+            imp = self.estimate_importance(group)
+            if imp is None:
+                continue
+            imp = imp.detach().cpu()
+            is_out = self.DG.is_out_channel_pruning_fn(pruning_fn)
+            current = (self.DG.get_out_channels if is_out else self.DG.get_in_channels)(module)
+            initial = (self.layer_init_out_ch if is_out else self.layer_init_in_ch)[module]
+            n_pruned = current - int(initial * (1 - self.get_target_pruning_ratio(module)))
+            if n_pruned <= 0:
+                continue
+            if ch_groups > 1:
+                size, per = current // ch_groups, n_pruned // ch_groups
+                idxs = torch.cat([torch.argsort(imp[g * size:(g + 1) * size])[:per] + g * size
+                                  for g in range(ch_groups)])
+            else:
+                idxs = torch.argsort(imp)[:n_pruned]
+            if len(idxs) == 0:
+                continue
+            group = self.DG.get_pruning_group(module, pruning_fn, idxs.tolist())
+            if self.DG.check_pruning_group(group):
+                yield group
+
+
+class _RecordingImportance:
+    """Wraps an importance: records each group's scores under its root module name (``report.scores``)."""
+
+    def __init__(self, importance, names: dict[int, str]):
+        self.importance, self.names, self.scores = importance, names, {}
+
+    def __call__(self, group):
+        imp = self.importance(group)
+        if imp is not None:
+            self.scores[self.names.get(id(group[0].dep.target.module), "?")] = imp.detach().cpu().clone()
+        return imp
+
+
+def layer_widths(model: nn.Module) -> dict[str, list[int]]:
+    """``name -> [in, out]`` channels of every Conv/Linear/GroupNorm layer."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = [m.in_channels, m.out_channels]
+        elif isinstance(m, nn.Linear):
+            out[name] = [m.in_features, m.out_features]
+        elif isinstance(m, nn.GroupNorm):
+            out[name] = [m.num_channels, m.num_channels]
+    return out
+
+
+def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance) -> tuple[list, dict, dict]:
+    """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores)."""
+    seed_everything(config.seed)  # random scores are reproducible
+    names = {id(m): n for n, m in unet.named_modules()}
+    recorder = _RecordingImportance(importance, names)
+    num_heads = adapter.num_heads(unet)
+    kwargs: dict[str, Any] = dict(
+        importance=recorder, pruning_ratio=float(ratio), global_pruning=config.global_ranking,
+        ignored_layers=adapter.ignored_layers(unet), num_heads=dict(num_heads),
+        in_channel_groups={}, out_channel_groups={}, channel_groups={},
+    )
+    if config.prune_heads:
+        kwargs.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=float(ratio))
+    cls = PaperPruner if config.ratio_mode == "paper" else tp.pruner.BasePruner
+    pruner = cls(unet, adapter.example_inputs(unet), **kwargs)
+    pruner.step()
+    heads = {}
+    for name, m in unet.named_modules():
+        q = getattr(m, "to_q", None)
+        if q is not None and q in pruner.num_heads:
+            heads[name] = int(pruner.num_heads[q])
+    history = [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in pruner.pruning_history()]
+    return history, heads, recorder.scores
+
+
+def _copy_with_grads(unet: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(unet)
+    for p, q in zip(unet.parameters(), twin.parameters()):
+        q.grad = None if p.grad is None else p.grad.detach().clone()
+    return twin
+
+
+def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int, progress: bool):
+    """Bisection on the ratio so that MACs land within ``macs_tolerance`` of ``target_macs * macs_before``."""
+    target, tol = float(config.target_macs), float(config.macs_tolerance)
+    lo, hi = 0.0, _MAX_SEARCH_RATIO
+    trials: list[dict] = []
+    bar = tqdm(range(16), desc="target-macs search", disable=not progress)
+    for _ in bar:
+        mid = (lo + hi) / 2
+        twin = _copy_with_grads(unet)
+        with adapter.tracing(twin):
+            history, heads, _ = _prune_once(twin, adapter, config, mid, importance)
+            adapter.finalize_(twin, snapshot, heads)
+        rel = count_macs(twin).macs / macs_before
+        trials.append({"ratio": mid, "macs_fraction": rel})
+        bar.set_postfix(ratio=f"{mid:.4f}", macs=f"{rel:.4f}")
+        del twin
+        if abs(rel / target - 1) <= tol / 4:
+            break
+        if rel > target:
+            lo = mid
+        else:
+            hi = mid
+    bar.close()
+    best = min(trials, key=lambda r: abs(r["macs_fraction"] / target - 1))
+    if abs(best["macs_fraction"] / target - 1) > tol:
+        hint = "" if config.global_ranking else "; try global ranking (--global-ranking --ratio-mode uniform)"
+        raise DiffPruneError(
+            f"target_macs={target} cannot be reached within +-{tol:.0%}: the nearest pruning keeps "
+            f"{best['macs_fraction']:.4f} of the MACs (ratio {best['ratio']:.4f}){hint}"
+        )
+    return best["ratio"], trials
+
+
+def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, device=None,
+           split: str = "train", progress: bool = True) -> PruneReport:
+    """Prune ``unet`` in place according to ``config``; returns a :class:`PruneReport`.
+
+    ``calibration`` (gradient methods only): see :func:`calibration_images`; a tensor, a file, a folder, a
+    dataset name or ``"data-free"``. ``scheduler``: the model's noise scheduler (``add_noise`` and
+    ``config.num_train_timesteps``), required by gradient methods. ``device``: where to run (default: where the
+    model is; the model is moved there).
+    """
+    require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}")
+    t0 = time.time()
+    adapter = adapter_for(unet)
+    method = get_method(config.method)
+    if device is not None:
+        unet.to(device)
+    device = next(unet.parameters()).device
+    calibration_record = None
+    with adapter.tracing(unet):
+        before = count_macs(unet)
+        widths_before = layer_widths(unet)
+        snapshot = adapter.snapshot(unet)
+        if method.needs_gradients:
+            require(calibration is not None,
+                    f"method {config.method!r} scores channels with gradients and needs calibration images: pass a "
+                    f"tensor, an image folder or dataset name, or {DATA_FREE!r} (CLI: --data DIR_OR_NAME)")
+            require(scheduler is not None,
+                    f"method {config.method!r} needs the model's noise scheduler (scheduler=...) to add noise")
+            x0, desc = calibration_images(unet, calibration, batch_size=config.calib_batch, seed=config.seed,
+                                          scheduler=scheduler, split=split, data_free_steps=config.data_free_steps,
+                                          device=device, progress=progress)
+            noise = calibration_noise(x0.shape, config.seed, device=device)
+            result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), progress=progress)
+            calibration_record = {**desc, "noise_seed": config.seed, **result.to_dict()}
+        importance = method.make(config.taylor_form)
+        search: list[dict] = []
+        if config.target_macs is not None:
+            ratio, search = _search_ratio(unet, adapter, config, importance, snapshot, before.macs, progress)
+        else:
+            ratio = float(config.ratio)
+        history, heads, scores = _prune_once(unet, adapter, config, ratio, importance)
+        unet.zero_grad(set_to_none=True)
+        meta = adapter.finalize_(unet, snapshot, heads)
+        if method.reinit:
+            seed_everything(config.seed)
+            reinitialize_(unet)
+            adapter.check(unet)
+        after = count_macs(unet)
+    structure = {
+        "format": STRUCTURE_FORMAT, "adapter": adapter.name, "torch_pruning": tp.__version__,
+        "history": history, "meta": meta,
+        "shapes": {k: list(v.shape) for k, v in unet.state_dict().items()},
+    }
+    return PruneReport(
+        config=config.to_dict(), method=config.method, ratio=ratio,
+        params_before=before.params, params_after=after.params, macs_before=before.macs, macs_after=after.macs,
+        structure=structure, calibration=calibration_record, search=search,
+        widths_before=widths_before, widths_after=layer_widths(unet),
+        macs_per_layer_before=before.per_layer, macs_per_layer_after=after.per_layer,
+        seconds=round(time.time() - t0, 3), scores=scores,
+    )
+
+
+def replay_structure_(unet: nn.Module, structure: dict) -> None:
+    """Re-apply a recorded pruning structure to a freshly built (unpruned) model, in place.
+
+    Replays Torch-Pruning's history on a freshly traced dependency graph, then the adapter's metadata (attention
+    heads and scale, resampling channels); finally checks every parameter shape against the record.
+    """
+    require(structure.get("format") == STRUCTURE_FORMAT,
+            f"unknown pruning structure format {structure.get('format')!r}; expected {STRUCTURE_FORMAT!r} "
+            "(written by a newer diffprune?)")
+    adapter = adapter_for(unet)
+    with adapter.tracing(unet):
+        dg = tp.DependencyGraph().build_dependency(unet, example_inputs=adapter.example_inputs(unet), verbose=False)
+        try:
+            dg.load_pruning_history([tuple(h) for h in structure["history"]])
+        except (AttributeError, IndexError, KeyError) as e:
+            raise DiffPruneError(f"the pruning record does not fit this base model ({e}); is config.json the right one?") from None
+        adapter.restore_(unet, structure.get("meta", {}))
+    shapes = {k: list(v.shape) for k, v in unet.state_dict().items()}
+    recorded = structure.get("shapes")
+    if recorded is not None and shapes != recorded:
+        bad = sorted(k for k in set(shapes) | set(recorded) if shapes.get(k) != recorded.get(k))[:3]
+        raise DiffPruneError(f"replayed pruning gives other shapes than recorded (e.g. {bad}); the record is corrupt")
+
+
+__all__ = [
+    "PruneConfig", "PruneReport", "CalibrationResult", "PaperPruner", "prune_", "accumulate_gradients",
+    "calibration_images", "calibration_noise", "layer_widths", "replay_structure_", "chain_records", "RATIO_MODES",
+    "DATA_FREE", "METHODS",
+]
+
+
+def chain_records(previous: dict, current: dict) -> dict:
+    """Pruning record of a model pruned twice: ``previous`` (the loaded model's) then ``current``.
+
+    The structure history is the concatenation (replayed in order on the base model); ``base_params``,
+    ``base_macs`` and the "before" widths refer to the original base model.
+    """
+    require(isinstance(previous.get("structure"), dict), "the previous pruning record has no 'structure'")
+    out = dict(current)
+    out["structure"] = {**current["structure"],
+                        "history": list(previous["structure"]["history"]) + list(current["structure"]["history"])}
+    out["base_params"] = previous.get("base_params", current["base_params"])
+    out["base_macs"] = previous.get("base_macs", current["base_macs"])
+    prev_widths = previous.get("widths", {})
+    out["widths"] = {k: [prev_widths.get(k, v)[0], v[1]] for k, v in current.get("widths", {}).items()}
+    out["previous"] = {k: previous.get(k) for k in ("method", "config", "params", "macs", "previous")}
+    return out
