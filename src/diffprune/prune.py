@@ -344,6 +344,8 @@ class PaperPruner(tp.pruner.BasePruner):
     For each group: ``n_pruned = current - int(initial * (1 - ratio))``; with ``k`` channel groups (GroupNorm
     groups or attention heads) the channels form ``k`` contiguous chunks and each chunk drops its own
     ``n_pruned // k`` lowest-scoring channels; otherwise the ``n_pruned`` lowest-scoring channels go.
+    All groups are scored on the unpruned model before any is pruned (the repository's old Torch-Pruning scored
+    each group after pruning the previous ones, an ordering artefact that does not change the architecture).
     Everything else (dependency graph, importance, pruning functions, history) is Torch-Pruning's.
     """
 
@@ -351,6 +353,8 @@ class PaperPruner(tp.pruner.BasePruner):
     def _prune(self):
         if self.current_step > self.iterative_steps:
             return
+        # 1. Score every group on the unpruned model (as Torch-Pruning 1.6.1 does) and choose its channels.
+        selections = []
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types):
             if not self._check_pruning_ratio(group):
@@ -378,9 +382,11 @@ class PaperPruner(tp.pruner.BasePruner):
                                   for g in range(ch_groups)])
             else:
                 idxs = torch.argsort(imp)[:n_pruned]
-            if len(idxs) == 0:
-                continue
-            group = self.DG.get_pruning_group(module, pruning_fn, idxs.tolist())
+            if len(idxs) > 0:
+                selections.append((module, pruning_fn, idxs.tolist()))
+        # 2. Prune. Groups are disjoint channel sets, so earlier prunes do not shift later groups' indices.
+        for module, pruning_fn, idxs in selections:
+            group = self.DG.get_pruning_group(module, pruning_fn, idxs)
             if self.DG.check_pruning_group(group):
                 yield group
 
