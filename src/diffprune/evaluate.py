@@ -1,0 +1,325 @@
+"""The ``evaluate`` verb: does the pruned model keep the teacher's behaviour, and what did pruning save?
+
+``evaluate(student, teacher, config=EvalConfig(...), out_dir=...)`` samples both models from the same seeds (image
+i from seed ``config.seed + i``, DDIM η = 0) or reuses sample folders, then measures
+
+* FID of each model against reference data (domain FID on the shipped digit classifier's features for bundled
+  MNIST, Inception FID otherwise; reference statistics cached by :func:`diffprune.metrics.reference_statistics`),
+  and the FID between the two sample sets;
+* consistency: SSIM / MS-SSIM / MSE between teacher and student images paired by seed;
+* cost: params, MACs per UNet call (torch's flop counter) and per generated image, measured latency per UNet call
+  and per image of the full sampler, peak memory, speedup = latency_teacher / latency_student and its ratio to
+  the MAC ratio;
+
+and writes ``metrics.json``, the sample sets and the report (:mod:`diffprune.report`) into ``out_dir`` atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import require
+from .metrics import SampleSet
+
+__all__ = ["EvalConfig", "evaluate", "load_for_eval", "default_extractor"]
+
+
+def default_extractor(data: str | None) -> str:
+    """``mnist-classifier`` for the bundled ``mnist`` data set (fully offline), ``inception`` for anything else."""
+    return "mnist-classifier" if data == "mnist" else "inception"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one evaluation. ``data=None`` skips FID (consistency and cost are still measured).
+
+    ``extractor=None`` picks :func:`default_extractor`; ``extractor_weights`` is the extractor's weights file or
+    folder (``inception``: the ``pt_inception-2015-12-05`` file). ``ref_split``/``ref_count``: which reference
+    images (``None``: all of the split). ``latency_batches=()`` skips the latency measurement.
+    """
+
+    n: int = 1000
+    steps: int = 50
+    seed: int = 0
+    skip: str = "uniform"
+    batch_size: int = 64
+    data: str | None = None
+    ref_split: str = "train"
+    ref_count: int | None = None
+    extractor: str | None = None
+    extractor_weights: str | None = None
+    cache_dir: str | None = None
+    latency_batches: tuple[int, ...] = (1, 16, 64)
+    latency_repeats: int = 10
+    latency_warmup: int = 2
+    sampler_latency_batch: int = 16
+    grid_count: int = 32
+
+    def __post_init__(self):
+        def int_at_least(name, lo):
+            v = getattr(self, name)
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name}={v!r} must be an integer >= {lo}")
+
+        int_at_least("n", 2)
+        int_at_least("steps", 1)
+        int_at_least("seed", 0)
+        int_at_least("batch_size", 1)
+        int_at_least("latency_repeats", 10)
+        int_at_least("latency_warmup", 0)
+        int_at_least("sampler_latency_batch", 1)
+        int_at_least("grid_count", 1)
+        require(self.ref_count is None or (isinstance(self.ref_count, int) and self.ref_count >= 2),
+                f"ref_count={self.ref_count!r} must be an integer >= 2 or None (the whole split)")
+        from .sampling import SKIPS
+
+        require(self.skip in SKIPS, f"unknown skip {self.skip!r}; choose from {list(SKIPS)}")
+        object.__setattr__(self, "latency_batches", tuple(self.latency_batches))
+        require(all(isinstance(b, int) and b >= 1 for b in self.latency_batches),
+                f"latency_batches={self.latency_batches!r} must be positive integers, e.g. (1, 16, 64)")
+        if self.extractor is not None:
+            from .metrics import EXTRACTORS
+
+            EXTRACTORS.get(self.extractor)  # unknown name -> error listing the choices
+
+    @property
+    def resolved_extractor(self) -> str:
+        return self.extractor or default_extractor(self.data)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.n))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "resolved_extractor": self.resolved_extractor}
+
+
+@dataclass
+class _Model:
+    role: str
+    unet: Any
+    samples: SampleSet | None = None
+    cost: dict = field(default_factory=dict)
+
+
+def load_for_eval(name_or_path: str | os.PathLike):
+    """``(unet, scheduler, pruning dict or None, train log columns)`` of a model folder or shipped name.
+
+    The one place the evaluation loads models (through :func:`diffprune.io.load_model`).
+    """
+    from ._fs import read_json
+    from .io import load_model
+    from .train import read_log
+
+    loaded = load_model(str(name_or_path))
+    folder = Path(loaded.source) if getattr(loaded, "source", None) and Path(str(loaded.source)).is_dir() else None
+    pruning = loaded.pruning if isinstance(getattr(loaded, "pruning", None), dict) else None
+    if pruning is None and folder is not None and (folder / "pruning.json").is_file():
+        pruning = read_json(folder / "pruning.json")
+    log = read_log(folder / "train_log.csv") if folder is not None else {}
+    return loaded.unet, loaded.scheduler, pruning, log
+
+
+def _device_of(unet, device):
+    if device is not None:
+        return torch.device(device)
+    require(unet is not None, "pass device= when no model is given")
+    return next(unet.parameters()).device
+
+
+def _as_sample_set(x) -> SampleSet | None:
+    from .metrics import load_sample_folder
+
+    if x is None or isinstance(x, SampleSet):
+        return x
+    return load_sample_folder(x)
+
+
+def _generate(unet, scheduler, config: EvalConfig, device, progress: bool) -> SampleSet:
+    from .data import to_uint8
+    from .sampling import sample
+
+    images = sample(unet, scheduler, seeds=config.seeds, num_inference_steps=config.steps, sampler="ddim", eta=0.0,
+                    skip=config.skip, batch_size=config.batch_size, device=device, progress=progress)
+    return SampleSet(seeds=config.seeds, images=to_uint8(images))
+
+
+def _calls_per_image(scheduler, config: EvalConfig) -> int:
+    from .sampling import skip_timesteps
+
+    return len(skip_timesteps(scheduler.config.num_train_timesteps, config.steps, config.skip))
+
+
+def _cost(unet, scheduler, config: EvalConfig, device) -> dict:
+    from .latency import sampler_latency, unet_latency
+    from .macs import count_macs
+
+    rep = count_macs(unet)
+    calls = _calls_per_image(scheduler, config)
+    out = {"params": rep.params, "macs": rep.macs, "macs_per_image": rep.macs * calls, "unet_calls_per_image": calls}
+    if config.latency_batches:
+        out["latency_unet"] = unet_latency(unet, device=device, batch_sizes=config.latency_batches,
+                                           repeats=config.latency_repeats, warmup=config.latency_warmup)
+        out["latency_sampler"] = sampler_latency(unet, scheduler, device=device, steps=config.steps,
+                                                 batch_size=config.sampler_latency_batch,
+                                                 repeats=config.latency_repeats, warmup=1, skip=config.skip)
+    return out
+
+
+def _fid(config: EvalConfig, sets: dict[str, SampleSet], device, progress: bool) -> dict:
+    """FID of each sample set against the reference data and between the sets; ``{}`` without data."""
+    from .data import load_images
+    from .metrics import compute_features, frechet_distance, feature_statistics, load_extractor, reference_statistics
+
+    if config.data is None:
+        return {"note": "no reference data given (pass --data); FID not computed"}
+    some = next(iter(sets.values()))
+    _, c, h, _ = some.images.shape
+    ref = load_images(config.data, resolution=h, channels=c, split=config.ref_split, limit=config.ref_count)
+    extractor = load_extractor(config.resolved_extractor, config.extractor_weights, cache=config.cache_dir)
+    extractor.to(device)
+    stats, info = reference_statistics(ref, extractor, dataset=str(config.data), split=config.ref_split,
+                                       cache=config.cache_dir, batch_size=max(config.batch_size, 256), device=device)
+    out: dict[str, Any] = {"extractor": extractor.identity(), "reference": {k: v for k, v in info.items()
+                                                                            if k != "data_sha256"}}
+    feats = {}
+    for role, s in sets.items():
+        feats[role] = compute_features(extractor, s.images, batch_size=max(config.batch_size, 256), device=device)
+        st = feature_statistics(feats[role])
+        out[role] = frechet_distance(st.mu, st.sigma, stats.mu, stats.sigma)
+    if len(feats) == 2:
+        a, b = (feature_statistics(f) for f in feats.values())
+        out["student_vs_teacher"] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    return out
+
+
+def _versions() -> dict:
+    import diffusers
+    import numpy
+    import scipy
+    import torch_pruning
+
+    from . import __version__
+
+    v = {"diffprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+         "torch_pruning": torch_pruning.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
+         "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        v["pytorch_msssim"] = version("pytorch-msssim")
+        v["pytorch_fid"] = version("pytorch-fid")
+    except Exception:
+        v.setdefault("pytorch_fid", None)
+    return v
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.PathLike, scheduler=None,
+             student_samples=None, teacher_samples=None, pruning: dict | None = None,
+             train_log: dict | None = None, device=None, overwrite: bool = False, progress: bool = False,
+             names: dict | None = None) -> dict:
+    """Evaluate ``student`` (a UNet2DModel, or ``None`` with ``student_samples``) against ``teacher``.
+
+    ``student_samples``/``teacher_samples``: a :class:`~diffprune.metrics.SampleSet` or a folder written by
+    ``diffprune sample``, used instead of sampling (paired with the other set by seed). ``scheduler``: the
+    training noise schedule (default :func:`diffprune.sampling.default_scheduler`). ``pruning`` (the student's
+    ``pruning.json``) and ``train_log`` (:func:`diffprune.train.read_log` columns) feed the report's plots.
+    ``device``: where sampling, features and timing run; default the student's device (models are not moved).
+    Returns the metrics dict also written to ``out_dir/metrics.json``.
+    """
+    from ._fs import atomic_dir, atomic_write_json, check_output_dir
+    from .metrics import pair_by_seed, paired_consistency
+    from .report import write_report
+    from .sampling import default_scheduler, save_samples
+
+    require(isinstance(config, EvalConfig), f"config must be an EvalConfig, got {type(config).__name__}")
+    require(student is not None or student_samples is not None, "evaluate needs a student model or student samples")
+    check_output_dir(out_dir, overwrite)
+    scheduler = scheduler if scheduler is not None else default_scheduler()
+    device = _device_of(student if student is not None else teacher, device)
+    for role, m in (("student", student), ("teacher", teacher)):
+        if m is not None:
+            p = next(m.parameters())
+            require(p.device.type == device.type, f"the {role} is on {p.device} but device={device}; move it first")
+
+    models = {"student": _Model("student", student, _as_sample_set(student_samples))}
+    if teacher is not None or teacher_samples is not None:
+        models["teacher"] = _Model("teacher", teacher, _as_sample_set(teacher_samples))
+    for m in models.values():
+        if m.samples is None:
+            m.samples = _generate(m.unet, scheduler, config, device, progress)
+    sets = {role: m.samples for role, m in models.items()}
+
+    metrics: dict[str, Any] = {"config": config.to_dict(), "device": str(device), "threads": torch.get_num_threads(),
+                               "versions": _versions(), "seeds": {"first": config.seed, "n": config.n},
+                               "sampler": {"name": "ddim", "eta": 0.0, "steps": config.steps, "skip": config.skip},
+                               "names": names or {}}
+    # Consistency, paired by seed.
+    if "teacher" in sets:
+        common, t_img, s_img = pair_by_seed(sets["teacher"], sets["student"])
+        metrics["consistency"] = paired_consistency(t_img, s_img)
+        metrics["seeds"]["paired"] = len(common)
+    else:
+        common, t_img, s_img = sorted(sets["student"].seeds), None, None
+    fid = _fid(config, sets, device, progress)
+    metrics["fid_detail"] = fid
+    metrics["fid"] = fid.get("student")
+    metrics["fid_teacher"] = fid.get("teacher")
+    metrics["fid_student_vs_teacher"] = fid.get("student_vs_teacher")
+    metrics["ssim"] = metrics.get("consistency", {}).get("ssim")
+    metrics["ms_ssim"] = metrics.get("consistency", {}).get("ms_ssim")
+    metrics["mse"] = metrics.get("consistency", {}).get("mse")
+
+    # Cost.
+    for m in models.values():
+        if m.unet is not None:
+            m.cost = _cost(m.unet, scheduler, config, device)
+    sc, tc = models["student"].cost, models.get("teacher", _Model("teacher", None)).cost
+    metrics["cost"] = {role: m.cost for role, m in models.items()}
+    metrics["params"], metrics["teacher_params"] = sc.get("params"), tc.get("params")
+    metrics["macs"], metrics["teacher_macs"] = sc.get("macs"), tc.get("macs")
+    metrics["macs_per_image"], metrics["teacher_macs_per_image"] = sc.get("macs_per_image"), tc.get("macs_per_image")
+    metrics["mac_ratio"] = _ratio(metrics["teacher_macs"], metrics["macs"])
+    metrics["param_ratio"] = _ratio(metrics["teacher_params"], metrics["params"])
+    if "latency_sampler" in sc and "latency_sampler" in tc:
+        metrics["latency_per_image_s"] = sc["latency_sampler"]["per_image_s"]
+        metrics["teacher_latency_per_image_s"] = tc["latency_sampler"]["per_image_s"]
+        metrics["speedup"] = _ratio(metrics["teacher_latency_per_image_s"], metrics["latency_per_image_s"])
+        metrics["speedup_unet"] = {b: _ratio(tc["latency_unet"][b]["median_s"], sc["latency_unet"][b]["median_s"])
+                                   for b in sc["latency_unet"] if b in tc["latency_unet"]}
+        metrics["speedup_over_mac_ratio"] = _ratio(metrics["speedup"], metrics["mac_ratio"])
+    else:
+        metrics["speedup"] = None
+        metrics["speedup_note"] = "latency not measured (needs both models and latency_batches)"
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for role, s in sets.items():
+            meta = {"role": role, "steps": config.steps, "sampler": "ddim", "eta": 0.0, "skip": config.skip}
+            save_samples(s.images, s.seeds, tmp / "samples" / role, meta)
+        metrics["report"] = write_report(tmp, metrics, teacher_images=t_img, student_images=s_img if s_img is not None
+                                         else sets["student"].images, seeds=common, pruning=pruning,
+                                         train_log=train_log, grid_count=config.grid_count)
+        atomic_write_json(tmp / "metrics.json", _finite_or_none(metrics))
+    return metrics
+
+
+def _finite_or_none(x):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
+

@@ -1,0 +1,120 @@
+"""Measured latency: the median of >= 10 timed runs after warm-up, with the threads and device of each timing.
+
+On CUDA every run is bracketed by ``torch.cuda.synchronize`` and peak memory is
+``torch.cuda.max_memory_allocated`` (reset before each measurement). On the CPU peak memory is the process's
+peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``): it cannot be reset, so it covers everything the
+process did before, not one model alone — the record says which kind it is.
+
+Library code never picks a device: callers pass ``device``.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import require
+
+__all__ = ["MIN_REPEATS", "measure", "peak_memory", "sampler_latency", "unet_latency"]
+
+MIN_REPEATS = 10
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> dict:
+    """``{"peak_memory_bytes", "peak_memory_kind"}`` for ``device`` (see the module docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_memory_kind": "cuda max_memory_allocated since the measurement began"}
+    try:
+        import resource
+    except ImportError:  # Windows
+        try:
+            import psutil
+
+            info = psutil.Process().memory_info()
+            return {"peak_memory_bytes": int(getattr(info, "peak_wset", info.rss)),
+                    "peak_memory_kind": "process peak working set (psutil), whole process"}
+        except ImportError:
+            return {"peak_memory_bytes": None, "peak_memory_kind": "unavailable (no resource or psutil module)"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return {"peak_memory_bytes": int(rss * scale),
+            "peak_memory_kind": "process peak RSS (getrusage ru_maxrss), whole process since start"}
+
+
+def measure(fn: Callable[[], object], *, device, repeats: int = MIN_REPEATS, warmup: int = 2) -> dict:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` (>= 10) timed ones; returns the median and more."""
+    require(isinstance(repeats, int) and repeats >= MIN_REPEATS,
+            f"repeats={repeats!r} must be an integer >= {MIN_REPEATS} (a median needs enough runs)")
+    require(isinstance(warmup, int) and warmup >= 0, f"warmup={warmup!r} must be an integer >= 0")
+    device = torch.device(device)
+    _reset_peak(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "min_s": min(times),
+            "max_s": max(times), "repeats": repeats, "warmup": warmup, "device": str(device),
+            "threads": torch.get_num_threads(), **peak_memory(device)}
+
+
+@torch.no_grad()
+def unet_latency(unet, *, device, batch_sizes: Sequence[int] = (1, 16, 64), repeats: int = MIN_REPEATS,
+                 warmup: int = 2, timestep: int = 500) -> dict[str, dict]:
+    """Latency of one UNet call per batch size: ``{"1": {median_s, per_image_s, ...}, "16": ...}``.
+
+    The model runs where its parameters are; ``device`` must be that device (checked).
+    """
+    device = torch.device(device)
+    p = next(unet.parameters())
+    require(p.device.type == device.type, f"the UNet is on {p.device} but device={device}; move it first")
+    cfg = unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    was_training = unet.training
+    unet.eval()
+    out = {}
+    try:
+        for b in batch_sizes:
+            require(isinstance(b, int) and b >= 1, f"latency batch size {b!r} must be a positive integer")
+            x = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0)).to(device, p.dtype)
+            t = torch.full((b,), timestep, dtype=torch.long, device=device)
+            rec = measure(lambda: unet(x, t), device=device, repeats=repeats, warmup=warmup)
+            rec["batch_size"] = b
+            rec["per_image_s"] = rec["median_s"] / b
+            out[str(b)] = rec
+    finally:
+        unet.train(was_training)
+    return out
+
+
+def sampler_latency(unet, scheduler, *, device, steps: int, batch_size: int = 16, repeats: int = MIN_REPEATS,
+                    warmup: int = 1, skip: str = "uniform") -> dict:
+    """Latency of the full DDIM sampler (``steps`` steps, η = 0) on a batch; ``per_image_s`` = median / batch."""
+    from .sampling import sample
+
+    seeds = list(range(batch_size))
+    rec = measure(lambda: sample(unet, scheduler, seeds=seeds, num_inference_steps=steps, sampler="ddim",
+                                 skip=skip, batch_size=batch_size, device=device, progress=False),
+                  device=device, repeats=repeats, warmup=warmup)
+    rec.update(batch_size=batch_size, steps=steps, per_image_s=rec["median_s"] / batch_size)
+    return rec

@@ -1,0 +1,438 @@
+"""Evaluation metrics: feature extractors -> feature statistics -> pure metric functions.
+
+* :func:`frechet_distance` is the Fréchet distance between two Gaussians, computed as pytorch-fid does
+  (``scipy.linalg.sqrtm`` of the covariance product, with its ``eps`` diagonal fallback when the product is
+  singular), so Inception-FID values are comparable with pytorch-fid's.
+* :data:`EXTRACTORS` names the feature extractors. ``mnist-classifier`` (the shipped digit classifier's 128-d
+  penultimate features; offline; the default for bundled MNIST) and ``inception`` (pytorch-fid's InceptionV3
+  2048-d pool features with the TF-ported ``pt_inception-2015-12-05`` weights; needs ``diffprune[inception]``).
+* :func:`paired_consistency` compares teacher and student images generated from the same seeds: SSIM, MS-SSIM
+  (only where the image is large enough) and MSE, through pytorch-msssim.
+* :func:`reference_statistics` caches a data set's feature statistics under a key made of everything that changes
+  them (:func:`stats_cache_key`), as safetensors (never pickles).
+
+Images enter every function as uint8 ``[N, C, H, W]``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DiffPruneError, require
+from .registry import Registry
+
+__all__ = [
+    "EXTRACTORS", "FeatureExtractor", "FeatureStats", "SampleSet", "INCEPTION_WEIGHTS_NAME", "cache_dir",
+    "compute_features", "feature_statistics", "frechet_distance", "fid_from_features", "load_extractor",
+    "load_sample_folder", "pair_by_seed", "paired_consistency", "reference_statistics",
+    "resolve_inception_weights", "stats_cache_key",
+]
+
+STATS_FORMAT = 1  # bump when the way statistics are computed changes: old cache entries then stop matching
+INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_INSTALL_HINT = ("the 'inception' extractor needs pytorch-fid (and a torchvision matching your torch): "
+                          "pip install 'diffprune[inception]'; offline, use --extractor mnist-classifier for MNIST")
+
+
+# --- Fréchet distance ------------------------------------------------------------------------------------------
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^½), as pytorch-fid's ``calculate_frechet_distance``.
+
+    If the product is singular (``sqrtm`` not finite), ``eps`` is added to both diagonals; a small imaginary part
+    from numerical error is dropped, a large one raises.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    require(mu1.shape == mu2.shape, f"mean vectors differ in length: {mu1.shape} vs {mu2.shape}")
+    require(sigma1.shape == sigma2.shape, f"covariances differ in shape: {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on near-singular products; handled below
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Fréchet distance: sqrtm has an imaginary component {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Mean and covariance (float64) of ``n`` feature vectors."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+
+def feature_statistics(features) -> FeatureStats:
+    """Mean and unbiased covariance of features ``[N, D]`` (N >= 2)."""
+    f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+    require(f.ndim == 2 and f.shape[0] >= 2, f"features must be [N >= 2, D], got shape {f.shape}; use more images")
+    return FeatureStats(mu=f.mean(axis=0), sigma=np.atleast_2d(np.cov(f, rowvar=False)), n=int(f.shape[0]))
+
+
+def fid_from_features(a, b) -> float:
+    """Fréchet distance between the Gaussians fitted to two feature sets."""
+    sa, sb = feature_statistics(a), feature_statistics(b)
+    return frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+
+
+# --- feature extractors ----------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureExtractor:
+    """A feature network and what identifies its output: ``name``, ``weights_sha256``, ``preprocessing``."""
+
+    name: str
+    module: torch.nn.Module
+    dim: int
+    weights_sha256: str
+    preprocessing: str
+    transform: Callable[[torch.Tensor], torch.Tensor]  # uint8 [N, C, H, W] -> the module's input (float)
+    forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (module, input) -> [N, dim]
+
+    def to(self, device) -> "FeatureExtractor":
+        self.module.to(device)
+        return self
+
+    def identity(self) -> dict:
+        return {"extractor": self.name, "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing,
+                "dim": self.dim}
+
+
+EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("feature extractor")
+
+
+def load_extractor(name: str, weights: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None
+                   ) -> FeatureExtractor:
+    """Build a registered extractor on the CPU (move it with ``.to(device)``). ``weights``: a file or folder."""
+    return EXTRACTORS.get(name)(weights=weights, cache=cache)
+
+
+def _sha256(path: Path) -> str:
+    from .assets import sha256_file
+
+    return sha256_file(path)
+
+
+def _to_grey(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 3:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True)
+    return x
+
+
+@EXTRACTORS.register("mnist-classifier")
+def _mnist_classifier(weights=None, cache=None) -> FeatureExtractor:
+    """Penultimate (128-d) features of the shipped digit classifier; ``weights``: a classifier folder."""
+    from .classifier import WEIGHTS_NAME, load_classifier
+    from .data import to_model_range
+
+    source = "mnist-classifier" if weights is None else str(weights)
+    model = load_classifier(source)
+    from .assets import shipped_model_path
+
+    folder = shipped_model_path(source) or Path(source)
+    dim = int(model.config.feature_dim)
+    return FeatureExtractor(
+        name="mnist-classifier", module=model, dim=dim, weights_sha256=_sha256(folder / WEIGHTS_NAME),
+        preprocessing=f"uint8->[-1,1]; RGB->grey (BT.601); bilinear antialias resize to {model.input_size}",
+        transform=lambda x: _to_grey(to_model_range(x)),
+        forward=lambda m, x: m.features(x),
+    )
+
+
+def resolve_inception_weights(weights: str | os.PathLike | None = None) -> Path:
+    """The ``pt_inception-2015-12-05`` weights file: ``weights`` if given, else pytorch-fid's download cache.
+
+    pytorch-fid downloads the file once into torch's hub cache (``$TORCH_HOME/hub/checkpoints``); offline, with
+    neither, this raises a :class:`DiffPruneError` that says how to supply the file.
+    """
+    if weights is not None:
+        p = Path(weights)
+        require(p.is_file(), f"inception weights {str(p)!r} do not exist; pass the path of {INCEPTION_WEIGHTS_NAME} "
+                             "(or a .safetensors copy of it) with --inception-weights")
+        return p
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
+    if cached.is_file():
+        return cached
+    raise DiffPruneError(
+        f"Inception FID weights not found: no --inception-weights given and no {str(cached)!r}; download "
+        f"{INCEPTION_WEIGHTS_NAME} from pytorch-fid's GitHub release 'fid_weights' on a connected machine and pass "
+        f"it with --inception-weights FILE (or copy it to {str(cached.parent)!r}); offline on MNIST, use "
+        "--extractor mnist-classifier"
+    )
+
+
+def _load_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle of anything but tensors is refused by weights_only
+        raise DiffPruneError(f"cannot load inception weights {str(path)!r} as a plain state dict ({e}); "
+                             "pass the original pt_inception-2015-12-05 .pth or a .safetensors file") from None
+    require(isinstance(state, dict), f"inception weights {str(path)!r} hold {type(state).__name__}, not a state dict")
+    return state
+
+
+@EXTRACTORS.register("inception")
+def _inception(weights=None, cache=None) -> FeatureExtractor:
+    """pytorch-fid's InceptionV3, 2048-d pool3 features, with the TF-ported FID weights."""
+    try:
+        from pytorch_fid import inception as pfi
+    except Exception:  # ImportError, or torchvision failing to import beside this torch
+        raise DiffPruneError(INCEPTION_INSTALL_HINT) from None
+    path = resolve_inception_weights(weights)
+    state = _load_state_dict(path)
+    # pytorch-fid's FID Inception fetches its weights through ``load_state_dict_from_url``; hand it the state dict
+    # we loaded (weights_only) instead, so nothing is downloaded and the user's file is what runs.
+    original = pfi.load_state_dict_from_url
+    pfi.load_state_dict_from_url = lambda *a, **k: state
+    try:
+        model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True,
+                                use_fid_inception=True)
+    except RuntimeError as e:
+        raise DiffPruneError(f"inception weights {str(path)!r} do not fit pytorch-fid's FID Inception ({e}); "
+                             f"pass {INCEPTION_WEIGHTS_NAME}") from None
+    finally:
+        pfi.load_state_dict_from_url = original
+    return FeatureExtractor(
+        name="inception", module=model.eval(), dim=2048, weights_sha256=_sha256(path),
+        preprocessing="uint8->[0,1]; grey->RGB; pytorch-fid InceptionV3 (bilinear resize to 299, [0,1]->[-1,1])",
+        transform=lambda x: (x.float() / 255.0).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float() / 255.0,
+        forward=lambda m, x: m(x)[0].flatten(1),
+    )
+
+
+@torch.no_grad()
+def compute_features(extractor: FeatureExtractor, images: torch.Tensor, *, batch_size: int = 256,
+                     device=None) -> np.ndarray:
+    """Features ``[N, dim]`` (float64) of uint8 images ``[N, C, H, W]``; runs on ``device`` (default: CPU)."""
+    require(images.dtype == torch.uint8 and images.ndim == 4, f"images must be uint8 [N, C, H, W], got "
+                                                               f"{images.dtype} {tuple(images.shape)}")
+    module = extractor.module
+    was_training = module.training
+    module.eval()
+    dev = torch.device(device) if device is not None else next(module.parameters()).device
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = extractor.transform(images[i:i + batch_size].to(dev))
+            out.append(extractor.forward(module, x).double().cpu())
+    finally:
+        module.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, extractor.dim))
+
+
+# --- reference statistics, cached ------------------------------------------------------------------------------
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``path``, else ``$DIFFPRUNE_CACHE``, else ``~/.cache/diffprune``."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("DIFFPRUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "diffprune"
+
+
+def stats_cache_key(*, dataset: str, split: str, count: int, resolution: int, channels: int, data_sha256: str,
+                    extractor: str, weights_sha256: str, preprocessing: str) -> str:
+    """A hash of everything that changes a data set's feature statistics (never just a folder name)."""
+    fields = dict(format=STATS_FORMAT, dataset=dataset, split=split, count=int(count), resolution=int(resolution),
+                  channels=int(channels), data_sha256=data_sha256, extractor=extractor,
+                  weights_sha256=weights_sha256, preprocessing=preprocessing)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _tensor_sha256(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
+
+
+def reference_statistics(images: torch.Tensor, extractor: FeatureExtractor, *, dataset: str, split: str,
+                         cache: str | os.PathLike | None = None, batch_size: int = 256, device=None,
+                         use_cache: bool = True) -> tuple[FeatureStats, dict]:
+    """Feature statistics of reference images (uint8 ``[N, C, H, W]``), read from or written to the cache.
+
+    The key covers the data's name, split, count, resolution, channels and content hash, the extractor, its
+    weights' sha256 and its preprocessing. Returns ``(stats, info)``; ``info`` says the key, file and cache hit.
+    """
+    n, c, h, _ = images.shape
+    fields = dict(dataset=str(dataset), split=str(split), count=n, resolution=h, channels=c,
+                  data_sha256=_tensor_sha256(images), extractor=extractor.name,
+                  weights_sha256=extractor.weights_sha256, preprocessing=extractor.preprocessing)
+    key = stats_cache_key(**fields)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}-{split}")[-40:]
+    path = cache_dir(cache) / "fid-stats" / f"{extractor.name}-{slug}-{n}-{key[:20]}.safetensors"
+    info = {"key": key, "path": str(path), "hit": False, **fields}
+    if use_cache and path.is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(path)
+        return FeatureStats(mu=t["mu"].numpy(), sigma=t["sigma"].numpy(), n=n), {**info, "hit": True}
+    stats = feature_statistics(compute_features(extractor, images, batch_size=batch_size, device=device))
+    if use_cache:
+        from safetensors.torch import save as save_bytes
+
+        from ._fs import atomic_write_bytes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: str(v) for k, v in fields.items()} | {"key": key, "format": str(STATS_FORMAT)}
+        data = save_bytes({"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}, metadata=meta)
+        atomic_write_bytes(path, data)
+    return stats, info
+
+
+# --- paired consistency ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleSet:
+    """Generated images and the seed each came from (image ``i`` from ``seeds[i]``)."""
+
+    seeds: list[int]
+    images: torch.Tensor  # uint8 [N, C, H, W]
+
+    def __post_init__(self):
+        require(self.images.dtype == torch.uint8 and self.images.ndim == 4,
+                f"sample images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        require(len(self.seeds) == len(self.images), f"{len(self.seeds)} seeds for {len(self.images)} images")
+        require(len(set(self.seeds)) == len(self.seeds), "sample seeds repeat; every image needs its own seed")
+
+
+def pair_by_seed(a: SampleSet, b: SampleSet) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The seeds both sets hold (ascending) and the two image stacks in that order — never file order."""
+    common = sorted(set(a.seeds) & set(b.seeds))
+    require(len(common) > 0, "the two sample sets share no seed; sample both from the same --seed")
+    ia = {s: i for i, s in enumerate(a.seeds)}
+    ib = {s: i for i, s in enumerate(b.seeds)}
+    return common, a.images[[ia[s] for s in common]], b.images[[ib[s] for s in common]]
+
+
+def _ssim_window(size: int) -> int:
+    """pytorch-msssim's 11-px Gaussian window, shrunk to the largest odd size that fits smaller images."""
+    return 11 if size >= 11 else max(1, size - 1 if size % 2 == 0 else size)
+
+
+def paired_consistency(teacher: torch.Tensor, student: torch.Tensor) -> dict:
+    """SSIM, MS-SSIM (where the size allows) and MSE between paired uint8 images ``[N, C, H, W]``.
+
+    SSIM/MS-SSIM use pytorch-msssim with data_range 255; MS-SSIM's 5 scales need the smaller side to exceed
+    ``(win_size - 1) * 2**4`` (160 px at the standard 11-px window), otherwise it is ``None`` and ``ms_ssim_note``
+    says why. MSE is over pixels in [0, 1].
+    """
+    from pytorch_msssim import ms_ssim, ssim
+
+    require(teacher.shape == student.shape, f"paired images differ in shape: {tuple(teacher.shape)} vs "
+                                            f"{tuple(student.shape)}")
+    require(teacher.ndim == 4 and len(teacher) > 0, f"need paired images [N, C, H, W], got {tuple(teacher.shape)}")
+    x, y = teacher.double(), student.double()
+    side = min(x.shape[-2:])
+    win = _ssim_window(side)
+    per_image = ssim(x, y, data_range=255, size_average=False, win_size=win)
+    mse = ((x - y) / 255).pow(2).flatten(1).mean(1)
+    out = {"ssim": float(per_image.mean()), "ssim_std": float(per_image.std()) if len(x) > 1 else 0.0,
+           "ssim_win_size": win, "mse": float(mse.mean()), "pairs": len(x)}
+    need = (11 - 1) * 2 ** 4
+    if side > need:
+        out["ms_ssim"] = float(ms_ssim(x, y, data_range=255, size_average=True, win_size=11))
+        out["ms_ssim_note"] = "pytorch-msssim, 5 scales, win 11"
+    else:
+        out["ms_ssim"] = None
+        out["ms_ssim_note"] = f"not computed: MS-SSIM needs images larger than {need} px per side, these are {side}"
+    return out
+
+
+# --- sample folders written by `diffprune sample` --------------------------------------------------------------
+
+def _to_nchw(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 3:
+        return a[:, None]
+    if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3):
+        return a.transpose(0, 3, 1, 2)
+    return a
+
+
+def load_sample_folder(folder: str | os.PathLike) -> SampleSet:
+    """Read a ``diffprune sample`` folder (or an ``evaluate`` samples folder) as a :class:`SampleSet`.
+
+    Seeds come from ``samples.npz`` (arrays ``images`` + ``seeds``); failing that, from PNG files named by index
+    (``00017.png``) with ``samples.json``'s ``seeds`` list (image i from ``seeds[i]``) or base ``seed`` (image i from
+    ``seed + i``); with neither, the index itself is the pairing key. File order is never used.
+    """
+    folder = Path(folder)
+    require(folder.is_dir(), f"sample folder {str(folder)!r} does not exist; pass a folder written by diffprune sample")
+    npz = folder / "samples.npz"
+    if npz.is_file():
+        with np.load(npz, allow_pickle=False) as d:
+            key = next((k for k in ("images", "samples", "arr_0") if k in d.files), None)
+            if key is not None and "seeds" in d.files:
+                imgs = _to_nchw(d[key])
+                require(imgs.dtype == np.uint8, f"{str(npz)!r}: images are {imgs.dtype}, expected uint8")
+                return SampleSet(seeds=[int(s) for s in d["seeds"]], images=torch.from_numpy(imgs.copy()))
+    pngs = {}
+    for p in folder.iterdir():
+        if p.suffix.lower() == ".png" and re.fullmatch(r"\d+", p.stem):
+            pngs[int(p.stem)] = p
+    require(len(pngs) > 0, f"sample folder {str(folder)!r} has neither samples.npz with seeds nor PNGs named by "
+                           "index (0.png, 1.png, ...); pass a folder written by diffprune sample")
+    recorded = _recorded_seeds(folder)
+    from PIL import Image
+
+    idx = sorted(pngs)
+    arrays = []
+    for i in idx:
+        with Image.open(pngs[i]) as im:
+            a = np.asarray(im.convert("L") if im.mode not in ("L", "RGB") else im)
+        arrays.append(a[:, :, None] if a.ndim == 2 else a)
+    shapes = {a.shape for a in arrays}
+    require(len(shapes) == 1, f"PNGs in {str(folder)!r} differ in shape {sorted(shapes)}")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if isinstance(recorded, list):
+        require(idx[-1] < len(recorded), f"{str(folder)!r}: PNG index {idx[-1]} but samples.json lists only "
+                                         f"{len(recorded)} seeds")
+        seeds = [int(recorded[i]) for i in idx]
+    else:
+        seeds = [(recorded or 0) + i for i in idx]
+    return SampleSet(seeds=seeds, images=images)
+
+
+def _recorded_seeds(folder: Path) -> list | int | None:
+    """``samples.json``'s ``seeds`` list (image i from seeds[i]) or its base ``seed`` (image i from seed + i)."""
+    p = folder / "samples.json"
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        raise DiffPruneError(f"{str(p)!r} is not valid JSON; rewrite the folder with diffprune sample") from None
+    if isinstance(d, dict) and isinstance(d.get("seeds"), list):
+        return d["seeds"]
+    if isinstance(d, dict) and isinstance(d.get("seed"), int):
+        return int(d["seed"])
+    return None
+
+
+def resize_for(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images resized (bilinear, antialiased) to ``size`` x ``size``; unchanged if already that size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,345 @@
+"""The evaluation report: ``report.html`` (self-contained, images inlined) and ``report.md`` with PNGs beside it.
+
+Figures (matplotlib, Agg backend), each written only when its data exists:
+
+* ``samples.png``: teacher vs student, side by side, the same seeds;
+* ``channel_widths.png``: per-layer channel width before/after pruning (from ``pruning.json``);
+* ``timestep_loss.png``: the calibration loss per timestep recorded at pruning, with the threshold cutoff;
+* ``finetune_loss.png``: the fine-tuning loss (from the model folder's ``train_log.csv``);
+
+followed by the metrics table. :func:`layer_widths` and :func:`timestep_losses` are the only places that read
+``pruning.json``'s layout.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["layer_widths", "timestep_losses", "metrics_rows", "write_report"]
+
+FIGURES = {
+    "samples": "samples.png",
+    "widths": "channel_widths.png",
+    "timesteps": "timestep_loss.png",
+    "finetune": "finetune_loss.png",
+}
+
+
+# --- pruning.json accessors ------------------------------------------------------------------------------------
+
+def layer_widths(pruning: dict | None) -> dict[str, tuple[int, int]]:
+    """Output channels ``{layer name: (before, after)}`` of the layers pruning changed (``{}`` if none recorded).
+
+    Reads ``pruning.json``'s ``widths_before`` / ``widths_after`` (``{name: [in, out]}`` of every Conv, Linear and
+    GroupNorm layer, see :func:`diffprune.prune.layer_widths`); norm layers, which mirror their conv, are left out.
+    """
+    if not isinstance(pruning, dict):
+        return {}
+    before, after = pruning.get("widths_before") or {}, pruning.get("widths_after") or {}
+    out = {}
+    for name, b in before.items():
+        if name in after and "norm" not in name.rsplit(".", 1)[-1]:
+            out[name] = (int(b[-1]), int(after[name][-1]))
+    return out
+
+
+class TimestepCurve(NamedTuple):
+    t: list[int]
+    loss: list[float]
+    cutoff_t: int | None
+    stopped_by: str | None
+    thr: float | None = None
+
+
+def timestep_losses(pruning: dict | None) -> TimestepCurve:
+    """The calibration walk recorded in ``pruning.json``: timesteps, losses, last accumulated t, why it stopped.
+
+    Reads ``calibration.losses`` (``{"t": [...], "loss": [...]}`` or ``[[t, loss], ...]``), ``calibration.cutoff_t``
+    and ``calibration.stopped_by``; data-free methods record no calibration: empty lists.
+    """
+    cal = pruning.get("calibration") if isinstance(pruning, dict) else None
+    raw = cal.get("losses") if isinstance(cal, dict) else None
+    if not raw:
+        return TimestepCurve([], [], None, None)
+    if isinstance(raw, dict):
+        ts, losses = [int(t) for t in raw["t"]], [float(v) for v in raw["loss"]]
+    else:
+        ts, losses = [int(t) for t, _ in raw], [float(v) for _, v in raw]
+    cutoff = cal.get("cutoff_t")
+    strategy = cal.get("timesteps") if isinstance(cal.get("timesteps"), dict) else {}
+    thr = strategy.get("thr") if strategy.get("name") == "threshold" else None
+    return TimestepCurve(ts, losses, None if cutoff is None else int(cutoff), cal.get("stopped_by"),
+                         None if thr is None else float(thr))
+
+
+# --- figures ---------------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid_array(images: torch.Tensor, nrow: int) -> np.ndarray:
+    from .sampling import image_grid
+
+    return np.asarray(image_grid(images, nrow=nrow))
+
+
+def plot_samples(path: Path, student: torch.Tensor, teacher: torch.Tensor | None, seeds: Sequence[int]) -> None:
+    plt = _plt()
+    n = len(student)
+    nrow = min(8, n)
+    panels = [("teacher", teacher), ("student (pruned)", student)] if teacher is not None else [("student", student)]
+    grids = [(title, _grid_array(x, nrow)) for title, x in panels]
+    h, w = grids[0][1].shape[:2]
+    fig_w = 4.2 * len(grids)
+    fig, axes = plt.subplots(1, len(grids), figsize=(fig_w, 4.2 * h / w + 0.9), squeeze=False)
+    for ax, (title, g) in zip(axes[0], grids):
+        ax.imshow(g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(title, fontsize=12)
+        ax.axis("off")
+    s = list(seeds)
+    fig.suptitle(f"DDIM samples, image i from seed {s[0]}+i (seeds {s[0]}..{s[-1]}), same seeds in both panels"
+                 if teacher is not None else f"DDIM samples, seeds {s[0]}..{s[-1]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(name: str, limit: int = 42) -> str:
+    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+
+
+def plot_widths(path: Path, widths: dict[str, tuple[int, int]]) -> None:
+    plt = _plt()
+    changed = [k for k, (b, a) in widths.items() if a != b]
+    unchanged = len(widths) - len(changed)
+    names = changed or list(widths)
+    before = np.array([widths[k][0] for k in names])
+    after = np.array([widths[k][1] for k in names])
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.26 * len(names)))
+    ax.barh(y, before, height=0.8, color="#c7d3e3", label="before (teacher)")
+    ax.barh(y, after, height=0.5, color="#2f5d9a", label="after (pruned)")
+    for yi, (b, a) in enumerate(zip(before, after)):
+        ax.text(b, yi, f" {a}/{b}", va="center", fontsize=7, color="#333")
+    ax.set_yticks(y)
+    ax.set_yticklabels([_short(n) for n in names], fontsize=7)
+    ax.margins(y=0.01)
+    ax.invert_yaxis()
+    ax.set_xlabel("output channels")
+    ax.set_xlim(0, before.max() * 1.18 if len(before) else 1)
+    all_b = sum(b for b, _ in widths.values())
+    kept = sum(a for _, a in widths.values()) / max(all_b, 1)
+    note = f"; {unchanged} unchanged layers not shown" if changed and unchanged else ""
+    ax.set_title(f"Output channels per pruned layer ({kept:.0%} of all channels kept{note})", fontsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_timestep_losses(path: Path, curve: TimestepCurve) -> None:
+    plt = _plt()
+    ts, losses, cutoff = curve.t, curve.loss, curve.cutoff_t
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(ts, losses, color="#2f5d9a", lw=1.6, marker="o" if len(ts) <= 40 else None, ms=3, label="loss at t")
+    if cutoff is not None:
+        why = {"threshold": "threshold cutoff", "cap": "max_timesteps cap (threshold not reached)",
+            "end": "last timestep (threshold not reached)"}.get(
+            str(curve.stopped_by), f"last accumulated ({curve.stopped_by})" if curve.stopped_by else "cutoff")
+        ax.axvline(cutoff, color="#c0392b", ls="--", lw=1.4, label=f"{why}: t = {cutoff}")
+        ax.axvspan(min(ts + [cutoff]), cutoff, color="#c0392b", alpha=0.07, label="timesteps used for importance")
+    if curve.thr:
+        level = curve.thr * max(losses)
+        label = f"stop level thr × max L = {curve.thr:g} × {max(losses):.3g} = {level:.3g}"
+        if level >= 0.5 * min(losses):
+            ax.axhline(level, color="#7f8c8d", ls=":", lw=1.2, label=label)
+        else:  # far below the curve: drawing it would flatten the curve, so only name it
+            ax.plot([], [], color="#7f8c8d", ls=":", label=label + " (below the plot)")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("denoising loss")
+    ax.set_title("Calibration loss per timestep (recorded at pruning)", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_finetune(path: Path, log: dict) -> None:
+    plt = _plt()
+    step, loss = np.asarray(log["step"]), np.asarray(log["loss"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    k = max(1, len(loss) // 20)
+    ax.plot(step, loss, color="#9ab3d5" if k > 1 else "#2f5d9a", lw=1 if k > 1 else 1.8, label="loss (logged)")
+    if k > 1:
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(step[k - 1:], smooth, color="#2f5d9a", lw=2, label=f"moving mean of {k}")
+    if len(loss) and loss.min() > 0 and loss.max() / loss.min() > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Fine-tuning loss", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the table and the documents -------------------------------------------------------------------------------
+
+def _fmt(v, kind: str = "") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "—"
+    if kind == "count":
+        return f"{v / 1e6:.3f} M" if v >= 1e5 else f"{int(v):,}"
+    if kind == "macs":
+        return f"{v / 1e9:.3f} G" if v >= 1e8 else f"{v / 1e6:.2f} M"
+    if kind == "s":
+        return f"{v * 1e3:.2f} ms"
+    if kind == "x":
+        return f"{v:.2f}×"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def metrics_rows(m: dict) -> list[tuple[str, str, str]]:
+    """``(metric, teacher, student)`` rows of the metrics table."""
+    cost = m.get("cost", {})
+    sc, tc = cost.get("student", {}), cost.get("teacher", {})
+    ext = (m.get("fid_detail") or {}).get("extractor", {}).get("extractor", "")
+    rows = [
+        ("Parameters", _fmt(m.get("teacher_params"), "count"), _fmt(m.get("params"), "count")),
+        ("MACs per UNet call (batch 1)", _fmt(m.get("teacher_macs"), "macs"), _fmt(m.get("macs"), "macs")),
+        ("MACs per image (all steps)", _fmt(m.get("teacher_macs_per_image"), "macs"),
+         _fmt(m.get("macs_per_image"), "macs")),
+        (f"FID vs data ({ext or 'no data'})", _fmt(m.get("fid_teacher")), _fmt(m.get("fid"))),
+    ]
+    for b, rec in (sc.get("latency_unet") or {}).items():
+        trec = (tc.get("latency_unet") or {}).get(b, {})
+        rows.append((f"UNet call latency, batch {b} (median)", _fmt(trec.get("median_s"), "s"),
+                     _fmt(rec.get("median_s"), "s")))
+    if "latency_sampler" in sc:
+        rows.append((f"Sampler latency per image ({sc['latency_sampler']['steps']} steps, batch "
+                     f"{sc['latency_sampler']['batch_size']})",
+                     _fmt(tc.get("latency_sampler", {}).get("per_image_s"), "s"),
+                     _fmt(sc["latency_sampler"]["per_image_s"], "s")))
+    return rows
+
+
+def summary_rows(m: dict) -> list[tuple[str, str]]:
+    c = m.get("consistency", {})
+    rows = [
+        ("MAC reduction (teacher / student)", _fmt(m.get("mac_ratio"), "x")),
+        ("Measured speedup (sampler, per image)", _fmt(m.get("speedup"), "x")),
+        ("Speedup ÷ MAC ratio", _fmt(m.get("speedup_over_mac_ratio"))),
+        ("SSIM teacher↔student (same seeds)", _fmt(m.get("ssim"))),
+        ("MS-SSIM", _fmt(m.get("ms_ssim")) if m.get("ms_ssim") is not None else
+         "— (" + str(c.get("ms_ssim_note", "not computed")) + ")"),
+        ("MSE teacher↔student (pixels in [0, 1])", _fmt(m.get("mse"))),
+        ("FID student vs teacher samples", _fmt(m.get("fid_student_vs_teacher"))),
+        ("Device / threads", f"{m.get('device')} / {m.get('threads')}"),
+        ("Samples (seeds)", f"{m.get('seeds', {}).get('n')} (from {m.get('seeds', {}).get('first')})"),
+    ]
+    lat = (m.get("cost", {}).get("student", {}).get("latency_sampler") or {})
+    if lat.get("peak_memory_kind"):
+        rows.append(("Peak memory (student run)", f"{lat['peak_memory_bytes'] / 2**20:.0f} MiB — "
+                                                   f"{lat['peak_memory_kind']}"))
+    return rows
+
+
+def _md_table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CAPTIONS = {
+    "samples": "Teacher vs pruned student, sampled from the same seeds (DDIM, η = 0).",
+    "widths": "Output channels of each pruned layer before and after pruning.",
+    "timesteps": "Per-timestep calibration loss at pruning; importance is accumulated up to the cutoff.",
+    "finetune": "Loss of the fine-tuning run that recovered the pruned model.",
+}
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
+       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+       "td:first-child,th:first-child{text-align:left}th{background:#f2f4f8}img{max-width:100%}"
+       "figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}")
+
+
+def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teacher_images: torch.Tensor | None,
+                 seeds: Sequence[int], pruning: dict | None = None, train_log: dict | None = None,
+                 grid_count: int = 32) -> dict[str, str]:
+    """Write the figures, ``report.md`` and ``report.html`` into ``out_dir``; returns ``{what: file name}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    k = min(grid_count, len(student_images))
+    written: dict[str, str] = {}
+    plot_samples(out / FIGURES["samples"], student_images[:k], None if teacher_images is None else teacher_images[:k],
+                 list(seeds)[:k])
+    written["samples"] = FIGURES["samples"]
+    widths = layer_widths(pruning)
+    if widths:
+        plot_widths(out / FIGURES["widths"], widths)
+        written["widths"] = FIGURES["widths"]
+    curve = timestep_losses(pruning)
+    if curve.t:
+        plot_timestep_losses(out / FIGURES["timesteps"], curve)
+        written["timesteps"] = FIGURES["timesteps"]
+    if train_log and len(train_log.get("step", [])) >= 2:
+        plot_finetune(out / FIGURES["finetune"], train_log)
+        written["finetune"] = FIGURES["finetune"]
+
+    names = metrics.get("names") or {}
+    title = f"Diff-Pruning evaluation: {names.get('student', 'student')}" + (
+        f" vs {names['teacher']}" if names.get("teacher") else "")
+    table = metrics_rows(metrics)
+    summary = summary_rows(metrics)
+    missing = [CAPTIONS[k].split(";")[0] for k in ("widths", "timesteps", "finetune") if k not in written]
+
+    md = [f"# {title}", "", _md_table(["", "teacher", "student"], table), "", _md_table(["summary", ""], summary), ""]
+    for key, fname in written.items():
+        md += [f"![{key}]({fname})", "", f"*{CAPTIONS[key]}*", ""]
+    if missing:
+        md += ["Not shown (no data recorded): " + "; ".join(missing) + ".", ""]
+    md += [f"Versions: {', '.join(f'{k} {v}' for k, v in (metrics.get('versions') or {}).items() if v)}.", ""]
+    (out / "report.md").write_text("\n".join(md))
+
+    figs = []
+    for key, fname in written.items():
+        data = base64.b64encode((out / fname).read_bytes()).decode()
+        figs.append(f'<figure><img alt="{key}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{html.escape(CAPTIONS[key])}</figcaption></figure>")
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+           + _html_table(["", "teacher", "student"], table) + _html_table(["summary", ""], summary)
+           + "".join(figs)
+           + (f"<p>Not shown (no data recorded): {html.escape('; '.join(missing))}.</p>" if missing else "")
+           + "<p><small>" + html.escape(", ".join(f"{k} {v}" for k, v in (metrics.get("versions") or {}).items() if v))
+           + "</small></p></body></html>\n")
+    (out / "report.html").write_text(doc)
+    written["html"], written["md"] = "report.html", "report.md"
+    return written
