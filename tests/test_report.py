@@ -1,0 +1,74 @@
+"""The report: pruning.json accessors, figures present, HTML self-contained, Markdown beside its PNGs."""
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from diffprune.report import layer_widths, metrics_rows, timestep_losses, write_report
+
+PRUNING = {
+    "widths_before": {"conv_in": [1, 8], "down_blocks.0.resnets.0.norm1": [8, 8], "down_blocks.0.resnets.0.conv1": [8, 8],
+                      "mid_block.attentions.0.to_q": [16, 16], "conv_out": [8, 1]},
+    "widths_after": {"conv_in": [1, 4], "down_blocks.0.resnets.0.norm1": [4, 4], "down_blocks.0.resnets.0.conv1": [4, 4],
+                     "mid_block.attentions.0.to_q": [8, 8], "conv_out": [4, 1]},
+    "calibration": {"losses": {"t": [0, 1, 2, 3], "loss": [0.9, 1.0, 0.4, 0.04]}, "cutoff_t": 3,
+                    "stopped_by": "threshold", "timesteps": {"name": "threshold", "thr": 0.05}},
+}
+
+
+def test_layer_widths_reads_out_channels_and_skips_norms():
+    assert layer_widths(PRUNING) == {"conv_in": (8, 4), "down_blocks.0.resnets.0.conv1": (8, 4),
+                                     "mid_block.attentions.0.to_q": (16, 8), "conv_out": (1, 1)}
+    assert layer_widths(None) == {} and layer_widths({"method": "magnitude"}) == {}
+
+
+def test_timestep_losses_both_layouts_and_data_free():
+    c = timestep_losses(PRUNING)
+    assert c.t == [0, 1, 2, 3] and c.loss == [0.9, 1.0, 0.4, 0.04] and c.cutoff_t == 3
+    assert c.stopped_by == "threshold" and c.thr == 0.05
+    pairs = {"calibration": {"losses": [[0, 0.5], [1, 0.25]], "cutoff_t": 1}}
+    assert timestep_losses(pairs)[:3] == ([0, 1], [0.5, 0.25], 1)
+    assert timestep_losses({"calibration": None}).t == []
+
+
+def _images(n, seed):
+    return torch.randint(0, 256, (n, 1, 16, 16), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+METRICS = {"params": 1000, "teacher_params": 4000, "macs": 2_000_000, "teacher_macs": 8_000_000, "fid": 12.5,
+           "fid_teacher": 10.0, "ssim": 0.8, "mse": 0.01, "speedup": 2.5, "mac_ratio": 4.0, "device": "cpu",
+           "threads": 1, "seeds": {"first": 0, "n": 16}, "versions": {"torch": torch.__version__},
+           "names": {"student": "pruned", "teacher": "teacher"}}
+
+
+def test_full_report_files_and_self_contained_html(tmp_path):
+    log = {"step": [0, 10, 20, 30], "loss": [0.5, 0.3, 0.2, 0.15], "lr": [1e-4] * 4, "images_per_s": [10.0] * 4}
+    written = write_report(tmp_path, METRICS, student_images=_images(16, 1), teacher_images=_images(16, 2),
+                           seeds=list(range(16)), pruning=PRUNING, train_log=log)
+    pngs = ["samples.png", "channel_widths.png", "timestep_loss.png", "finetune_loss.png"]
+    assert sorted(written.values()) == sorted(pngs + ["report.html", "report.md"])
+    for name in pngs:
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 150
+    html = (tmp_path / "report.html").read_text()
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) == 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    md = (tmp_path / "report.md").read_text()
+    for name in pngs:
+        assert f"]({name})" in md
+    assert "| Parameters | 4,000 | 1,000 |" in md and "4.00×" in md and "2.50×" in md
+
+
+def test_report_without_pruning_record_or_log_says_what_is_missing(tmp_path):
+    written = write_report(tmp_path, METRICS, student_images=_images(5, 1), teacher_images=None, seeds=range(5))
+    assert set(written) == {"samples", "html", "md"}
+    md = (tmp_path / "report.md").read_text()
+    assert "Not shown (no data recorded)" in md
+    assert not (tmp_path / "channel_widths.png").exists()
+
+
+def test_metrics_rows_format_missing_values_as_dash():
+    rows = dict((r[0], r[1:]) for r in metrics_rows({"params": 12, "fid": None}))
+    assert rows["Parameters"] == ("—", "12")
+    assert rows["FID vs data (no data)"] == ("—", "—")
