@@ -23,7 +23,9 @@ How much to prune (exactly one of):
     together (Torch-Pruning's global pruning).
 ``target_macs=F``
     Bisection on the ratio until the MACs of one UNet call are ``F`` x the original within ``macs_tolerance``
-    (relative, default 2%). Uses ``ratio_mode="uniform"`` unless told otherwise (finer steps than "paper").
+    (relative, default 2%). Uses ``ratio_mode="uniform"`` with global ranking unless told otherwise: per-layer
+    (local) rounding moves MACs in steps that are often coarser than the tolerance; when the target cannot be
+    reached the error names the nearest achievable fraction.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ class PruneConfig:
 
     Exactly one of ``ratio`` (fraction of channels to remove, in (0, 1)) and ``target_macs`` (fraction of the
     original MACs to keep, in (0, 1)) is given. ``ratio_mode`` defaults to "paper" for ``ratio`` and "uniform"
-    for ``target_macs``. ``timesteps`` names the timestep strategy (default: the method's, "threshold" for
+    for ``target_macs``; ``global_ranking`` defaults to True for ``target_macs`` in uniform mode (local steps are
+    often too coarse for the tolerance) and False otherwise. ``timesteps`` names the timestep strategy (default: the method's, "threshold" for
     diff-pruning and "all" for taylor); ``thr``/``threshold_semantics`` configure "threshold", ``stride``
     configures "strided", ``max_timesteps`` caps any of them. ``calib_batch`` images are used for calibration;
     ``seed`` fixes the calibration noise, the image subset and random scores. ``data_free_steps``: DDIM steps used
@@ -72,7 +75,7 @@ class PruneConfig:
     ratio: float | None = None
     ratio_mode: str | None = None
     target_macs: float | None = None
-    global_ranking: bool = False
+    global_ranking: bool | None = None
     prune_heads: bool = False
     thr: float = 0.05
     threshold_semantics: str = "accumulate-trigger"
@@ -100,6 +103,9 @@ class PruneConfig:
             mode = "paper" if self.ratio is not None else "uniform"
             object.__setattr__(self, "ratio_mode", mode)
         require(mode in RATIO_MODES, f"unknown ratio_mode {mode!r}; choose from {list(RATIO_MODES)}")
+        if self.global_ranking is None:
+            # target MACs: cross-layer ranking gives the fine steps needed to land within the tolerance
+            object.__setattr__(self, "global_ranking", self.target_macs is not None and mode == "uniform")
         require(not (self.global_ranking and mode == "paper"),
                 "global ranking uses Torch-Pruning's semantics; pass ratio_mode='uniform' (--ratio-mode uniform)")
         require(not (self.prune_heads and mode == "paper"),
@@ -474,7 +480,7 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     bar.close()
     best = min(trials, key=lambda r: abs(r["macs_fraction"] / target - 1))
     if abs(best["macs_fraction"] / target - 1) > tol:
-        hint = "" if config.global_ranking else "; try global ranking (--global-ranking --ratio-mode uniform)"
+        hint = "" if config.global_ranking else "; try global ranking (--ranking global --ratio-mode uniform)"
         raise DiffPruneError(
             f"target_macs={target} cannot be reached within +-{tol:.0%}: the nearest pruning keeps "
             f"{best['macs_fraction']:.4f} of the MACs (ratio {best['ratio']:.4f}){hint}"

@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
                         "--macs-tolerance (instead of --ratio)")
     p.add_argument("--macs-tolerance", type=float, default=0.02,
                    help="relative tolerance for --target-macs (default 0.02 = +-2%%)")
-    p.add_argument("--global-ranking", action="store_true",
-                   help="rank channels across layers (Torch-Pruning global pruning; needs --ratio-mode uniform)")
+    p.add_argument("--ranking", default=None,
+                   help="local (per layer) or global (across layers, Torch-Pruning's global pruning; needs "
+                        "--ratio-mode uniform); default: global with --target-macs, local with --ratio")
     p.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads instead of shrinking head dims (needs --ratio-mode uniform)")
     p.add_argument("--thr", type=float, default=0.05,
@@ -81,6 +82,13 @@ def summary_lines(rec: dict) -> list[str]:
     ]
 
 
+def _ranking(value):
+    from ..errors import require
+
+    require(value in (None, "local", "global"), f"unknown --ranking {value!r}; choose from ['global', 'local']")
+    return None if value is None else value == "global"
+
+
 def run(args) -> int:
     import json
 
@@ -92,7 +100,7 @@ def run(args) -> int:
 
     config = PruneConfig(
         method=args.method, ratio=args.ratio, ratio_mode=args.ratio_mode, target_macs=args.target_macs,
-        global_ranking=args.global_ranking, prune_heads=args.prune_heads, thr=args.thr,
+        global_ranking=_ranking(args.ranking), prune_heads=args.prune_heads, thr=args.thr,
         threshold_semantics=args.threshold_semantics, timesteps=args.timesteps, stride=args.stride,
         max_timesteps=args.max_timesteps, taylor_form=args.taylor_form, calib_batch=args.calib_batch,
         seed=args.seed, data_free_steps=args.data_free_steps, macs_tolerance=args.macs_tolerance,

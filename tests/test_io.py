@@ -1,0 +1,99 @@
+"""Safe format: save -> load is bitwise equal, pipelines sample from the loaded UNet, loaders refuse pickles."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+from diffprune.errors import DiffPruneError
+from diffprune.io import load_model, load_pruned, save_pruned
+from diffprune.presets import build_unet
+from diffprune.prune import PruneConfig, prune_
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = build_unet("tiny")
+    sched = DDPMScheduler(num_train_timesteps=10)
+    report = prune_(unet, PruneConfig(ratio=0.5, calib_batch=2, max_timesteps=3),
+                    torch.rand(2, 1, 8, 8) * 2 - 1, scheduler=sched, progress=False)
+    out = tmp_path_factory.mktemp("io") / "pruned"
+    save_pruned(unet, out, report.to_dict(), scheduler=sched)
+    return unet, report, out
+
+
+def test_round_trip_is_bitwise_equal(pruned):
+    unet, report, out = pruned
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "pruning.json", "scheduler"]
+    loaded = load_pruned(out)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        assert torch.equal(unet(x, t).sample, loaded(x, t).sample)
+    for a, b in zip(unet.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    attn, attn2 = unet.down_blocks[1].attentions[0], loaded.down_blocks[1].attentions[0]
+    assert (attn.heads, attn.scale) == (attn2.heads, attn2.scale)
+
+
+def test_pruning_json_records_everything(pruned):
+    _, report, out = pruned
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["method"] == "diff-pruning" and rec["seed"] == 0 and rec["diffprune_version"]
+    assert (rec["base_params"], rec["params"]) == (44969, report.params_after) and rec["params"] < 44969
+    assert rec["macs"] == report.macs_after < rec["base_macs"] == 1042944
+    assert rec["timestep_losses"]["t"] == [0, 1, 2] and rec["cutoff_t"] == 2
+    assert rec["structure"]["history"] and rec["config"]["ratio"] == 0.5
+    assert json.loads((out / "config.json").read_text())["block_out_channels"] == [8, 16]  # the base config
+
+
+def test_pipelines_sample_from_the_loaded_unet(pruned):
+    _, _, out = pruned
+    m = load_model(out)
+    assert isinstance(m.scheduler, DDPMScheduler) and m.pruning["method"] == "diff-pruning"
+    g = torch.Generator().manual_seed(0)
+    images = DDPMPipeline(unet=m.unet, scheduler=m.scheduler)(batch_size=2, generator=g, num_inference_steps=10,
+                                                                  output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    ddim = DDIMPipeline(unet=m.unet, scheduler=DDIMScheduler.from_config(m.scheduler.config))
+    images = ddim(batch_size=2, num_inference_steps=3, generator=g, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and 0 <= images.min() and images.max() <= 1
+
+
+def test_save_refuses_non_empty_folder_and_mismatched_record(pruned, tmp_path):
+    unet, report, out = pruned
+    with pytest.raises(DiffPruneError, match="not empty"):
+        save_pruned(unet, out, report.to_dict())
+    with pytest.raises(DiffPruneError, match="differ from the pruning record"):
+        save_pruned(build_unet("tiny"), tmp_path / "x", report.to_dict())
+    assert not (tmp_path / "x").exists()
+
+
+def test_plain_diffusers_and_pipeline_folders_load_unpruned(tmp_path):
+    unet = build_unet("tiny")
+    unet.save_pretrained(tmp_path / "model", safe_serialization=True)
+    m = load_model(tmp_path / "model")
+    assert m.pruning is None and m.scheduler is None
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), m.unet.state_dict().values()))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "pipe")
+    m = load_model(tmp_path / "pipe")
+    assert m.pruning is None and isinstance(m.scheduler, DDPMScheduler)
+    assert m.scheduler.config.num_train_timesteps == 10
+
+
+def test_pickles_and_missing_paths_are_refused(tmp_path):
+    ckpt = tmp_path / "unet.pth"
+    torch.save({"w": torch.zeros(1)}, ckpt)
+    with pytest.raises(DiffPruneError, match="pickle checkpoint.*convert it to safetensors"):
+        load_model(ckpt)
+    folder = tmp_path / "binonly"
+    build_unet("tiny").save_pretrained(folder, safe_serialization=False)
+    assert [p.suffix for p in folder.iterdir() if p.name.startswith("diffusion")] == [".bin"]
+    with pytest.raises(DiffPruneError, match="pickle"):
+        load_model(folder)
+    with pytest.raises(DiffPruneError, match="not found"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(DiffPruneError, match="no pruning.json"):
+        load_pruned(tmp_path / "binonly")

@@ -1,0 +1,153 @@
+"""prune_: the paper's architecture numbers, target MACs, multi-head attention under SDPA, config validation."""
+import copy
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from diffprune.errors import DiffPruneError
+from diffprune.presets import build_unet
+from diffprune.prune import DATA_FREE, PruneConfig, prune_
+
+MHA = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+           down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+           norm_num_groups=8, attention_head_dim=8)  # 64 channels = 8 heads of 8
+
+
+@pytest.mark.parametrize("mode,expected", [("paper", 19.85e6), ("uniform", 13.95e6)])
+def test_cifar10_architecture_ratio_03(mode, expected):
+    torch.manual_seed(0)
+    unet = build_unet("ddpm-cifar10-32")
+    report = prune_(unet, PruneConfig(method="magnitude", ratio=0.3, ratio_mode=mode), progress=False)
+    assert report.params_before == 35_746_307
+    assert report.macs_before == 6_221_856_768
+    assert abs(report.params_after - expected) <= 0.01e6
+    assert report.params_after == sum(p.numel() for p in unet.parameters())
+    # widths: the paper rule keeps 96 of 128 and 192 of 256 channels in GroupNorm-coupled groups
+    assert report.widths_after["conv_in"][1] == (96 if mode == "paper" else 64)
+    # uniform keeps int(8 * 0.7) = 5 of each GroupNorm group of 8
+    assert report.widths_after["mid_block.resnets.0.conv1"][1] == (192 if mode == "paper" else 160)
+
+
+def test_target_macs_half_within_two_percent():
+    torch.manual_seed(0)
+    unet = build_unet("mnist-16")
+    cfg = PruneConfig(method="magnitude", target_macs=0.5)
+    assert cfg.ratio_mode == "uniform" and cfg.global_ranking
+    report = prune_(unet, cfg, progress=False)
+    achieved = report.macs_after / report.macs_before
+    assert abs(achieved / 0.5 - 1) <= 0.02, achieved
+    assert report.search and report.ratio == min(
+        report.search, key=lambda r: abs(r["macs_fraction"] / 0.5 - 1))["ratio"]
+
+
+def test_target_macs_unreachable_locally_names_the_nearest_fraction():
+    unet = build_unet("mnist-16")
+    with pytest.raises(DiffPruneError, match=r"cannot be reached within \+-2%: the nearest pruning keeps 0\.\d+"):
+        prune_(unet, PruneConfig(method="magnitude", target_macs=0.5, global_ranking=False), progress=False)
+    assert unet.conv_in.out_channels == 32  # the model is left untouched
+
+
+def _check_attention(unet, heads_expected=None):
+    for name, attn in unet.named_modules():
+        if isinstance(attn, Attention):
+            assert isinstance(attn.processor, AttnProcessor2_0)
+            assert attn.heads * (attn.to_q.out_features // attn.heads) == attn.to_q.out_features
+            assert attn.to_k.out_features == attn.to_v.out_features == attn.to_q.out_features
+            assert attn.scale == pytest.approx((attn.to_q.out_features // attn.heads) ** -0.5)
+            if heads_expected is not None:
+                assert attn.heads == heads_expected, name
+
+
+def test_multi_head_attention_prunes_head_dims_keeps_trained_scale_and_runs_under_sdpa():
+    torch.manual_seed(0)
+    unet = UNet2DModel(**MHA)
+    before = copy.deepcopy(unet)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    report = prune_(unet, PruneConfig(ratio=0.3, calib_batch=2, max_timesteps=3), x0,
+                    scheduler=DDPMScheduler(num_train_timesteps=50), progress=False)
+    attn, attn0 = unet.down_blocks[1].attentions[0], before.down_blocks[1].attentions[0]
+    # 64 channels, 8 heads: n_pruned = 64 - int(44.8) = 20, 20 // 8 = 2 per head -> 8 heads of 6
+    assert (attn.heads, attn.to_q.out_features) == (8, 48)
+    _check_attention(unet, heads_expected=8)
+    meta = report.structure["meta"]["attention"]["down_blocks.1.attentions.0"]
+    assert meta["trained_scale"] == pytest.approx(8 ** -0.5) and meta["scale"] == pytest.approx(6 ** -0.5)
+    # effective logits scale unchanged: each pruned q row times the new scale is an original row times 8**-0.5
+    w_new = attn.to_q.weight.detach() * attn.scale
+    w_old = attn0.to_q.weight.detach() * attn0.scale
+    cols = [int((attn0.to_v.bias == b).nonzero()) for b in attn.to_v.bias]  # kept q/k/v channels (same for all)
+    in_cols = [int((before.down_blocks[1].resnets[0].conv2.bias == b).nonzero())
+               for b in unet.down_blocks[1].resnets[0].conv2.bias]  # kept residual channels (to_q inputs)
+    torch.testing.assert_close(w_new, w_old[cols][:, in_cols])
+    with torch.no_grad():
+        out = unet(torch.randn(3, 3, 8, 8), torch.tensor([1, 10, 40])).sample
+    assert out.shape == (3, 3, 8, 8) and torch.isfinite(out).all()
+
+
+def test_prune_heads_drops_whole_heads():
+    torch.manual_seed(0)
+    unet = UNet2DModel(**MHA)
+    prune_(unet, PruneConfig(method="magnitude", ratio=0.25, ratio_mode="uniform", prune_heads=True), progress=False)
+    attn = unet.down_blocks[1].attentions[0]
+    assert (attn.heads, attn.to_q.out_features // attn.heads) == (6, 8)  # ceil(0.25 * 8) = 2 heads removed
+    _check_attention(unet, heads_expected=6)
+
+
+def test_data_free_calibration_and_gradient_checkpointing_restored():
+    torch.manual_seed(0)
+    unet = build_unet("tiny")
+    unet.enable_gradient_checkpointing()
+    report = prune_(unet, PruneConfig(ratio=0.5, calib_batch=3, max_timesteps=2, data_free_steps=2), DATA_FREE,
+                    scheduler=DDPMScheduler(num_train_timesteps=20), progress=False)
+    assert report.calibration["source"] == DATA_FREE and report.calibration["batch"] == 3
+    assert report.calibration["accumulated"] == [0, 1] and report.calibration["stopped_by"] == "cap"
+    assert unet.is_gradient_checkpointing
+    assert report.params_after < report.params_before
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_reinit_resets_weights_and_random_is_seeded():
+    a, b, c = (build_unet("tiny") for _ in range(3))
+    b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
+    prune_(a, PruneConfig(method="random", ratio=0.5, seed=1), progress=False)
+    prune_(b, PruneConfig(method="random", ratio=0.5, seed=1), progress=False)
+    prune_(c, PruneConfig(method="reinit", ratio=0.5, seed=1), progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert [x.shape for x in a.state_dict().values()] == [x.shape for x in c.state_dict().values()]
+    assert not torch.equal(a.conv_in.weight, c.conv_in.weight)
+
+
+def test_wrong_calibration_shape_is_one_line_error():
+    unet = build_unet("tiny")
+    for bad in (torch.zeros(2, 1, 16, 16), torch.zeros(2, 3, 8, 8)):
+        with pytest.raises(DiffPruneError, match=r"model takes \[N, 1, 8, 8\]") as e:
+            prune_(unet, PruneConfig(ratio=0.3, calib_batch=2), bad, scheduler=DDPMScheduler(), progress=False)
+        assert "\n" not in str(e.value)
+    with pytest.raises(DiffPruneError, match=r"outside \[-1, 1\]"):
+        prune_(unet, PruneConfig(ratio=0.3), torch.full((2, 1, 8, 8), 3.0), scheduler=DDPMScheduler())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ratio=1.5), r"ratio=1.5 must be in \(0, 1\)"),
+    (dict(ratio=0.0), r"must be in \(0, 1\)"),
+    (dict(), "exactly one of"),
+    (dict(ratio=0.3, target_macs=0.5), "exactly one of"),
+    (dict(target_macs=1.2), "target_macs"),
+    (dict(ratio=0.3, thr=1.0), r"thr=1.0 must be in \[0, 1\)"),
+    (dict(ratio=0.3, ratio_mode="global"), "unknown ratio_mode"),
+    (dict(ratio=0.3, global_ranking=True), "uniform"),
+    (dict(ratio=0.3, stride=4), "strided"),
+    (dict(ratio=0.3, method="taylor", taylor_form="squared"), "'diff-pruning' only"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(DiffPruneError, match=match):
+        PruneConfig(**kwargs)
+
+
+def test_config_round_trips_through_dict():
+    cfg = PruneConfig(target_macs=0.4, global_ranking=True, thr=0.1, max_timesteps=50, seed=3)
+    assert PruneConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(DiffPruneError, match="unknown PruneConfig keys"):
+        PruneConfig.from_dict({**cfg.to_dict(), "sparsity": 0.1})
