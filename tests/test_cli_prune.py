@@ -1,0 +1,93 @@
+"""`diffprune prune` / `diffprune info`: bad input gives a one-line error, exit status 2 and no output folder."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffprune.cli import main
+from diffprune.presets import build_unet
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    build_unet("tiny").save_pretrained(root / "model", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=10).save_pretrained(root / "model" / "scheduler")
+    np.save(root / "big.npy", np.zeros((2, 1, 16, 16), dtype=np.uint8))
+    np.save(root / "rgb.npy", np.zeros((2, 3, 8, 8), dtype=np.uint8))
+    np.save(root / "ok.npy", np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8), dtype=np.uint8))
+    torch.save(build_unet("tiny").state_dict(), root / "unet.pth")
+    return root
+
+
+def _base(m, out, *extra):
+    return ["prune", "--model", str(m / "model"), "--out", str(out), "--calib-batch", "2", "--device", "cpu", *extra]
+
+
+BAD = {
+    "ratio-above-1": (["--ratio", "1.5", "--method", "magnitude"], r"ratio=1.5 must be in \(0, 1\)"),
+    "ratio-zero": (["--ratio", "0", "--method", "magnitude"], r"must be in \(0, 1\)"),
+    "thr-1": (["--ratio", "0.3", "--thr", "1.0", "--data", "{m}/ok.npy"], r"thr=1.0 must be in \[0, 1\)"),
+    "thr-negative": (["--ratio", "0.3", "--thr", "-0.5", "--data", "{m}/ok.npy"], r"must be in \[0, 1\)"),
+    "unknown-method": (["--ratio", "0.3", "--method", "l1"],
+                       r"unknown method 'l1'; choose from \['diff-pruning', 'magnitude', 'random', 'reinit', 'taylor'\]"),
+    "wrong-size": (["--ratio", "0.3", "--data", "{m}/big.npy"], r"shape \(2, 1, 16, 16\) but the model takes \[N, 1, 8, 8\]"),
+    "wrong-channels": (["--ratio", "0.3", "--data", "{m}/rgb.npy"], r"shape \(2, 3, 8, 8\) but the model takes"),
+    "taylor-without-gradients": (["--ratio", "0.3", "--method", "taylor"], "needs calibration images"),
+    "no-amount": (["--method", "magnitude"], "exactly one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_error_no_output(case, model_dir, tmp_path, capsys):
+    extra, match = BAD[case]
+    out = tmp_path / "out"
+    rc = main(_base(model_dir, out, *[a.format(m=model_dir) for a in extra]))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("diffprune: error: ")
+    assert re.search(match, err), err
+    assert not out.exists()
+
+
+def test_missing_model_and_pickle_model(model_dir, tmp_path, capsys):
+    for model, match in ((tmp_path / "missing", "not found"), (model_dir / "unet.pth", "pickle checkpoint")):
+        out = tmp_path / "out"
+        rc = main(["prune", "--model", str(model), "--method", "magnitude", "--ratio", "0.3", "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and match in err
+        assert not out.exists()
+
+
+def test_existing_out_refused_unless_overwrite(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    args = _base(model_dir, out, "--method", "magnitude", "--ratio", "0.3")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(args + ["--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "pruning.json").is_file()
+
+
+def test_prune_prints_numbers_and_info_reads_them(model_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(_base(model_dir, out, "--ratio", "0.5", "--data", str(model_dir / "ok.npy"), "--dry-run")) == 0
+    text = capsys.readouterr().out
+    assert "params: 0.0450M -> " in text and "MACs:" in text and "conv_in" in text and "dry run" in text
+    assert not out.exists()
+    assert main(_base(model_dir, out, "--ratio", "0.5", "--data", str(model_dir / "ok.npy"))) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "diff-pruning" and info["base_params"] == 44969 and info["base_macs"] == 1042944
+    assert info["params"] < 44969 and info["macs"] < 1042944 and info["cutoff_t"] == 9
+    assert main(["info", str(model_dir / "model"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] is None and info["params"] == info["base_params"] == 44969
