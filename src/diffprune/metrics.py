@@ -429,10 +429,3 @@ def _recorded_seeds(folder: Path) -> list | int | None:
         return int(d["seed"])
     return None
 
-
-def resize_for(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 images resized (bilinear, antialiased) to ``size`` x ``size``; unchanged if already that size."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)

@@ -120,11 +120,23 @@ def _short(name: str, limit: int = 42) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1):]
 
 
+_FLOW = ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out",
+         "conv_out")
+
+
+def _flow_order(name: str) -> tuple:
+    """Input-to-output order of a UNet2DModel layer name (down blocks, mid block, up blocks), stable otherwise."""
+    parts = name.split(".")
+    head = _FLOW.index(parts[0]) if parts[0] in _FLOW else len(_FLOW)
+    block = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+    return head, block
+
+
 def plot_widths(path: Path, widths: dict[str, tuple[int, int]]) -> None:
     plt = _plt()
     changed = [k for k, (b, a) in widths.items() if a != b]
     unchanged = len(widths) - len(changed)
-    names = changed or list(widths)
+    names = sorted(changed or list(widths), key=_flow_order)
     before = np.array([widths[k][0] for k in names])
     after = np.array([widths[k][1] for k in names])
     y = np.arange(len(names))
@@ -154,7 +166,7 @@ def plot_widths(path: Path, widths: dict[str, tuple[int, int]]) -> None:
 def plot_timestep_losses(path: Path, curve: TimestepCurve) -> None:
     plt = _plt()
     ts, losses, cutoff = curve.t, curve.loss, curve.cutoff_t
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     ax.plot(ts, losses, color="#2f5d9a", lw=1.6, marker="o" if len(ts) <= 40 else None, ms=3, label="loss at t")
     if cutoff is not None:
         why = {"threshold": "threshold cutoff", "cap": "max_timesteps cap (threshold not reached)",
@@ -173,7 +185,7 @@ def plot_timestep_losses(path: Path, curve: TimestepCurve) -> None:
     ax.set_ylabel("denoising loss")
     ax.set_title("Calibration loss per timestep (recorded at pruning)", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
