@@ -362,14 +362,6 @@ def paired_consistency(teacher: torch.Tensor, student: torch.Tensor) -> dict:
 
 # --- sample folders written by `diffprune sample` --------------------------------------------------------------
 
-def _to_nchw(a: np.ndarray) -> np.ndarray:
-    if a.ndim == 3:
-        return a[:, None]
-    if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3):
-        return a.transpose(0, 3, 1, 2)
-    return a
-
-
 def load_sample_folder(folder: str | os.PathLike) -> SampleSet:
     """Read a ``diffprune sample`` folder (or an ``evaluate`` samples folder) as a :class:`SampleSet`.
 
@@ -379,14 +371,11 @@ def load_sample_folder(folder: str | os.PathLike) -> SampleSet:
     """
     folder = Path(folder)
     require(folder.is_dir(), f"sample folder {str(folder)!r} does not exist; pass a folder written by diffprune sample")
-    npz = folder / "samples.npz"
-    if npz.is_file():
-        with np.load(npz, allow_pickle=False) as d:
-            key = next((k for k in ("images", "samples", "arr_0") if k in d.files), None)
-            if key is not None and "seeds" in d.files:
-                imgs = _to_nchw(d[key])
-                require(imgs.dtype == np.uint8, f"{str(npz)!r}: images are {imgs.dtype}, expected uint8")
-                return SampleSet(seeds=[int(s) for s in d["seeds"]], images=torch.from_numpy(imgs.copy()))
+    from .sampling import SAMPLES_NPZ, load_samples
+
+    if (folder / SAMPLES_NPZ).is_file():
+        images, seeds = load_samples(folder)
+        return SampleSet(seeds=[int(s) for s in seeds], images=images)
     pngs = {}
     for p in folder.iterdir():
         if p.suffix.lower() == ".png" and re.fullmatch(r"\d+", p.stem):
