@@ -116,7 +116,7 @@ def test_config_validation():
         TrainConfig(steps=1, kd_weight=1.5)
     with pytest.raises(DiffPruneError, match="steps=0 must be an integer >= 1"):
         TrainConfig(steps=0)
-    with pytest.raises(DiffPruneError, match="unknown training option"):
+    with pytest.raises(DiffPruneError, match=r"unknown key TrainConfig.lrr; allowed: \["):
         TrainConfig.from_dict({"steps": 1, "lrr": 1})
 
 
@@ -131,6 +131,6 @@ def test_two_process_accelerate_run(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
-    assert res.stdout.count("trained 4 steps") == 2  # both processes ran the loop...
-    assert read_log(out / "train_log.csv")["step"].tolist() == [2, 4]  # ...but rows were written once
+    assert res.stdout.count("trained 4 steps") == 1  # printed and written by the main process only
+    assert read_log(out / "train_log.csv")["step"].tolist() == [2, 4]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002", "step-0000004"]

@@ -23,12 +23,11 @@ import json
 import os
 import shutil
 import time
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._config import config_from_dict
 from ._fs import atomic_write_json, read_json
 from .errors import DiffPruneError, require
 
@@ -44,48 +43,13 @@ def _section_classes() -> dict[str, type]:
     return {"prune": PruneConfig, "finetune": TrainConfig, "eval": EvalConfig}
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (tuple, list):
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else True
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
 def build_section(section: str, cls: type, values: dict | None, *, seed: int | None = None):
     """Validate one config section against ``cls``'s fields (names and types) and construct it."""
+    require(values is None or isinstance(values, dict), f"config section {section!r} must be a mapping of settings")
     values = dict(values or {})
-    require(isinstance(values, dict), f"config section {section!r} must be a mapping of settings")
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    for key, value in values.items():
-        require(key in hints, f"unknown key {section}.{key}; allowed: {sorted(fields)}")
-        require(_type_ok(value, hints[key]),
-                f"{section}.{key}={value!r} has the wrong type; expected {_type_name(hints[key])}")
-    if seed is not None and "seed" in hints:
+    if seed is not None and "seed" in {f.name for f in dataclasses.fields(cls)}:
         values.setdefault("seed", seed)
-    if "latency_batches" in values:
-        values["latency_batches"] = tuple(values["latency_batches"])
-    try:
-        return cls(**values)
-    except DiffPruneError as e:
-        raise DiffPruneError(f"{section}: {e}") from None
-    except TypeError as e:  # a required field is missing
-        raise DiffPruneError(f"{section}: {e}; see the keys allowed in {section!r}") from None
+    return config_from_dict(cls, values, section)
 
 
 @dataclass(frozen=True)

@@ -146,10 +146,9 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        require(not unknown, f"unknown PruneConfig keys {unknown}; known: {sorted(fields)}")
-        return cls(**d)
+        from ._config import config_from_dict
+
+        return config_from_dict(cls, d)
 
 
 @dataclass

@@ -95,10 +95,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        require(not unknown, f"unknown training option(s) {unknown}; choose from {sorted(names)}")
-        return cls(**d)
+        from ._config import config_from_dict
+
+        return config_from_dict(cls, d)
 
 
 @dataclass(frozen=True)

@@ -26,5 +26,8 @@ def run(args) -> int:
     res = finetune(args.model, args.data, config, args.out, teacher=args.teacher, resume=args.resume,
                    overwrite=args.overwrite, accelerator=make_accelerator(args.device),
                    command=" ".join(["diffprune"] + sys.argv[1:]))
-    print(f"fine-tuned {res.steps} steps, final loss {res.final_loss:.4f} -> {res.out_dir}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"fine-tuned {res.steps} steps, final loss {res.final_loss:.4f} -> {res.out_dir}")
     return 0

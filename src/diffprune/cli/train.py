@@ -83,5 +83,8 @@ def run(args) -> int:
                     num_images=len(images))
     res = train(unet, default_scheduler(), images, config, args.out, resume=args.resume, overwrite=args.overwrite,
                 run_info=info, accelerator=make_accelerator(args.device))
-    print(f"trained {res.steps} steps, final loss {res.final_loss:.4f} -> {res.out_dir}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"trained {res.steps} steps, final loss {res.final_loss:.4f} -> {res.out_dir}")
     return 0
