@@ -57,3 +57,18 @@ def test_folder_errors(tmp_path):
 def test_unknown_data_lists_choices():
     with pytest.raises(DiffPruneError, match=r"not a folder, nor one of \['digits', 'mnist'\]"):
         load_images("no-such-thing", resolution=8, channels=1)
+
+
+def test_optional_sources_give_install_hints():
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        with pytest.raises(DiffPruneError, match=r"pip install 'diffprune\[digits\]'"):
+            load_images("digits", resolution=8, channels=1)
+    else:
+        assert load_images("digits", resolution=8, channels=1).shape == (1618, 1, 8, 8)
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(DiffPruneError, match=r"pip install 'diffprune\[datasets\]'"):
+            load_images("someone/some-images", resolution=8, channels=1)
