@@ -59,3 +59,23 @@ def test_missing_config_file(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(DiffPruneError, match="is not valid YAML"):
         load_run_config(bad)
+
+
+def test_interrupted_finetune_stage_resumes(tmp_path, monkeypatch):
+    """A finetune stage folder left by the same settings resumes (train_config.json lives in finetune/model)."""
+    import diffprune.finetune
+    from diffprune.pipeline import _run_finetune
+
+    calls = []
+    monkeypatch.setattr(diffprune.finetune, "finetune", lambda *a, **k: calls.append(k))
+    cfg = load_run_config(BASE)
+    folder = tmp_path / "finetune"
+    _run_finetune(cfg, tmp_path, folder, "h1", device="cpu", progress=False)
+    assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (False, True)  # fresh stage
+    (folder / "model").mkdir()
+    (folder / "model" / "train_config.json").write_text("{}")  # what an interrupted train() leaves
+    _run_finetune(cfg, tmp_path, folder, "h1", device="cpu", progress=False)
+    assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (True, False)
+    _run_finetune(cfg, tmp_path, folder, "h2", device="cpu", progress=False)  # other settings: start over
+    assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (False, True)
+    assert not (folder / "model").exists()

@@ -178,9 +178,10 @@ def _run_finetune(config: RunConfig, run: Path, folder: Path, digest: str, *, de
     from .finetune import finetune
 
     _stale(folder, digest, resumable=True)
-    resume = (folder / "train_config.json").is_file()
+    out = folder / "model"
+    resume = (out / "train_config.json").is_file()  # train() writes it into its own output folder
     teacher = config.model if config.finetune.kd_weight > 0 else None
-    finetune(run / "prune" / "model", config.data, config.finetune, folder / "model", teacher=teacher,
+    finetune(run / "prune" / "model", config.data, config.finetune, out, teacher=teacher,
              resume=resume, overwrite=not resume, accelerator=Accelerator(cpu=(str(device) == "cpu")),
              progress=progress, command=f"diffprune run (stage finetune, hash {digest})")
 
