@@ -79,3 +79,14 @@ def test_interrupted_finetune_stage_resumes(tmp_path, monkeypatch):
     _run_finetune(cfg, tmp_path, folder, "h2", device="cpu", progress=False)  # other settings: start over
     assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (False, True)
     assert not (folder / "model").exists()
+
+
+def test_run_refuses_a_folder_that_is_not_a_run_folder(tmp_path):
+    from diffprune.pipeline import run_pipeline
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "mine.txt").write_text("user data")
+    with pytest.raises(DiffPruneError, match="not a diffprune run folder"):
+        run_pipeline(load_run_config(BASE), tmp_path, progress=False)
+    assert (tmp_path / "eval" / "mine.txt").read_text() == "user data"
+    assert not (tmp_path / "run_config.json").exists()

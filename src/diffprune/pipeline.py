@@ -126,6 +126,10 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, *, force: tuple[
     for name in force:
         require(name in STAGES, f"unknown stage {name!r} for --force; choose from {list(STAGES)}")
     run = Path(run_dir)
+    # Stage folders of a stale run are deleted; never do that to a folder that is not a run folder.
+    require(not run.exists() or (run.is_dir() and (not any(run.iterdir()) or (run / "run_config.json").is_file())),
+            f"--out {str(run)!r} exists and is not a diffprune run folder (no run_config.json); choose a new or "
+            "empty folder (an existing run folder is resumed)")
     run.mkdir(parents=True, exist_ok=True)
     hashes = stage_hashes(config)
     forced_from = min((STAGES.index(s) for s in force), default=len(STAGES))
