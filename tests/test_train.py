@@ -85,7 +85,7 @@ def test_ema_decay_is_constant(images, tmp_path):
     assert [ema.get_decay(k) for k in (2, 3, 10, 1000)] == [d] * 4
     # stock EMAModel is *not* constant: it ramps (1 + k) / (10 + k) up to `decay`
     assert EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=d).get_decay(3) == pytest.approx(3 / 12)
-    # end to end: with lr 0 the raw weights stay w0, the EMA stays w0; with d=0 EMA == raw
+    # end to end: with d=0 the EMA weights equal the raw ones
     cfg = TrainConfig(steps=5, batch_size=4, ema_decay=0.0, checkpoint_every=5)
     train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
     a = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
@@ -94,6 +94,29 @@ def test_ema_decay_is_constant(images, tmp_path):
     assert json.loads((tmp_path / "train_config.json").read_text())["train"]["ema_decay"] == 0.0
     assert TrainConfig(steps=2000).resolved_ema_decay == pytest.approx(0.995)
     assert TrainConfig(steps=5).resolved_ema_decay == 0.0
+
+
+def test_training_loop_ema_is_the_constant_decay_average(images, tmp_path):
+    d = 0.8
+    unet = _unet()
+    seen = []
+    cfg = TrainConfig(steps=5, batch_size=4, ema_decay=d, checkpoint_every=5)
+    train(unet, default_scheduler(), images, cfg, tmp_path, progress=False,
+          on_step=lambda step, loss: seen.append(unet.conv_in.weight.detach().clone()))
+    ema = seen[0]  # diffusers' EMAModel copies the weights at its first update, then decays by d every step
+    for w in seen[1:]:
+        ema = d * ema + (1 - d) * w
+    saved = load_file(tmp_path / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    torch.testing.assert_close(saved, ema)
+    assert not torch.allclose(saved, seen[-1])  # and it is not simply the raw weights
+
+
+def test_training_device_that_accelerate_cannot_honour_is_refused():
+    from diffprune.train import make_accelerator
+
+    with pytest.raises(DiffPruneError, match="cannot be honoured"):
+        make_accelerator("cuda:1")
+    assert make_accelerator("cpu").device.type == "cpu"
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(images, tmp_path):

@@ -177,16 +177,15 @@ def _run_prune(config: RunConfig, run: Path, folder: Path, digest: str, *, devic
 
 
 def _run_finetune(config: RunConfig, run: Path, folder: Path, digest: str, *, device, progress: bool) -> None:
-    from accelerate import Accelerator
-
     from .finetune import finetune
+    from .train import make_accelerator
 
     _stale(folder, digest, resumable=True)
     out = folder / "model"
     resume = (out / "train_config.json").is_file()  # train() writes it into its own output folder
     teacher = config.model if config.finetune.kd_weight > 0 else None
     finetune(run / "prune" / "model", config.data, config.finetune, out, teacher=teacher,
-             resume=resume, overwrite=not resume, accelerator=Accelerator(cpu=(str(device) == "cpu")),
+             resume=resume, overwrite=not resume, accelerator=make_accelerator(device),
              progress=progress, command=f"diffprune run (stage finetune, hash {digest})")
 
 

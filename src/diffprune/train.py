@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -200,6 +199,18 @@ def _load_checkpoint(ckpt: Path, model, ema, optimizer) -> int:
     return int(state["step"])
 
 
+def make_accelerator(device=None):
+    """An ``accelerate.Accelerator`` for the caller's ``device``: None leaves the choice to accelerate (its launch
+    config, else CUDA when present), "cpu" forces the CPU, "cuda" uses the GPU accelerate assigns each process."""
+    from accelerate import Accelerator
+
+    kind = None if device is None else str(device).split(":")[0]
+    require(device is None or str(device) in ("cpu", "cuda", "cuda:0"),
+            f"device={str(device)!r} cannot be honoured by training, which runs where accelerate places each "
+            "process; pass cpu or cuda and choose GPUs with CUDA_VISIBLE_DEVICES (or accelerate launch --gpu_ids)")
+    return Accelerator(cpu=kind == "cpu")
+
+
 # --- the loop ----------------------------------------------------------------------------------------------------
 
 def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: str | os.PathLike, *,
@@ -213,7 +224,6 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
     grow). ``accelerator``: an ``accelerate.Accelerator`` (one is created if None; under ``accelerate launch`` it
     runs data-parallel). ``on_step(step, loss)`` is called after every step (a hook for callers and tests).
     """
-    from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
     out = Path(out_dir)
@@ -229,7 +239,7 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
     if teacher is not None and config.kd_weight == 0:
         raise DiffPruneError("a teacher was given but kd_weight=0; pass --kd-weight (paper: 0.7) or drop --teacher")
 
-    acc = accelerator or Accelerator()
+    acc = accelerator or make_accelerator()
     main = acc.is_main_process
     ckpt_dir = out / "checkpoints"
     saved_cfg_path = out / "train_config.json"
@@ -278,7 +288,8 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
     rank, world, B = acc.process_index, acc.num_processes, config.batch_size
     writer = _tensorboard(out) if main else None
     bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not (progress and main))
-    t0, window, last_loss = time.time(), [], float("nan")
+    started = t0 = time.time()
+    window, last_loss = [], float("nan")
     step = start_step
     for step in range(start_step, config.steps):
         lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
@@ -299,10 +310,14 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
             with torch.no_grad():
                 teacher_pred = teacher(xt, t).sample
         loss = denoising_loss(pred, noise, teacher_pred, config.kd_weight)
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).reshape(1).float()
+        if world > 1:  # every process must stop together, or the others hang in the next all-reduce
+            finite = acc.gather(finite)
+        if not bool(finite.all()):
             good = list_checkpoints(ckpt_dir)
             where = f"the last good checkpoint is {str(good[-1])!r}" if good else "no checkpoint was written yet"
-            raise DiffPruneError(f"loss became {loss.item()} at step {step}; {where}; lower --lr and resume")
+            value = loss.item() if not math.isfinite(loss.item()) else "non-finite on another process"
+            raise DiffPruneError(f"loss became {value} at step {step}; {where}; lower --lr and resume")
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         if config.grad_clip > 0:
@@ -340,7 +355,7 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
         if writer is not None:
             writer.close()
     acc.wait_for_everyone()
-    return TrainResult(out, config.steps, last_loss, time.time() - t0)
+    return TrainResult(out, config.steps, last_loss, time.time() - started)
 
 
 def ema_copy(raw, ema):
@@ -426,6 +441,3 @@ def run_info(**extra) -> dict:
     return {"versions": {"diffprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                          "torch_pruning": torch_pruning.__version__}, **extra}
 
-
-def dump_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

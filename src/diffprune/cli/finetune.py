@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from .train import add_training_flags, make_accelerator, train_config_from_args
+from .train import add_training_flags, train_config_from_args
 
 
 def add_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..finetune import finetune
+    from ..train import make_accelerator
 
     config = train_config_from_args(args, kd_weight=args.kd_weight)
     res = finetune(args.model, args.data, config, args.out, teacher=args.teacher, resume=args.resume,

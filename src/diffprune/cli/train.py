@@ -43,13 +43,6 @@ def train_config_from_args(args, **extra):
     )
 
 
-def make_accelerator(device):
-    from accelerate import Accelerator
-
-    # None: accelerate's own choice (its launch config, else CUDA when present); "cpu" forces the CPU.
-    return Accelerator(cpu=(device == "cpu"))
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a diffusion UNet from scratch (teacher or scratch baseline)",
                        description=__doc__)
@@ -66,7 +59,7 @@ def run(args) -> int:
     from ..presets import PRESETS, build_unet
     from ..sampling import default_scheduler
     from ..seed import seed_everything
-    from ..train import run_info, train
+    from ..train import make_accelerator, run_info, train
 
     config = train_config_from_args(args)
     if args.config:
