@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from .data import load_images
+from .macs import sample_shape
 from .sampling import default_scheduler
 from .seed import seed_everything
 from .train import TrainConfig, TrainResult, run_info, train
@@ -18,7 +19,8 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainCon
     seed_everything(config.seed)
     loaded = load_model(model)
     unet = loaded.unet
-    images = load_images(data, resolution=unet.config.sample_size, channels=unet.config.in_channels)
+    channels, size, _ = sample_shape(unet)
+    images = load_images(data, resolution=size, channels=channels)
     teacher_unet = load_model(teacher).unet if teacher is not None else None
     info = run_info(command=command, model=str(model), teacher=None if teacher is None else str(teacher),
                     data=str(data), num_images=len(images))

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import require
+from .macs import sample_shape
 
 __all__ = ["MIN_REPEATS", "measure", "peak_memory", "sampler_latency", "unet_latency"]
 
@@ -88,8 +89,7 @@ def unet_latency(unet, *, device, batch_sizes: Sequence[int] = (1, 16, 64), repe
     device = torch.device(device)
     p = next(unet.parameters())
     require(p.device.type == device.type, f"the UNet is on {p.device} but device={device}; move it first")
-    cfg = unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    shape = sample_shape(unet)
     was_training = unet.training
     unet.eval()
     out = {}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ["MacsReport", "count_params", "count_macs", "unet_example_inputs"]
+__all__ = ["MacsReport", "count_params", "count_macs", "sample_shape", "unet_example_inputs"]
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,22 @@ def _custom_mapping() -> dict:
     return mapping
 
 
+def sample_shape(unet: nn.Module) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of one model input, from ``unet.config`` (``sample_size`` an int or a pair).
+
+    The one place that reads the input shape; everything else (tracing, sampling, training, timing) calls this.
+    """
+    cfg = unet.config
+    s = cfg.sample_size
+    h, w = (s, s) if isinstance(s, int) else tuple(s)
+    return int(cfg.in_channels), int(h), int(w)
+
+
 def unet_example_inputs(unet: nn.Module, batch_size: int = 1, device=None) -> dict:
     """``{"sample", "timestep"}`` of a UNet2DModel call; shapes from ``unet.config``, device defaults to the model's."""
-    cfg = unet.config
     p = next(unet.parameters())
     device = p.device if device is None else device
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
-    hw = (size, size) if isinstance(size, int) else size
-    sample = torch.zeros(batch_size, cfg.in_channels, *hw, device=device, dtype=p.dtype)
+    sample = torch.zeros(batch_size, *sample_shape(unet), device=device, dtype=p.dtype)
     return {"sample": sample, "timestep": torch.ones(batch_size, dtype=torch.long, device=device)}
 
 

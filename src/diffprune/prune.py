@@ -47,7 +47,7 @@ from . import __version__
 from .adapters import ModelAdapter, adapter_for
 from .errors import DiffPruneError, require
 from .importance import METHODS, TAYLOR_FORMS, get_method, reinitialize_
-from .macs import count_macs
+from .macs import count_macs, sample_shape
 from .seed import seed_everything
 from .timesteps import TIMESTEP_STRATEGIES, TimestepStrategy, make_strategy
 
@@ -220,15 +220,8 @@ def calibration_noise(shape, seed: int, device=None, dtype=torch.float32) -> tor
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed))).to(device=device, dtype=dtype)
 
 
-def _model_shape(unet) -> tuple[int, int, int]:
-    cfg = unet.config
-    s = cfg.sample_size
-    h, w = (s, s) if isinstance(s, int) else tuple(s)
-    return int(cfg.in_channels), int(h), int(w)
-
-
 def _check_tensor(x: torch.Tensor, unet, what: str) -> torch.Tensor:
-    c, h, w = _model_shape(unet)
+    c, h, w = sample_shape(unet)
     if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
         raise DiffPruneError(
             f"{what} have shape {tuple(x.shape)} but the model takes [N, {c}, {h}, {w}]; "
@@ -272,7 +265,7 @@ def calibration_images(unet, source, *, batch_size: int, seed: int = 0, schedule
     sampled from the model itself with ``data_free_steps`` DDIM steps. When more than ``batch_size`` images are
     available a seeded random subset is used.
     """
-    c, h, w = _model_shape(unet)
+    c, h, w = sample_shape(unet)
     device = device if device is not None else next(unet.parameters()).device
     if isinstance(source, torch.Tensor):
         x, desc = _check_tensor(source, unet, "calibration images"), {"source": "tensor"}

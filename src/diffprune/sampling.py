@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from .errors import require
+from .macs import sample_shape
 
 SAMPLERS = ("ddim", "ddpm")
 SKIPS = ("uniform", "quad")
@@ -106,8 +107,8 @@ def sample(unet, scheduler, *, seeds: Sequence[int], num_inference_steps: int = 
     device = device if device is not None else next(unet.parameters()).device
     sched = QuadDDIMScheduler.from_config(scheduler.config)
     sched.set_timesteps(num_inference_steps, skip=skip)
-    cfg = unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    shape = sample_shape(unet)
+    dtype = next(unet.parameters()).dtype
     was_training = unet.training
     unet.eval()
     out = []
@@ -116,12 +117,12 @@ def sample(unet, scheduler, *, seeds: Sequence[int], num_inference_steps: int = 
     for i in range(0, len(seeds), batch_size):
         chunk = seeds[i:i + batch_size]
         gens = [torch.Generator().manual_seed(s) for s in chunk]
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
         for t in sched.timesteps:
             eps = unet(x, t.to(device).expand(len(chunk))).sample
             noise = None
             if eta > 0:
-                noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+                noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
             x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
             bar.update(len(chunk))
         out.append(x.clamp(-1, 1).float().cpu())

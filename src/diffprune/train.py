@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ._fs import atomic_write_json, read_json
 from .data import to_model_range, to_uint8
 from .errors import DiffPruneError, require
+from .macs import sample_shape
 
 CHECKPOINT_PREFIX = "step-"
 LOG_FIELDS = ["step", "loss", "lr", "images_per_s"]
@@ -228,8 +229,7 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
 
     out = Path(out_dir)
     require(images.dtype == torch.uint8 and images.ndim == 4, "images must be a uint8 tensor [N, C, H, W]")
-    cfg = unet.config
-    expect = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    expect = sample_shape(unet)
     require(tuple(images.shape[1:]) == expect,
             f"images have shape {tuple(images.shape[1:])} but the model takes {expect}; load them with the model's "
             "resolution and channels")

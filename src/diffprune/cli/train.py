@@ -55,6 +55,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..data import load_images
+    from ..macs import sample_shape
     from ..errors import DiffPruneError
     from ..presets import PRESETS, build_unet
     from ..sampling import default_scheduler
@@ -71,7 +72,8 @@ def run(args) -> int:
         arch = PRESETS.get(args.preset)
     seed_everything(config.seed)
     unet = build_unet(dict(arch))
-    images = load_images(args.data, resolution=unet.config.sample_size, channels=unet.config.in_channels)
+    channels, size, _ = sample_shape(unet)
+    images = load_images(args.data, resolution=size, channels=channels)
     info = run_info(command=" ".join(["diffprune"] + sys.argv[1:]), data=args.data, architecture=arch,
                     num_images=len(images))
     res = train(unet, default_scheduler(), images, config, args.out, resume=args.resume, overwrite=args.overwrite,
