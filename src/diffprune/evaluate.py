@@ -113,17 +113,12 @@ def load_for_eval(name_or_path: str | os.PathLike):
 
     The one place the evaluation loads models (through :func:`diffprune.io.load_model`).
     """
-    from ._fs import read_json
     from .io import load_model
     from .train import read_log
 
     loaded = load_model(str(name_or_path))
-    folder = Path(loaded.source) if getattr(loaded, "source", None) and Path(str(loaded.source)).is_dir() else None
-    pruning = loaded.pruning if isinstance(getattr(loaded, "pruning", None), dict) else None
-    if pruning is None and folder is not None and (folder / "pruning.json").is_file():
-        pruning = read_json(folder / "pruning.json")
-    log = read_log(folder / "train_log.csv") if folder is not None else {}
-    return loaded.unet, loaded.scheduler, pruning, log
+    folder = Path(loaded.source)  # a hub id is no folder: read_log then finds no log
+    return loaded.unet, loaded.scheduler, loaded.pruning, read_log(folder / "train_log.csv")
 
 
 def _device_of(unet, device):
@@ -200,23 +195,21 @@ def _fid(config: EvalConfig, sets: dict[str, SampleSet], device, progress: bool)
 
 
 def _versions() -> dict:
-    import diffusers
+    """:func:`diffprune.train.run_info`'s versions plus the evaluation's own dependencies (None when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy
     import scipy
-    import torch_pruning
 
-    from . import __version__
+    from .train import run_info
 
-    v = {"diffprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-         "torch_pruning": torch_pruning.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
+    v = {**run_info()["versions"], "numpy": numpy.__version__, "scipy": scipy.__version__,
          "python": platform.python_version()}
-    try:
-        from importlib.metadata import version
-
-        v["pytorch_msssim"] = version("pytorch-msssim")
-        v["pytorch_fid"] = version("pytorch-fid")
-    except Exception:
-        v.setdefault("pytorch_fid", None)
+    for dist in ("pytorch-msssim", "pytorch-fid"):
+        try:
+            v[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:  # each optional package on its own: one missing must not hide the other
+            v[dist.replace("-", "_")] = None
     return v
 
 
