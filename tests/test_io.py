@@ -97,3 +97,11 @@ def test_pickles_and_missing_paths_are_refused(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(DiffPruneError, match="no pruning.json"):
         load_pruned(tmp_path / "binonly")
+
+
+def test_recorded_torch_pruning_version_is_the_installed_distribution(pruned):
+    from importlib.metadata import version
+
+    _, _, out = pruned
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["torch_pruning_version"] == rec["structure"]["torch_pruning"] == version("torch-pruning") == "1.6.1"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
 import os
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ RATIO_MODES = ("paper", "uniform")
 DATA_FREE = "data-free"
 STRUCTURE_FORMAT = "diffprune-structure/1"
 _MAX_SEARCH_RATIO = 0.9
+# The installed distribution's version: torch_pruning.__version__ of the 1.6.1 wheel still says "1.6.0".
+TORCH_PRUNING_VERSION = importlib.metadata.version("torch-pruning")
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ class PruneReport:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scores"}
         d["diffprune_version"] = __version__
-        d["torch_pruning_version"] = tp.__version__
+        d["torch_pruning_version"] = TORCH_PRUNING_VERSION
         d["seed"] = self.config.get("seed")
         # Flat keys read by `diffprune info` and the report: totals, output widths, the calibration curve.
         d.update(params=self.params_after, macs=self.macs_after, base_params=self.params_before,
@@ -528,7 +531,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
             adapter.check(unet)
         after = count_macs(unet)
     structure = {
-        "format": STRUCTURE_FORMAT, "adapter": adapter.name, "torch_pruning": tp.__version__,
+        "format": STRUCTURE_FORMAT, "adapter": adapter.name, "torch_pruning": TORCH_PRUNING_VERSION,
         "history": history, "meta": meta,
         "shapes": {k: list(v.shape) for k, v in unet.state_dict().items()},
     }

@@ -434,10 +434,10 @@ def _tensorboard(out: Path):
 def run_info(**extra) -> dict:
     """Versions and anything else worth recording beside a run's outputs."""
     import diffusers
-    import torch_pruning
 
     from . import __version__
+    from .prune import TORCH_PRUNING_VERSION
 
     return {"versions": {"diffprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "torch_pruning": torch_pruning.__version__}, **extra}
+                         "torch_pruning": TORCH_PRUNING_VERSION}, **extra}
 
