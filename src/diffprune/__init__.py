@@ -11,7 +11,12 @@ _LAZY = {
     "ADAPTERS": "adapters", "adapter_for": "adapters",
     # safe model format
     "save_pruned": "io", "load_pruned": "io", "load_model": "io", "LoadedModel": "io",
+    # recovery, sampling, evaluation, the whole pipeline (the verbs train/finetune/evaluate share their module's
+    # name, which shadows a package attribute once imported: call diffprune.train.train etc.)
+    "TrainConfig": "train", "sample": "sampling", "EvalConfig": "evaluate",
+    "load_run_config": "pipeline", "run_pipeline": "pipeline", "seed_everything": "seed",
 }
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
@@ -20,3 +25,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'diffprune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
