@@ -389,7 +389,7 @@ def load_sample_folder(folder: str | os.PathLike) -> SampleSet:
     arrays = []
     for i in idx:
         with Image.open(pngs[i]) as im:
-            a = np.asarray(im.convert("L") if im.mode not in ("L", "RGB") else im)
+            a = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)  # as data.load_folder does
         arrays.append(a[:, :, None] if a.ndim == 2 else a)
     shapes = {a.shape for a in arrays}
     require(len(shapes) == 1, f"PNGs in {str(folder)!r} differ in shape {sorted(shapes)}")

@@ -153,10 +153,11 @@ SAMPLES_NPZ = "samples.npz"
 def save_samples(images_uint8: torch.Tensor, seeds: Sequence[int], out_dir, meta: dict | None = None) -> None:
     """Write a sample folder: ``{i:05d}.png`` (image i from ``seeds[i]``), ``samples.npz`` (images, seeds),
     ``samples.json`` (seeds and how they were made) and ``grid.png`` (the first 64)."""
-    import json
     from pathlib import Path
 
     from PIL import Image
+
+    from ._fs import atomic_write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,7 @@ def save_samples(images_uint8: torch.Tensor, seeds: Sequence[int], out_dir, meta
     for i, a in enumerate(arr):
         Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(out / f"{i:05d}.png")
     np.savez_compressed(out / SAMPLES_NPZ, images=images_uint8.numpy(), seeds=seeds)
-    (out / "samples.json").write_text(json.dumps({"seeds": seeds.tolist(), **(meta or {})}, indent=2) + "\n")
+    atomic_write_json(out / "samples.json", {"seeds": seeds.tolist(), **(meta or {})})
     image_grid(images_uint8[:64]).save(out / "grid.png")
 
 
