@@ -44,7 +44,7 @@ class TrainConfig:
 
     ``ema_decay=None`` ties the EMA horizon to the run: decay = min(0.9999, 1 - 10 / steps), i.e. the EMA averages
     over the last ~10% of the steps. The paper's constant 0.9999 suits 100K-step runs; over a 2K-step run it would
-    leave the EMA weights ~82% the pruned initialisation (0.9999^2000). The decay is constant from the first step on.
+    leave the EMA weights ~82% the pruned initialisation (0.9999^2000). The first update copies the weights; from then on the decay is constant.
     ``batch_size`` is per process; ``kd_weight`` > 0 needs a teacher (loss = a·‖ε_T − ε_S‖² + (1 − a)·‖ε − ε_S‖²).
     """
 
