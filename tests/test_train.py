@@ -59,11 +59,15 @@ def test_resume_is_exact(images, tmp_path):
 
 
 def test_resume_refuses_changed_settings(images, tmp_path):
-    cfg = TrainConfig(steps=2, batch_size=4, checkpoint_every=1)
+    cfg = TrainConfig(steps=20, batch_size=4, checkpoint_every=20)
     train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
     with pytest.raises(DiffPruneError, match=r"settings \['lr'\] differ"):
-        train(_unet(), default_scheduler(), images, TrainConfig(steps=4, batch_size=4, checkpoint_every=1, lr=1e-3),
+        train(_unet(), default_scheduler(), images, TrainConfig(steps=40, batch_size=4, checkpoint_every=20, lr=1e-3),
               tmp_path, progress=False, resume=True)
+    # --steps may grow; the automatic EMA decay keeps the horizon the first run resolved (1 - 10/20)
+    res = train(_unet(), default_scheduler(), images, TrainConfig(steps=22, batch_size=4, checkpoint_every=20),
+                tmp_path, progress=False, resume=True)
+    assert res.steps == 22 and json.loads((tmp_path / "train_config.json").read_text())["train"]["ema_decay"] == 0.5
     with pytest.raises(DiffPruneError, match="exists and is not empty"):
         train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
 

@@ -247,6 +247,8 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
     if resume:
         require(saved_cfg_path.is_file(), f"--resume: {str(out)!r} holds no train_config.json; start without --resume")
         saved = read_json(saved_cfg_path)["train"]
+        if config.ema_decay is None:  # "auto" was resolved from the first run's --steps; keep that horizon
+            config = dataclasses.replace(config, ema_decay=saved.get("ema_decay"))
         mine = config.to_dict()
         mine["ema_decay"] = config.resolved_ema_decay
         diff = sorted(k for k in mine if k != "steps" and saved.get(k) != mine[k])
