@@ -67,7 +67,9 @@ def test_resume_refuses_changed_settings(images, tmp_path):
     # --steps may grow; the automatic EMA decay keeps the horizon the first run resolved (1 - 10/20)
     res = train(_unet(), default_scheduler(), images, TrainConfig(steps=22, batch_size=4, checkpoint_every=20),
                 tmp_path, progress=False, resume=True)
-    assert res.steps == 22 and json.loads((tmp_path / "train_config.json").read_text())["train"]["ema_decay"] == 0.5
+    record = json.loads((tmp_path / "train_config.json").read_text())
+    assert res.steps == 22 and record["train"]["ema_decay"] == 0.5
+    assert [(s["from_step"], s["to_step"]) for s in record["segments"]] == [(0, 20), (20, 22)]
     with pytest.raises(DiffPruneError, match="exists and is not empty"):
         train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
 

@@ -282,7 +282,12 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
     if main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = config.to_dict() | {"ema_decay": decay}
-        atomic_write_json(saved_cfg_path, {"train": resolved, "world_size": acc.num_processes, **(run_info or {})})
+        # every invocation that trained this folder, so a resumed run keeps the command that started it
+        segments = read_json(saved_cfg_path).get("segments", []) if resume else []
+        segments.append({"command": (run_info or {}).get("command"), "from_step": start_step,
+                         "to_step": config.steps, "world_size": acc.num_processes})
+        atomic_write_json(saved_cfg_path, {"train": resolved, "world_size": acc.num_processes,
+                                           **(run_info or {}), "segments": segments})
         _truncate_log(out / "train_log.csv", start_step)
 
     T = scheduler.config.num_train_timesteps
