@@ -23,7 +23,7 @@ def _with(section, **kv):
 def test_shipped_configs_validate():
     demo, quick = load_run_config(config_path(False)), load_run_config(config_path(True))
     assert demo.prune.target_macs == quick.prune.target_macs == 0.5
-    assert demo.finetune.steps == 1800 and demo.eval.n == 500
+    assert demo.finetune.steps == 2700 and demo.eval.n == 500
     assert quick.finetune.steps < demo.finetune.steps and quick.eval.n < demo.eval.n
     assert demo.eval.data == "mnist"  # FID reference defaults to the run's data
 
