@@ -14,3 +14,9 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`DiffPruneError` with ``message`` unless ``condition`` holds (never ``assert``)."""
     if not condition:
         raise DiffPruneError(message)
+
+
+def require_int(name: str, value, minimum: int) -> None:
+    """Raise unless ``value`` is an integer (not a bool) >= ``minimum``; the message names the setting."""
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+            f"{name}={value!r} must be an integer >= {minimum}")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import require
+from .errors import require, require_int
 from .metrics import SampleSet
 
 __all__ = ["EvalConfig", "evaluate", "load_for_eval", "default_extractor"]
@@ -63,18 +63,14 @@ class EvalConfig:
     grid_count: int = 32
 
     def __post_init__(self):
-        def int_at_least(name, lo):
-            v = getattr(self, name)
-            require(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name}={v!r} must be an integer >= {lo}")
-
-        int_at_least("n", 2)
-        int_at_least("steps", 1)
-        int_at_least("seed", 0)
-        int_at_least("batch_size", 1)
-        int_at_least("latency_repeats", 10)
-        int_at_least("latency_warmup", 0)
-        int_at_least("sampler_latency_batch", 1)
-        int_at_least("grid_count", 1)
+        require_int("n", self.n, 2)
+        require_int("steps", self.steps, 1)
+        require_int("seed", self.seed, 0)
+        require_int("batch_size", self.batch_size, 1)
+        require_int("latency_repeats", self.latency_repeats, 10)
+        require_int("latency_warmup", self.latency_warmup, 0)
+        require_int("sampler_latency_batch", self.sampler_latency_batch, 1)
+        require_int("grid_count", self.grid_count, 1)
         require(self.ref_count is None or (isinstance(self.ref_count, int) and self.ref_count >= 2),
                 f"ref_count={self.ref_count!r} must be an integer >= 2 or None (the whole split)")
         from .sampling import SKIPS

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import ModelAdapter, adapter_for
-from .errors import DiffPruneError, require
+from .errors import DiffPruneError, require, require_int
 from .importance import METHODS, TAYLOR_FORMS, get_method, reinitialize_
 from .macs import count_macs, sample_shape
 from .seed import seed_everything
@@ -119,11 +119,9 @@ class PruneConfig:
                 f"unknown taylor_form {self.taylor_form!r}; choose from {list(TAYLOR_FORMS)}")
         require(self.taylor_form == "abs" or self.method == "diff-pruning",
                 "taylor_form='squared' applies to method 'diff-pruning' only")
-        require(isinstance(self.calib_batch, int) and self.calib_batch >= 1,
-                f"calib_batch={self.calib_batch!r} must be an integer >= 1")
-        require(isinstance(self.seed, int) and self.seed >= 0, f"seed={self.seed!r} must be an integer >= 0")
-        require(isinstance(self.data_free_steps, int) and self.data_free_steps >= 1,
-                f"data_free_steps={self.data_free_steps!r} must be an integer >= 1")
+        require_int("calib_batch", self.calib_batch, 1)
+        require_int("seed", self.seed, 0)
+        require_int("data_free_steps", self.data_free_steps, 1)
         require(0.0 < self.macs_tolerance < 1.0, f"macs_tolerance={self.macs_tolerance!r} must be in (0, 1)")
         if self.timesteps is not None:
             TIMESTEP_STRATEGIES.get(self.timesteps)

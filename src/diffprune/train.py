@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ._fs import atomic_write_json, read_json
 from .data import to_model_range, to_uint8
-from .errors import DiffPruneError, require
+from .errors import DiffPruneError, require, require_int
 from .macs import sample_shape
 
 CHECKPOINT_PREFIX = "step-"
@@ -65,20 +65,15 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def positive_int(name, lo):
-            v = getattr(self, name)
-            require(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
-                    f"{name}={v!r} must be an integer >= {lo}")
-
-        positive_int("steps", 1)
-        positive_int("batch_size", 1)
-        positive_int("warmup_steps", 0)
-        positive_int("checkpoint_every", 1)
-        positive_int("keep_checkpoints", 1)
-        positive_int("sample_every", 0)
-        positive_int("sample_steps", 1)
-        positive_int("log_every", 1)
-        positive_int("seed", 0)
+        require_int("steps", self.steps, 1)
+        require_int("batch_size", self.batch_size, 1)
+        require_int("warmup_steps", self.warmup_steps, 0)
+        require_int("checkpoint_every", self.checkpoint_every, 1)
+        require_int("keep_checkpoints", self.keep_checkpoints, 1)
+        require_int("sample_every", self.sample_every, 0)
+        require_int("sample_steps", self.sample_steps, 1)
+        require_int("log_every", self.log_every, 1)
+        require_int("seed", self.seed, 0)
         require(self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr!r} must be a positive number, e.g. 2e-4")
         require(self.grad_clip >= 0, f"grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
         require(self.ema_decay is None or 0 <= self.ema_decay < 1,
