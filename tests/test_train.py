@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -138,6 +139,32 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(images, tmp_path):
         train(unet, default_scheduler(), images, cfg, tmp_path, progress=False, on_step=poison)
     ckpt = load_file(tmp_path / "checkpoints" / "step-0000004" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in ckpt.values())
+
+
+def test_lr_schedules():
+    lin = TrainConfig(steps=110, lr=1.0, warmup_steps=10, lr_schedule="linear")
+    assert [lin.lr_at(s) for s in (0, 9, 10, 60, 109)] == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.01])
+    cos = TrainConfig(steps=100, lr=2.0, lr_schedule="cosine", lr_decay_start=50)
+    assert [cos.lr_at(s) for s in (0, 49, 50, 75, 99)] == pytest.approx([2.0, 2.0, 2.0, 1.0, 2.0 * 0.5 * (1 + math.cos(math.pi * 49 / 50))])
+    assert TrainConfig(steps=5, lr=3e-4).lr_at(4) == 3e-4
+    with pytest.raises(DiffPruneError, match=r"lr_schedule='step' is unknown; choose from \['constant', 'linear', 'cosine'\]"):
+        TrainConfig(steps=5, lr_schedule="step")
+    with pytest.raises(DiffPruneError, match="lr_decay_start=5 must be below steps=5"):
+        TrainConfig(steps=5, lr_schedule="linear", lr_decay_start=5)
+
+
+def test_resume_into_a_decay_phase(images, tmp_path):
+    """A constant-lr run resumes into a cosine anneal from its last step; a schedule that rewrites done steps is refused."""
+    const = dict(batch_size=4, checkpoint_every=10, log_every=2, ema_decay=0.9)
+    train(_unet(), default_scheduler(), images, TrainConfig(steps=10, **const), tmp_path, progress=False)
+    with pytest.raises(DiffPruneError, match="changes the lr of step 1, which checkpoint step 10 already took.*--lr-decay-start 10"):
+        train(_unet(), default_scheduler(), images, TrainConfig(steps=20, lr_schedule="cosine", **const), tmp_path,
+              progress=False, resume=True)
+    anneal = TrainConfig(steps=20, lr_schedule="cosine", lr_decay_start=10, **const)
+    train(_unet(), default_scheduler(), images, anneal, tmp_path, progress=False, resume=True)
+    log = read_log(tmp_path / "train_log.csv")
+    assert log["lr"].tolist() == pytest.approx([2e-4] * 5 + [anneal.lr_at(s - 1) for s in (12, 14, 16, 18, 20)])
+    assert log["lr"][-1] < 0.03 * 2e-4
 
 
 def test_config_validation():

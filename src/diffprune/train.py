@@ -36,6 +36,7 @@ from .macs import sample_shape
 
 CHECKPOINT_PREFIX = "step-"
 LOG_FIELDS = ["step", "loss", "lr", "images_per_s"]
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,17 @@ class TrainConfig:
     over the last ~10% of the steps. The paper's constant 0.9999 suits 100K-step runs; over a 2K-step run it would
     leave the EMA weights ~82% the pruned initialisation (0.9999^2000). The first update copies the weights; from then on the decay is constant.
     ``batch_size`` is per process; ``kd_weight`` > 0 needs a teacher (loss = a·‖ε_T − ε_S‖² + (1 − a)·‖ε − ε_S‖²).
+    ``lr_schedule``: "constant" (the paper's), or "linear" / "cosine" decay to 0 at ``steps``, starting at
+    ``lr_decay_start`` (or the end of warm-up, if later). A constant-lr run can be resumed into a decay phase with
+    ``lr_decay_start`` >= its last step: resuming only refuses changes to the learning rate of steps already done.
     """
 
     steps: int
     batch_size: int = 64
     lr: float = 2e-4
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    lr_decay_start: int = 0
     grad_clip: float = 1.0
     ema_decay: float | None = None
     antithetic: bool = True
@@ -68,6 +74,11 @@ class TrainConfig:
         require_int("steps", self.steps, 1)
         require_int("batch_size", self.batch_size, 1)
         require_int("warmup_steps", self.warmup_steps, 0)
+        require_int("lr_decay_start", self.lr_decay_start, 0)
+        require(self.lr_schedule in LR_SCHEDULES,
+                f"lr_schedule={self.lr_schedule!r} is unknown; choose from {list(LR_SCHEDULES)}")
+        require(self.lr_schedule == "constant" or self.lr_decay_start < self.steps,
+                f"lr_decay_start={self.lr_decay_start} must be below steps={self.steps}, or the decay never starts")
         require_int("checkpoint_every", self.checkpoint_every, 1)
         require_int("keep_checkpoints", self.keep_checkpoints, 1)
         require_int("sample_every", self.sample_every, 0)
@@ -84,6 +95,15 @@ class TrainConfig:
     @property
     def resolved_ema_decay(self) -> float:
         return self.ema_decay if self.ema_decay is not None else min(0.9999, max(0.0, 1 - 10 / self.steps))
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) ``step``: warm-up, then constant or decaying to 0 at ``steps``."""
+        lr = self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
+        start = max(self.warmup_steps, self.lr_decay_start)
+        if self.lr_schedule == "constant" or step < start:
+            return lr
+        frac = (step - start) / max(1, self.steps - start)
+        return lr * ((1 - frac) if self.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,9 +266,11 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
             config = dataclasses.replace(config, ema_decay=saved.get("ema_decay"))
         mine = config.to_dict()
         mine["ema_decay"] = config.resolved_ema_decay
-        diff = sorted(k for k in mine if k != "steps" and saved.get(k) != mine[k])
+        # steps and the schedule may change, as long as no step already done would have had another lr (below)
+        free = ("steps", "lr_schedule", "lr_decay_start")
+        diff = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         require(not diff, f"--resume: settings {diff} differ from the interrupted run's {str(saved_cfg_path)!r}; "
-                          "resume with the same settings (only --steps may change)")
+                          "resume with the same settings (only --steps and the lr schedule of later steps may change)")
     elif out.exists() and any(out.iterdir()):
         require(overwrite, f"--out {str(out)!r} exists and is not empty; pass --resume to continue it, "
                            "--overwrite to replace it, or choose a new folder")
@@ -274,6 +296,12 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
         ckpt = list_checkpoints(ckpt_dir)[-1]
         start_step = _load_checkpoint(ckpt, raw, ema, optimizer)
         require(start_step <= config.steps, f"--steps {config.steps} is below the checkpoint's step {start_step}")
+        before = TrainConfig.from_dict(saved)
+        changed = next((s for s in range(start_step) if not math.isclose(before.lr_at(s), config.lr_at(s),
+                                                                         rel_tol=1e-9)), None)
+        require(changed is None, f"--resume: the new schedule changes the lr of step {changed}, which checkpoint "
+                                 f"step {start_step} already took; keep --steps and the schedule, or pass "
+                                 f"--lr-decay-start {start_step} (or later)")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = config.to_dict() | {"ema_decay": decay}
@@ -294,7 +322,7 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
     window, last_loss = [], float("nan")
     step = start_step
     for step in range(start_step, config.steps):
-        lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+        lr = config.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         seed = _seed_of(config.seed, step, rank)

@@ -8,15 +8,19 @@ from pathlib import Path
 
 def add_training_flags(p) -> None:
     """Flags shared by ``train`` and ``finetune`` (defaults: the paper's recipe)."""
-    from ..train import TrainConfig
+    from ..train import LR_SCHEDULES, TrainConfig
 
     d = TrainConfig(steps=1)
     p.add_argument("--data", required=True, help="training images: 'mnist', 'digits', a folder, or a HF dataset id")
     p.add_argument("--steps", type=int, required=True, help="optimisation steps")
     p.add_argument("--out", required=True, help="output folder (the final model; checkpoints, logs, samples)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per process")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (constant after warm-up)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (peak, after warm-up)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="after warm-up: constant (the paper's), or linear/cosine decay to 0 at --steps")
+    p.add_argument("--lr-decay-start", type=int, default=d.lr_decay_start,
+                   help="step where the decay begins (default: end of warm-up); lets a resumed run anneal")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="constant EMA decay; default: min(0.9999, 1 - 10/steps), an EMA over the last ~10%% of steps")
@@ -37,6 +41,7 @@ def train_config_from_args(args, **extra):
 
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule, lr_decay_start=args.lr_decay_start,
         grad_clip=args.grad_clip, ema_decay=args.ema_decay, antithetic=not args.no_antithetic,
         dropout=args.dropout, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         sample_every=args.sample_every, log_every=args.log_every, seed=args.seed, **extra,
