@@ -38,3 +38,11 @@ def test_shipped_classifier_accuracy():
     recorded = json.loads((bundled_path("mnist-classifier") / "metrics.json").read_text())["test_accuracy"]
     assert acc >= 0.98 and acc == pytest.approx(recorded, abs=1e-6)
     assert conf.shape == (1000,) and torch.all((conf > 0) & (conf <= 1))
+
+
+def test_classifier_folder_with_an_unknown_config_key_is_refused(tmp_path):
+    shutil.copytree(bundled_path("mnist-classifier"), tmp_path / "clf")
+    cfg = json.loads((tmp_path / "clf" / "config.json").read_text()) | {"widht": 32}
+    (tmp_path / "clf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DiffPruneError, match=r"unknown key .*clf/config.json.widht; allowed: \['feature_dim', "):
+        load_classifier(tmp_path / "clf")

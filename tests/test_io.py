@@ -105,3 +105,45 @@ def test_recorded_torch_pruning_version_is_the_installed_distribution(pruned):
     _, _, out = pruned
     rec = json.loads((out / "pruning.json").read_text())
     assert rec["torch_pruning_version"] == rec["structure"]["torch_pruning"] == version("torch-pruning") == "1.6.1"
+
+
+def test_hub_ids_load_pruned_models_and_fetch_no_pickles(pruned, tmp_path, monkeypatch):
+    """A pruned folder pushed to the hub loads pruned; only the UNet/scheduler files are fetched, never pickles."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    unet, _, out = pruned
+    repo = tmp_path / "repo"
+    shutil.copytree(out, repo)
+    torch.save({}, repo / "diffusion_pytorch_model.bin")
+    (repo / "vae").mkdir()
+    (repo / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    fetched = []
+
+    def fake_snapshot(repo_id, allow_patterns):  # the hub's filter, on a local "repo"
+        cache = tmp_path / "cache" / repo_id.replace("/", "--")
+        for f in repo.rglob("*"):
+            rel = f.relative_to(repo).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, cache / rel)
+                fetched.append(rel)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    m = load_model("someone/pruned-unet")
+    assert sorted(fetched) == ["config.json", "diffusion_pytorch_model.safetensors", "pruning.json",
+                               "scheduler/scheduler_config.json"]
+    assert m.source == "someone/pruned-unet" and m.pruning["method"] == "diff-pruning"
+    assert isinstance(m.scheduler, DDPMScheduler)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), m.unet.state_dict().values()))
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("We have no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DiffPruneError, match=r"could not fetch 'someone/x' from the Hugging Face hub \(OSError: We "
+                                             r"have no connection\); check the id"):
+        load_model("someone/x")

@@ -35,6 +35,12 @@ def test_frechet_distance_of_correlated_gaussian_by_hand():
     assert d == pytest.approx(4 - 2 * math.sqrt(3), abs=1e-9)
 
 
+def test_frechet_distance_of_a_non_psd_covariance_is_a_clear_error():
+    # sqrtm(diag(1, -1)) = diag(1, i): an imaginary part of 1, far beyond numerical noise
+    with pytest.raises(DiffPruneError, match="imaginary component 1 .*use more images than feature dimensions"):
+        frechet_distance([0, 0], np.diag([1.0, -1.0]), [0, 0], np.eye(2))
+
+
 def test_frechet_distance_singular_covariance_is_finite_and_shape_mismatch_raises():
     s = np.zeros((3, 3))
     s[0, 0] = 1.0  # rank 1

@@ -73,6 +73,11 @@ def test_resume_refuses_changed_settings(images, tmp_path):
     assert [(s["from_step"], s["to_step"]) for s in record["segments"]] == [(0, 20), (20, 22)]
     with pytest.raises(DiffPruneError, match="exists and is not empty"):
         train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
+    record["world_size"] = 2  # as if trained under `accelerate launch --num_processes 2`
+    (tmp_path / "train_config.json").write_text(json.dumps(record))
+    with pytest.raises(DiffPruneError, match=r"trained with 2 process\(es\), this one has 1; .* resume with 2"):
+        train(_unet(), default_scheduler(), images, TrainConfig(steps=24, batch_size=4, checkpoint_every=20),
+              tmp_path, progress=False, resume=True)
 
 
 def test_kd_loss_formula():

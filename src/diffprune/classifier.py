@@ -86,7 +86,11 @@ def load_classifier(name_or_path: str | Path = "mnist-classifier") -> DigitClass
     if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
         raise DiffPruneError(f"classifier {str(name_or_path)!r} has no {CONFIG_NAME} + {WEIGHTS_NAME}; "
                              "pass 'mnist-classifier' or a folder written by save_classifier")
-    model = DigitClassifier(ClassifierConfig(**json.loads((folder / CONFIG_NAME).read_text())))
+    from ._config import config_from_dict
+
+    config = config_from_dict(ClassifierConfig, json.loads((folder / CONFIG_NAME).read_text()),
+                              section=str(folder / CONFIG_NAME))
+    model = DigitClassifier(config)
     model.load_state_dict(load_file(folder / WEIGHTS_NAME))
     return model.eval()
 

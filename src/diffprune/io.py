@@ -153,6 +153,8 @@ def _load_folder(folder: Path, device, dtype) -> LoadedModel:
     unet_dir, sched_dir = folder, folder / "scheduler"
     if not (folder / CONFIG_NAME).is_file() and (folder / "unet").is_dir():
         unet_dir = folder / "unet"  # a pipeline folder
+    if not (sched_dir / "scheduler_config.json").is_file():
+        sched_dir = folder  # a flat repo keeps scheduler_config.json beside config.json
     scheduler = load_scheduler(sched_dir) if (sched_dir / "scheduler_config.json").is_file() else None
     if (unet_dir / PRUNING_NAME).is_file():
         unet = load_pruned(unet_dir, device=device, dtype=dtype)
@@ -171,33 +173,24 @@ def _load_folder(folder: Path, device, dtype) -> LoadedModel:
     return LoadedModel(unet, scheduler, None, str(folder))
 
 
+# what load_model fetches from a hub repo: a model repo or a pipeline's unet/ and scheduler/, never pickles
+HUB_FILES = [f"{d}{f}" for d in ("", "unet/") for f in (CONFIG_NAME, PRUNING_NAME, WEIGHTS_NAME)] + [
+    "scheduler/scheduler_config.json", "scheduler_config.json", "model_index.json"]
+
+
 def _load_hub(repo_id: str, device, dtype) -> LoadedModel:
-    import diffusers
-    from diffusers import SchedulerMixin, UNet2DModel
+    """Fetch the UNet's files (pruned ones included) into the hub cache, then load them like a local folder."""
+    from huggingface_hub import snapshot_download
 
     try:
-        try:
-            unet = UNet2DModel.from_pretrained(repo_id, subfolder="unet", use_safetensors=True)
-        except EnvironmentError:
-            unet = UNet2DModel.from_pretrained(repo_id, use_safetensors=True)
-    except Exception as e:  # network, missing repo, no safetensors
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # network, missing repo, offline mode
         raise DiffPruneError(
-            f"could not load {repo_id!r} from the Hugging Face hub with safetensors weights "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the id and the connection, "
-            "or pass a local folder"
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); check the id and the connection, or pass a local folder"
         ) from None
-    scheduler = None
-    try:
-        cfg = SchedulerMixin.load_config(repo_id, subfolder="scheduler")
-        cls = getattr(diffusers, str(cfg.get("_class_name")), None)
-        if isinstance(cls, type) and issubclass(cls, SchedulerMixin):
-            scheduler = cls.from_config(cfg)
-    except Exception:  # a bare UNet repo has no scheduler; the caller then uses its default
-        scheduler = None
-    unet.eval()
-    if device is not None or dtype is not None:
-        unet.to(device=device, dtype=dtype)
-    return LoadedModel(unet, scheduler, None, repo_id)
+    loaded = _load_folder(folder, device, dtype)
+    return LoadedModel(loaded.unet, loaded.scheduler, loaded.pruning, repo_id)
 
 
 def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
@@ -224,6 +217,7 @@ def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dty
         f"model {name!r} not found: no such folder, not a shipped model {sorted(SHIPPED_MODELS)}, "
         "and not a hub id (owner/name)"
     )
+
 
 
 __all__ = ["LoadedModel", "save_pruned", "load_pruned", "load_model", "load_scheduler"]

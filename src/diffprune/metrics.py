@@ -67,7 +67,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Fréchet distance: sqrtm has an imaginary component {np.max(np.abs(covmean.imag)):.3g}")
+            raise DiffPruneError(f"Fréchet distance: sqrtm has an imaginary component "
+                                 f"{np.max(np.abs(covmean.imag)):.3g} (near-singular covariances); use more images "
+                                 "than feature dimensions, or a larger eps")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 

@@ -261,7 +261,13 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
     start_step = 0
     if resume:
         require(saved_cfg_path.is_file(), f"--resume: {str(out)!r} holds no train_config.json; start without --resume")
-        saved = read_json(saved_cfg_path)["train"]
+        record = read_json(saved_cfg_path)
+        saved = record["train"]
+        before_world = record.get("world_size", 1)
+        require(before_world == acc.num_processes,
+                f"--resume: the run trained with {before_world} process(es), this one has {acc.num_processes}; the "
+                f"data order and the global batch depend on it, so resume with {before_world} "
+                f"(accelerate launch --num_processes {before_world} ...)")
         if config.ema_decay is None:  # "auto" was resolved from the first run's --steps; keep that horizon
             config = dataclasses.replace(config, ema_decay=saved.get("ema_decay"))
         mine = config.to_dict()
