@@ -71,6 +71,7 @@ def test_resume_refuses_changed_settings(images, tmp_path):
     record = json.loads((tmp_path / "train_config.json").read_text())
     assert res.steps == 22 and record["train"]["ema_decay"] == 0.5
     assert [(s["from_step"], s["to_step"]) for s in record["segments"]] == [(0, 20), (20, 22)]
+    assert all(0 <= s["wall_minutes"] < 5 for s in record["segments"])
     with pytest.raises(DiffPruneError, match="exists and is not empty"):
         train(_unet(), default_scheduler(), images, cfg, tmp_path, progress=False)
     record["world_size"] = 2  # as if trained under `accelerate launch --num_processes 2`

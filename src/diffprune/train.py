@@ -388,6 +388,9 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
         _save_final(raw, ema, scheduler, out, pruning)
         atomic_write_json(out / "train_summary.json", {"steps": config.steps, "final_loss": last_loss,
                                                         "ema_decay": decay, "world_size": world})
+        record = read_json(saved_cfg_path)
+        record["segments"][-1]["wall_minutes"] = round((time.time() - started) / 60, 1)
+        atomic_write_json(saved_cfg_path, record)
         if writer is not None:
             writer.close()
     acc.wait_for_everyone()
