@@ -23,7 +23,7 @@ def _with(section, **kv):
 def test_shipped_configs_validate():
     demo, quick = load_run_config(config_path(False)), load_run_config(config_path(True))
     assert demo.prune.target_macs == quick.prune.target_macs == 0.5
-    assert demo.finetune.steps == 2700 and demo.eval.n == 500
+    assert demo.finetune.steps == 3000 and demo.eval.n == 500
     assert quick.finetune.steps < demo.finetune.steps and quick.eval.n < demo.eval.n
     assert demo.eval.data == "mnist"  # FID reference defaults to the run's data
 
@@ -90,3 +90,33 @@ def test_run_refuses_a_folder_that_is_not_a_run_folder(tmp_path):
         run_pipeline(load_run_config(BASE), tmp_path, progress=False)
     assert (tmp_path / "eval" / "mine.txt").read_text() == "user data"
     assert not (tmp_path / "run_config.json").exists()
+
+
+def test_stage_hashes_follow_the_content_behind_the_names(tmp_path, monkeypatch):
+    """A retrained model in the same folder, or new shipped files under the same name, redo every stage."""
+    import shutil
+
+    import torch
+
+    import diffprune.assets as assets
+    from diffprune.presets import build_unet
+
+    torch.manual_seed(0)
+    build_unet("tiny").save_pretrained(tmp_path / "m", safe_serialization=True)
+    cfg = load_run_config(_with(None, model=str(tmp_path / "m")))
+    h0 = stage_hashes(cfg)
+    (tmp_path / "m" / "notes.txt").write_text("not a model file")
+    assert stage_hashes(cfg) == h0
+    torch.manual_seed(1)
+    build_unet("tiny").save_pretrained(tmp_path / "m", safe_serialization=True)
+    h1 = stage_hashes(cfg)
+    assert len({h0[s] for s in h0} & {h1[s] for s in h1}) == 0 and len(h1) == 3
+
+    shipped = load_run_config(BASE)
+    h0 = stage_hashes(shipped)
+    root = tmp_path / "assets"
+    shutil.copytree(assets.bundled_path(""), root)
+    (root / "manifest.json").write_text((root / "manifest.json").read_text().replace("}", ', "new.bin": "00"}'))
+    monkeypatch.setattr(assets, "bundled_path", lambda name: root / name)
+    h1 = stage_hashes(shipped)
+    assert len({h0[s] for s in h0} & {h1[s] for s in h1}) == 0

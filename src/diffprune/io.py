@@ -173,8 +173,9 @@ def _load_folder(folder: Path, device, dtype) -> LoadedModel:
     return LoadedModel(unet, scheduler, None, str(folder))
 
 
-# what load_model fetches from a hub repo: a model repo or a pipeline's unet/ and scheduler/, never pickles
-HUB_FILES = [f"{d}{f}" for d in ("", "unet/") for f in (CONFIG_NAME, PRUNING_NAME, WEIGHTS_NAME)] + [
+# the files that define a model, as load_model reads them (a model folder, or a pipeline's unet/ and scheduler/):
+# all a hub id fetches (never pickles), and what a run's stage hashes fingerprint
+MODEL_FILES = [f"{d}{f}" for d in ("", "unet/") for f in (CONFIG_NAME, PRUNING_NAME, WEIGHTS_NAME)] + [
     "scheduler/scheduler_config.json", "scheduler_config.json", "model_index.json"]
 
 
@@ -183,7 +184,7 @@ def _load_hub(repo_id: str, device, dtype) -> LoadedModel:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        folder = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES))
     except Exception as e:  # network, missing repo, offline mode
         raise DiffPruneError(
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "

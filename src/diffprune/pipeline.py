@@ -105,11 +105,32 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def input_fingerprint(cfg: RunConfig) -> dict:
+    """The content behind the run's names: every shipped file (teacher, classifier, MNIST) through the assets
+    manifest, and a local model folder through the sha256 of the files that define it: a changed teacher redoes
+    every stage. Hub ids and data folders count by name only."""
+    from .assets import bundled_path, sha256_file
+    from .io import MODEL_FILES
+
+    key: dict = {"shipped": sha256_file(bundled_path("manifest.json"))}
+    folder = Path(cfg.model)
+    if folder.is_dir():
+        key["model"] = {f: sha256_file(folder / f) for f in MODEL_FILES if (folder / f).is_file()}
+    return key
+
+
 def stage_hashes(cfg: RunConfig) -> dict[str, str]:
-    """Each stage's hash covers its own settings, the run's inputs and every upstream stage's hash."""
-    out, upstream = {}, {"model": cfg.model, "data": cfg.data}
+    """Each stage's hash covers its own settings, the run's inputs (by content, see :func:`input_fingerprint`) and
+    every upstream stage's hash; eval's also covers the device and the FID extractor's weights file."""
+    from .assets import sha256_file
+
+    out, upstream = {}, {"model": cfg.model, "data": cfg.data, "content": input_fingerprint(cfg)}
+    weights = cfg.eval.extractor_weights
     for stage in STAGES:
-        extra = {"device": cfg.device} if stage == "eval" else {}
+        extra = {}
+        if stage == "eval":
+            extra = {"device": cfg.device,
+                     "extractor_weights": sha256_file(weights) if weights and Path(weights).is_file() else None}
         out[stage] = _hash({"stage": stage, "settings": cfg.section(stage), "upstream": upstream, **extra})
         upstream = {"stage": out[stage]}
     return out
