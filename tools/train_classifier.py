@@ -17,7 +17,7 @@ from diffprune.data import load_images, mnist_labels, to_model_range
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--out", default="src/diffprune/assets/mnist-classifier")
-p.add_argument("--epochs", type=int, default=12)
+p.add_argument("--epochs", type=int, default=60)
 p.add_argument("--seed", type=int, default=0)
 args = p.parse_args()
 
