@@ -73,11 +73,11 @@ def mnist_features():
 def test_mnist_fid_sanity(mnist_features):
     f = mnist_features
     assert f["train"].shape == (1000, 128)
-    same_dist = fid_from_features(f["train"], f["test"])  # measured 4.4
-    vs_noise = fid_from_features(f["train"], f["noise"])  # measured 517
-    assert same_dist < 10
-    assert vs_noise > 200
-    assert vs_noise > 20 * same_dist
+    same_dist = fid_from_features(f["train"], f["test"])  # measured 12.0
+    vs_noise = fid_from_features(f["train"], f["noise"])  # measured 1062
+    assert same_dist < 15
+    assert vs_noise > 500
+    assert vs_noise > 50 * same_dist
     assert abs(fid_from_features(f["train"], f["train"])) < 1e-6
 
 

@@ -155,6 +155,8 @@ def test_lr_schedules():
     assert TrainConfig(steps=5, lr=3e-4).lr_at(4) == 3e-4
     with pytest.raises(DiffPruneError, match=r"lr_schedule='step' is unknown; choose from \['constant', 'linear', 'cosine'\]"):
         TrainConfig(steps=5, lr_schedule="step")
+    with pytest.raises(DiffPruneError, match="lr_decay_start=3 has no effect with lr_schedule='constant'"):
+        TrainConfig(steps=5, lr_decay_start=3)
     with pytest.raises(DiffPruneError, match="lr_decay_start=5 must be below steps=5"):
         TrainConfig(steps=5, lr_schedule="linear", lr_decay_start=5)
 

@@ -77,6 +77,9 @@ class TrainConfig:
         require_int("lr_decay_start", self.lr_decay_start, 0)
         require(self.lr_schedule in LR_SCHEDULES,
                 f"lr_schedule={self.lr_schedule!r} is unknown; choose from {list(LR_SCHEDULES)}")
+        require(self.lr_schedule != "constant" or self.lr_decay_start == 0,
+                f"lr_decay_start={self.lr_decay_start} has no effect with lr_schedule='constant'; choose linear or "
+                "cosine, or drop it")
         require(self.lr_schedule == "constant" or self.lr_decay_start < self.steps,
                 f"lr_decay_start={self.lr_decay_start} must be below steps={self.steps}, or the decay never starts")
         require_int("checkpoint_every", self.checkpoint_every, 1)
