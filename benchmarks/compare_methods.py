@@ -1,7 +1,7 @@
 """Diff-Pruning against its baselines on the shipped MNIST teacher, with the same budget for every method.
 
     python benchmarks/compare_methods.py [--methods diff-pruning taylor magnitude random reinit]
-        [--steps 1800] [--n 500] [--kd 0.0] [--out benchmarks/runs/methods]
+        [--steps 3000] [--n 500] [--kd 0.0] [--seed 0] [--out benchmarks/runs/methods]
 
 Each method runs the demo pipeline (configs/demo.yaml: 0.5x MACs, same fine-tuning, same evaluation seeds) in
 its own run folder; finished runs are skipped on a re-run. Writes benchmarks/results/methods.md and .json.
@@ -22,6 +22,7 @@ p.add_argument("--methods", nargs="+", default=["diff-pruning", "taylor", "magni
 p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's)")
 p.add_argument("--n", type=int, default=None, help="evaluation samples (default: the demo's)")
 p.add_argument("--kd", type=float, default=None, help="distillation weight (default: the demo's)")
+p.add_argument("--seed", type=int, default=None, help="the run seed: calibration batch, data order, noise (default: the demo's)")
 p.add_argument("--out", default="benchmarks/runs/methods")
 p.add_argument("--results", default="benchmarks/results/methods")
 args = p.parse_args()
@@ -39,6 +40,8 @@ for method in args.methods:
         raw["eval"]["n"] = args.n
     if args.kd is not None:
         raw["finetune"]["kd_weight"] = args.kd
+    if args.seed is not None:
+        raw["seed"] = args.seed
     t0 = time.time()
     m = run_pipeline(load_run_config(raw), Path(args.out) / method, device="cpu")
     pruning = json.loads((Path(args.out) / method / "prune" / "model" / "pruning.json").read_text())
