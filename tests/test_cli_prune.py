@@ -72,8 +72,15 @@ def test_existing_out_refused_unless_overwrite(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert main(args + ["--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "pruning.json").is_file()
+    # a folder diffprune did not write is never deleted, not even with --overwrite
+    assert main(args + ["--overwrite"]) == 2
+    assert "was not written by diffprune" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    out2 = tmp_path / "out2"
+    assert main(_base(model_dir, out2, "--method", "magnitude", "--ratio", "0.3")) == 0
+    (out2 / "notes.txt").write_text("x")
+    assert main(_base(model_dir, out2, "--method", "magnitude", "--ratio", "0.5", "--overwrite")) == 0
+    assert not (out2 / "notes.txt").exists() and json.loads((out2 / "pruning.json").read_text())["ratio"] == 0.5
 
 
 def test_prune_prints_numbers_and_info_reads_them(model_dir, tmp_path, capsys):

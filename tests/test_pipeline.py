@@ -62,7 +62,8 @@ def test_missing_config_file(tmp_path):
 
 
 def test_interrupted_finetune_stage_resumes(tmp_path, monkeypatch):
-    """A finetune stage folder left by the same settings resumes (train_config.json lives in finetune/model)."""
+    """A finetune stage folder left by the same settings resumes (train_config.json lives in finetune/model); one
+    left with fewer steps is continued (more steps), not deleted; other settings or fewer steps start over."""
     import diffprune.finetune
     from diffprune.pipeline import _run_finetune
 
@@ -70,13 +71,25 @@ def test_interrupted_finetune_stage_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(diffprune.finetune, "finetune", lambda *a, **k: calls.append(k))
     cfg = load_run_config(BASE)
     folder = tmp_path / "finetune"
-    _run_finetune(cfg, tmp_path, folder, "h1", device="cpu", progress=False)
+    _run_finetune(cfg, tmp_path, folder, stage_hashes(cfg), device="cpu", progress=False)
     assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (False, True)  # fresh stage
-    (folder / "model").mkdir()
-    (folder / "model" / "train_config.json").write_text("{}")  # what an interrupted train() leaves
-    _run_finetune(cfg, tmp_path, folder, "h1", device="cpu", progress=False)
+    (folder / "model" / "checkpoints" / "step-0000010").mkdir(parents=True)
+    (folder / "model" / "checkpoints" / "step-0000010" / "state.json").write_text("{}")
+    (folder / "model" / "train_config.json").write_text("{}")  # what an interrupted (or finished) train() leaves
+    _run_finetune(cfg, tmp_path, folder, stage_hashes(cfg), device="cpu", progress=False)
     assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (True, False)
-    _run_finetune(cfg, tmp_path, folder, "h2", device="cpu", progress=False)  # other settings: start over
+    more = load_run_config(_with("finetune", steps=20))  # only the steps grew: continue the run
+    assert stage_hashes(more)["finetune"] != stage_hashes(cfg)["finetune"]  # (so the stage is not skipped)
+    _run_finetune(more, tmp_path, folder, stage_hashes(more), device="cpu", progress=False)
+    assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (True, False) and (folder / "model").is_dir()
+    fewer = load_run_config(_with("finetune", steps=5))  # below the last checkpoint: start over
+    _run_finetune(fewer, tmp_path, folder, stage_hashes(fewer), device="cpu", progress=False)
+    assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (False, True)
+    assert not (folder / "model").exists()
+    (folder / "model").mkdir()
+    (folder / "model" / "train_config.json").write_text("{}")
+    other = load_run_config(_with("finetune", steps=5, lr=1e-3))  # other settings: start over
+    _run_finetune(other, tmp_path, folder, stage_hashes(other), device="cpu", progress=False)
     assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (False, True)
     assert not (folder / "model").exists()
 

@@ -1,15 +1,29 @@
-"""Atomic file and folder writes: a reader never sees half-written output, and nothing is overwritten silently."""
+"""Safe output folders: atomic, durable writes; one writer at a time; nothing of the user's deleted.
+
+* Every folder diffprune writes carries a marker file (:data:`MARKER`). ``--overwrite`` replaces only an empty
+  folder or one with that marker, and never a folder that is, or contains, an input of the same command or the
+  current directory (:func:`check_output_dir`).
+* A writer holds a lock beside its output folder (:func:`output_lock`, ``fcntl.flock``: released by the kernel when
+  the process dies, so a killed run leaves no stale lock); a second writer gets an error naming the holder's pid.
+* Files are written to a temporary name, flushed and fsynced, then renamed; the folder is fsynced after the rename
+  (:func:`atomic_write_bytes`, :func:`atomic_dir`, :func:`fsync_tree`), so a crash or power loss leaves either the
+  old or the new file, never a torn one.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from .errors import DiffPruneError
+from .errors import DiffPruneError, require
+
+MARKER = ".diffprune"  # JSON {"written_by": "diffprune", "kind": ..., "version": ...}
+_HELD: dict[str, list] = {}  # lock path -> [fd, depth]: locks this process holds (re-entrant)
 
 
 def _umask() -> int:
@@ -18,52 +32,46 @@ def _umask() -> int:
     return mask
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty ``out`` unless ``overwrite``; return it as a Path."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DiffPruneError(f"--out {str(out)!r} is an existing file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DiffPruneError(
-            f"--out {str(out)!r} exists and is not empty; choose a new folder or pass --overwrite to replace it"
-        )
-    return out
+# --- durability ----------------------------------------------------------------------------------------------
 
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` by renames, on error it is removed."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's data and metadata to disk (folders: not on Windows, which cannot)."""
+    path = Path(path)
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and folder below ``root`` (deepest first), then ``root`` itself."""
+    root = Path(root)
+    for folder, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(folder)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename; fsync the folder after."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_path(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -73,3 +81,184 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 def read_json(path: str | os.PathLike):
     with open(path) as f:
         return json.load(f)
+
+
+# --- local path or hub id -------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """Whether ``name`` can only mean a Hugging Face hub id ``owner/name``, not a local path.
+
+    A name that looks local is never sent to the network: one that starts with ``.``, ``/`` or ``~``, has another
+    separator or more than one ``/``, or whose first part exists here as a folder (``runs/typo``).
+    """
+    s = str(name)
+    return bool(_HUB_ID.match(s)) and not s.startswith(".") and not Path(s).parent.exists()
+
+
+def missing_path_message(what: str, name: str | os.PathLike) -> str:
+    """The one-line error for a local-looking path that does not exist (names the nearest existing parent)."""
+    p = Path(name).expanduser()
+    parent = next((q for q in p.parents if q.exists()), None)
+    where = f" (the nearest existing folder is {str(parent)!r})" if parent is not None and str(parent) != "." else ""
+    return f"{what} {str(name)!r} not found: no such file or folder{where}; check the path"
+
+
+# --- whose folder is it ----------------------------------------------------------------------------------------
+
+def mark_output(folder: str | os.PathLike, kind: str) -> None:
+    """Mark ``folder`` as written by diffprune (what lets ``--overwrite`` replace it later)."""
+    from . import __version__
+
+    atomic_write_json(Path(folder) / MARKER, {"written_by": "diffprune", "kind": kind, "version": __version__})
+
+
+def is_diffprune_output(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def input_paths(values: Iterable) -> list[Path]:
+    """The local files and folders among a command's inputs (names and hub ids are skipped), resolved."""
+    from .assets import shipped_model_path
+
+    out = []
+    for v in values:
+        if v is None or str(v) == "":
+            continue
+        p = shipped_model_path(str(v)) or Path(v)
+        if p.exists():
+            out.append(p.resolve())
+    return out
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs: Iterable = (), *,
+                     resumable: bool = False) -> Path:
+    """Refuse an output folder that would destroy something; return it as a Path.
+
+    Refused always: an existing file; the folder (or a parent) of an input of the command; the current directory or
+    one of its parents. Refused unless ``overwrite``: a non-empty folder. Refused even with ``overwrite``: a
+    non-empty folder that diffprune did not write (no :data:`MARKER`).
+    """
+    require(str(out).strip() != "", "--out is empty; pass the path of a new folder, e.g. --out runs/pruned")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DiffPruneError(f"--out {str(out)!r} is an existing file; pass a folder path")
+    here = out.resolve()
+    for inp in input_paths(inputs):
+        if _within(inp, here):
+            raise DiffPruneError(f"--out {str(out)!r} is or contains the input {str(inp)!r} of this command; "
+                                 "write the result to another folder")
+    if _within(Path.cwd().resolve(), here):
+        raise DiffPruneError(f"--out {str(out)!r} is the current directory or one of its parents; pass a new "
+                             "folder, e.g. --out runs/result")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    require(overwrite, f"--out {str(out)!r} exists and is not empty; "
+                       + ("pass --resume to continue it, " if resumable else "")
+                       + "choose a new folder or pass --overwrite to replace it")
+    require(is_diffprune_output(out),
+            f"--out {str(out)!r} was not written by diffprune (no {MARKER} marker), so --overwrite will not delete "
+            "it; choose a new folder, or remove it yourself")
+    return out
+
+
+# --- one writer at a time --------------------------------------------------------------------------------------
+
+def lock_path(out: str | os.PathLike) -> Path:
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.lock"
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of output folder ``out`` (re-entrant within a process); a second process gets an error."""
+    path = lock_path(out)
+    key = str(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            holder = "unknown"
+            with contextlib.suppress(OSError):
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DiffPruneError(f"--out {str(out)!r} is being written by another diffprune process (pid {holder}, "
+                                 f"lock {str(path)!r}); wait for it to finish or choose another folder")
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder released (and removed) the file between our open and lock: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, kind: str = "output",
+               inputs: Iterable = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` by renames, on error it is removed.
+
+    Checks ``out`` with :func:`check_output_dir`, holds its lock, marks the result as diffprune's and fsyncs it
+    before the rename that publishes it.
+    """
+    out = check_output_dir(out, overwrite, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
+        try:
+            yield tmp
+            mark_output(tmp, kind)
+            fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,13 +1,18 @@
 """Image data: bundled MNIST, scikit-learn digits, folders of images, Hugging Face datasets.
 
-Every loader returns a ``uint8`` tensor ``[N, C, H, W]`` already fitted to the model's resolution and channel
-count (both come from the model config, never from a name). :func:`to_model_range` maps it to ``[-1, 1]``.
+:func:`load_data` returns an :class:`ImageData`: ``uint8`` images ``[N, C, H, W]`` already fitted to the model's
+resolution and channel count (both come from the model config, never from a name), class labels when the source
+has them (MNIST and digits do; a folder of class sub-folders does; a hub dataset with a ``label`` column does), and a
+record of what was read (source, split, hub revision, content sha256). :func:`to_model_range` maps images to
+``[-1, 1]``.
 Fitting rule: equal sizes pass; a square image a few pixels smaller is padded with background (MNIST 28 -> 32);
 anything else is centre-cropped to a square and resized with antialiasing (MNIST 28 -> 16).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -20,7 +25,36 @@ from .errors import DiffPruneError, require
 from .registry import Registry
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-DATASETS: Registry[Callable[..., torch.Tensor]] = Registry("dataset")
+# a bundled dataset: split -> (uint8 images [N, C, H, W], labels [N] or None, class names or None)
+DATASETS: Registry[Callable[[str], tuple]] = Registry("dataset")
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Images (uint8 ``[N, C, H, W]``), their class labels (int64 ``[N]``, or None) and where they came from.
+
+    ``record``: JSON-able description (``source``, ``split``, ``count``, ``revision`` for hub ids, ``sha256`` of
+    the fitted images and labels) that outputs keep and resumed runs compare.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    class_names: list[str] | None = None
+    record: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.labels is None else len(self.class_names or []) or int(self.labels.max()) + 1
+
+
+def content_sha256(images: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+    h = hashlib.sha256(images.contiguous().numpy().tobytes())
+    if labels is not None:
+        h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def bundled_path(name: str) -> Path:
@@ -65,30 +99,35 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 @DATASETS.register("mnist")
-def _mnist(split: str) -> torch.Tensor:
+def _mnist(split: str) -> tuple:
     require(split in ("train", "test"), f"split {split!r} is not available for 'mnist'; choose 'train' or 'test'")
     with np.load(bundled_path("mnist.npz")) as d:
-        return torch.from_numpy(d[f"{split}_images"].copy()).unsqueeze(1)
+        images = torch.from_numpy(d[f"{split}_images"].copy()).unsqueeze(1)
+        labels = torch.from_numpy(d[f"{split}_labels"].copy()).long()
+    return images, labels, [str(k) for k in range(10)]
 
 
 def mnist_labels(split: str) -> torch.Tensor:
-    with np.load(bundled_path("mnist.npz")) as d:
-        return torch.from_numpy(d[f"{split}_labels"].copy())
+    return _mnist(split)[1]
 
 
 @DATASETS.register("digits")
-def _digits(split: str) -> torch.Tensor:
+def _digits(split: str) -> tuple:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise DiffPruneError("dataset 'digits' needs scikit-learn; pip install 'diffprune[digits]'") from None
-    x = load_digits().images  # 1797 x 8 x 8, values 0..16
-    x = torch.from_numpy(np.rint(x * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    d = load_digits()  # 1797 x 8 x 8, values 0..16
+    x = torch.from_numpy(np.rint(d.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    y = torch.from_numpy(d.target).long()
     n_test = len(x) // 10
-    return x[n_test:] if split == "train" else x[:n_test]
+    part = slice(n_test, None) if split == "train" else slice(None, n_test)
+    return x[part], y[part], [str(k) for k in range(10)]
 
 
-def load_folder(folder: Path) -> torch.Tensor:
+def load_folder(folder: Path) -> tuple:
+    """Every image below ``folder``; labelled by class sub-folder when every image sits in one (``root/cat/x.png``),
+    as torchvision's ``ImageFolder`` (classes in sorted order)."""
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -97,21 +136,19 @@ def load_folder(folder: Path) -> torch.Tensor:
     for p in files:
         try:
             with Image.open(p) as im:
-                im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
-                a = np.asarray(im)
+                arrays.append(_pil_array(im))
         except (UnidentifiedImageError, OSError) as e:
             raise DiffPruneError(f"cannot read image {str(p)!r} ({e}); remove or replace the file") from None
-        a = a[:, :, None] if a.ndim == 2 else a
-        if arrays and a.shape != arrays[0].shape:
-            raise DiffPruneError(
-                f"image {str(p)!r} has shape {a.shape} but {str(files[0])!r} has {arrays[0].shape}; "
-                "use images of one size and mode"
-            )
-        arrays.append(a)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    images = _stack_images(arrays, [repr(str(p)) for p in files])
+    parts = [p.relative_to(folder).parts for p in files]
+    if all(len(q) == 2 for q in parts) and len({q[0] for q in parts}) >= 2:
+        classes = sorted({q[0] for q in parts})
+        index = {c: i for i, c in enumerate(classes)}
+        return images, torch.tensor([index[q[0]] for q in parts], dtype=torch.long), classes
+    return images, None, None
 
 
-def _hf_dataset(name: str, split: str) -> torch.Tensor:
+def _hf_dataset(name: str, split: str) -> tuple:
     try:
         import datasets as hfds
     except ImportError:
@@ -119,34 +156,82 @@ def _hf_dataset(name: str, split: str) -> torch.Tensor:
             f"data {name!r} is neither a folder nor a bundled dataset {DATASETS.names()}; "
             "for a Hugging Face dataset id, pip install 'diffprune[datasets]'"
         ) from None
-    ds = hfds.load_dataset(name, split=split)
+    revision = hub_dataset_revision(name)
+    # never run a dataset's own loading script; pin the commit the id resolved to, so the record says what was read
+    ds = hfds.load_dataset(name, split=split, revision=revision, trust_remote_code=False)
     key = next((k for k in ("image", "img", "pixel_values") if k in ds.column_names), None)
     require(key is not None, f"dataset {name!r} has no image column (looked for image/img); columns: {ds.column_names}")
-    arrays = [np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im) for im in ds[key]]
-    arrays = [a[:, :, None] if a.ndim == 2 else a for a in arrays]
+    images = _stack_images([_pil_array(im) for im in ds[key]], [f"{name}[{i}]" for i in range(len(ds))])
+    label_key = next((k for k in ("label", "labels") if k in ds.column_names), None)
+    labels = classes = None
+    if label_key is not None:
+        labels = torch.tensor(ds[label_key], dtype=torch.long)
+        classes = getattr(ds.features[label_key], "names", None)
+    return images, labels, classes, revision
+
+
+def hub_dataset_revision(name: str) -> str | None:
+    """The commit sha a hub dataset id resolves to now (None when the hub cannot say, e.g. offline)."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name).sha
+    except Exception:  # offline or unknown: datasets' own error (or its cache) decides below
+        return None
+
+
+def _pil_array(im) -> np.ndarray:
+    a = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def _stack_images(arrays: list[np.ndarray], names: list[str]) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` from HWC arrays that must share one shape (the error names the first odd one)."""
+    for a, name in zip(arrays, names):
+        if a.shape != arrays[0].shape:
+            raise DiffPruneError(f"image {name} has shape {a.shape} but {names[0]} has {arrays[0].shape}; "
+                                 "use images of one size and mode (resize them first)")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_data(source: str | os.PathLike, *, resolution: int, channels: int, split: str = "train",
+              limit: int | None = None) -> ImageData:
+    """Load images (and labels, where the source has them), fitted to ``resolution`` and ``channels``.
+
+    ``source``: a folder of images (searched recursively; class sub-folders give labels), a bundled name
+    (``mnist``, ``digits``), or a Hugging Face dataset id ``owner/name`` (needs the ``datasets`` extra and a
+    connection). A path that looks local (``./x``, ``/x``, ``a/b/c``, or whose parent exists) is never sent to the hub.
+    """
+    from ._fs import is_hub_id, missing_path_message
+
+    name = str(source)
+    require(name.strip() != "", f"data {name!r} is empty; pass an image folder, one of {DATASETS.names()} or a "
+                                "Hugging Face dataset id (owner/name)")
+    path = Path(source)
+    revision = None
+    if path.is_dir():
+        x, y, classes = load_folder(path)
+    elif name in DATASETS:
+        x, y, classes = DATASETS.get(name)(split)
+    elif path.exists():
+        raise DiffPruneError(f"data {name!r} is a file; pass a folder of images or one of {DATASETS.names()}")
+    elif is_hub_id(name):
+        x, y, classes, revision = _hf_dataset(name, split)
+    elif "/" in name or os.sep in name or name.startswith((".", "~")):  # a local path, never a hub id
+        raise DiffPruneError(missing_path_message("data", name))
+    else:
+        raise DiffPruneError(
+            f"data {name!r} is not a folder, nor one of {DATASETS.names()}, nor a Hugging Face id (owner/name)"
+        )
+    if limit is not None:
+        x, y = x[:limit], (None if y is None else y[:limit])
+    x = fit_images(x, resolution, channels)
+    record = {"source": name, "split": split, "count": len(x), "resolution": resolution, "channels": channels,
+              "labelled": y is not None, "revision": revision, "sha256": content_sha256(x, y)}
+    return ImageData(x, y, classes, record)
 
 
 def load_images(source: str | os.PathLike, *, resolution: int, channels: int, split: str = "train",
                 limit: int | None = None) -> torch.Tensor:
-    """Load images as uint8 ``[N, channels, resolution, resolution]``.
-
-    ``source``: a folder of images (searched recursively), a bundled name (``mnist``, ``digits``), or a Hugging
-    Face dataset id (needs the ``datasets`` extra and a connection).
-    """
-    path = Path(source)
-    if path.is_dir():
-        x = load_folder(path)
-    elif str(source) in DATASETS:
-        x = DATASETS.get(str(source))(split)
-    elif path.exists():
-        raise DiffPruneError(f"data {str(source)!r} is a file; pass a folder of images or one of {DATASETS.names()}")
-    elif "/" in str(source) and not str(source).startswith((".", "/")):
-        x = _hf_dataset(str(source), split)
-    else:
-        raise DiffPruneError(
-            f"data {str(source)!r} is not a folder, nor one of {DATASETS.names()}, nor a Hugging Face id (owner/name)"
-        )
-    if limit is not None:
-        x = x[:limit]
-    return fit_images(x, resolution, channels)
+    """The images of :func:`load_data` alone: uint8 ``[N, channels, resolution, resolution]``."""
+    return load_data(source, resolution=resolution, channels=channels, split=split, limit=limit).images

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import require, require_int
+from .errors import require, require_int, require_seed
 from .metrics import SampleSet
 
 __all__ = ["EvalConfig", "evaluate", "load_for_eval", "default_extractor"]
@@ -65,7 +65,7 @@ class EvalConfig:
     def __post_init__(self):
         require_int("n", self.n, 2)
         require_int("steps", self.steps, 1)
-        require_int("seed", self.seed, 0)
+        require_seed("seed", self.seed, self.n)
         require_int("batch_size", self.batch_size, 1)
         require_int("latency_repeats", self.latency_repeats, 10)
         require_int("latency_warmup", self.latency_warmup, 0)
@@ -216,7 +216,7 @@ def _ratio(a, b):
 def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.PathLike, scheduler=None,
              student_samples=None, teacher_samples=None, pruning: dict | None = None,
              train_log: dict | None = None, device=None, overwrite: bool = False, progress: bool = False,
-             names: dict | None = None) -> dict:
+             names: dict | None = None, inputs=()) -> dict:
     """Evaluate ``student`` (a UNet2DModel, or ``None`` with ``student_samples``) against ``teacher``.
 
     ``student_samples``/``teacher_samples``: a :class:`~diffprune.metrics.SampleSet` or a folder written by
@@ -224,6 +224,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     training noise schedule (default :func:`diffprune.sampling.default_scheduler`). ``pruning`` (the student's
     ``pruning.json``) and ``train_log`` (:func:`diffprune.train.read_log` columns) feed the report's plots.
     ``device``: where sampling, features and timing run; default the student's device (models are not moved).
+    ``inputs``: paths ``out_dir`` must never be or contain (see :func:`diffprune._fs.check_output_dir`).
     Returns the metrics dict also written to ``out_dir/metrics.json``.
     """
     from ._fs import atomic_dir, atomic_write_json, check_output_dir
@@ -233,13 +234,16 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
 
     require(isinstance(config, EvalConfig), f"config must be an EvalConfig, got {type(config).__name__}")
     require(student is not None or student_samples is not None, "evaluate needs a student model or student samples")
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, inputs)
     scheduler = scheduler if scheduler is not None else default_scheduler()
     device = _device_of(student if student is not None else teacher, device)
+    from .io import require_finite_weights
+
     for role, m in (("student", student), ("teacher", teacher)):
         if m is not None:
             p = next(m.parameters())
             require(p.device.type == device.type, f"the {role} is on {p.device} but device={device}; move it first")
+            require_finite_weights(m, role)
 
     models = {"student": _Model("student", student, _as_sample_set(student_samples))}
     if teacher is not None or teacher_samples is not None:
@@ -291,7 +295,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
         metrics["speedup"] = None
         metrics["speedup_note"] = "latency not measured (needs both models and latency_batches)"
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="eval", inputs=inputs) as tmp:
         for role, s in sets.items():
             meta = {"role": role, "steps": config.steps, "sampler": "ddim", "eta": 0.0, "skip": config.skip}
             save_samples(s.images, s.seeds, tmp / "samples" / role, meta)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .data import load_images
+from .data import load_data
 from .macs import sample_shape
 from .sampling import default_scheduler
 from .seed import seed_everything
@@ -20,10 +20,10 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainCon
     loaded = load_model(model)
     unet = loaded.unet
     channels, size, _ = sample_shape(unet)
-    images = load_images(data, resolution=size, channels=channels)
+    images = load_data(data, resolution=size, channels=channels)
     teacher_unet = load_model(teacher).unet if teacher is not None else None
     info = run_info(command=command, model=str(model), teacher=None if teacher is None else str(teacher),
-                    data=str(data), num_images=len(images))
+                    data=str(data), data_record=images.record, num_images=len(images))
     return train(unet, loaded.scheduler or default_scheduler(), images, config, out_dir, teacher=teacher_unet,
                  pruning=loaded.pruning, resume=resume, overwrite=overwrite, run_info=info,
-                 accelerator=accelerator, progress=progress)
+                 accelerator=accelerator, progress=progress, inputs=(model, data, teacher))

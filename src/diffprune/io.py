@@ -16,21 +16,19 @@ pipeline folder, or (online) a Hugging Face hub id. Pickle checkpoints are refus
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._fs import atomic_dir, atomic_write_json, read_json
+from ._fs import atomic_dir, atomic_write_json, is_hub_id, missing_path_message, read_json
 from .errors import DiffPruneError, require
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PRUNING_NAME = "pruning.json"
 CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _pickle_refusal(what: str) -> DiffPruneError:
@@ -44,12 +42,21 @@ def _pickle_refusal(what: str) -> DiffPruneError:
 @dataclass
 class LoadedModel:
     """A model as :func:`load_model` found it: the UNet, its scheduler (or None), its pruning record (None when
-    unpruned) and where it came from."""
+    unpruned), where it came from and, for a hub id, the commit it resolved to."""
 
     unet: nn.Module
     scheduler: object | None
     pruning: dict | None
     source: str
+    revision: str | None = None
+
+
+def require_finite_weights(model: nn.Module, what: str) -> None:
+    """Refuse a model with a NaN/inf parameter or buffer (it would give NaN samples, scores or metrics)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DiffPruneError(f"the {what} has non-finite values (NaN/inf) in {name!r}; it diverged or its file is "
+                                 "damaged: fine-tune it again with a lower learning rate, or load another checkpoint")
 
 
 def _state_dict_for_saving(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -57,11 +64,11 @@ def _state_dict_for_saving(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pruned(unet: nn.Module, out_dir: str | os.PathLike, pruning: dict, scheduler=None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, inputs=()) -> Path:
     """Write a pruned model folder atomically (``pruning``: ``PruneReport.to_dict()`` or a loaded record).
 
-    Refuses an existing non-empty ``out_dir`` unless ``overwrite``. The record's structure must match the
-    model's parameter shapes.
+    Refuses an existing non-empty ``out_dir`` unless ``overwrite`` (and then only a folder diffprune wrote, never
+    one that is or contains one of ``inputs``). The record's structure must match the model's parameter shapes.
     """
     from safetensors.torch import save_file
 
@@ -73,7 +80,7 @@ def save_pruned(unet: nn.Module, out_dir: str | os.PathLike, pruning: dict, sche
         bad = sorted(k for k in set(shapes) | set(recorded) if shapes.get(k) != recorded.get(k))[:3]
         raise DiffPruneError(f"the model's shapes differ from the pruning record (e.g. {bad}); save the model "
                              "that this record describes")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="pruned-model", inputs=inputs) as tmp:
         unet.save_config(tmp)
         save_file(_state_dict_for_saving(unet), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         atomic_write_json(tmp / PRUNING_NAME, pruning)
@@ -191,7 +198,9 @@ def _load_hub(repo_id: str, device, dtype) -> LoadedModel:
             f"{str(e).splitlines()[0] if str(e) else ''}); check the id and the connection, or pass a local folder"
         ) from None
     loaded = _load_folder(folder, device, dtype)
-    return LoadedModel(loaded.unet, loaded.scheduler, loaded.pruning, repo_id)
+    # the hub cache keeps each commit in snapshots/<commit sha>/: record exactly which weights were loaded
+    revision = folder.name if folder.parent.name == "snapshots" else None
+    return LoadedModel(loaded.unet, loaded.scheduler, loaded.pruning, repo_id, revision)
 
 
 def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
@@ -212,8 +221,12 @@ def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dty
         raise DiffPruneError(f"model {name!r} is a file; pass a model folder, a shipped name or a hub id")
     if path.is_dir():
         return _load_folder(path, device, dtype)
-    if allow_hub and _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+    require(name.strip() != "", f"model {name!r} is empty; pass a model folder, a shipped name "
+                                f"{sorted(SHIPPED_MODELS)} or a hub id (owner/name)")
+    if allow_hub and is_hub_id(name):
         return _load_hub(name, device, dtype)
+    if "/" in name or os.sep in name or name.startswith((".", "~")):  # a local path, never a hub id
+        raise DiffPruneError(missing_path_message("model", name))
     raise DiffPruneError(
         f"model {name!r} not found: no such folder, not a shipped model {sorted(SHIPPED_MODELS)}, "
         "and not a hub id (owner/name)"
@@ -221,4 +234,4 @@ def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dty
 
 
 
-__all__ = ["LoadedModel", "save_pruned", "load_pruned", "load_model", "load_scheduler"]
+__all__ = ["LoadedModel", "save_pruned", "load_pruned", "load_model", "load_scheduler", "require_finite_weights"]

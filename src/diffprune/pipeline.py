@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import config_from_dict
-from ._fs import atomic_write_json, read_json
+from ._fs import atomic_write_bytes, atomic_write_json, read_json
 from .errors import DiffPruneError, require
 
 STAGES = ("prune", "finetune", "eval")
@@ -144,14 +144,25 @@ def stage_complete(folder: Path, digest: str) -> bool:
 def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, *, force: tuple[str, ...] = (), device=None,
                  progress: bool = True, log=print) -> dict:
     """Run (or resume) every stage; returns the eval metrics. ``device``: where models run (CLI picks one)."""
+    from ._fs import check_output_dir, mark_output, output_lock
+    from .train import check_training_device
+
     for name in force:
         require(name in STAGES, f"unknown stage {name!r} for --force; choose from {list(STAGES)}")
+    check_training_device(device)  # before any stage starts, not after the pruning
     run = Path(run_dir)
     # Stage folders of a stale run are deleted; never do that to a folder that is not a run folder.
     require(not run.exists() or (run.is_dir() and (not any(run.iterdir()) or (run / "run_config.json").is_file())),
             f"--out {str(run)!r} exists and is not a diffprune run folder (no run_config.json); choose a new or "
             "empty folder (an existing run folder is resumed)")
-    run.mkdir(parents=True, exist_ok=True)
+    check_output_dir(run, overwrite=True, inputs=(config.model, config.data))  # never a folder holding an input
+    with output_lock(run):
+        run.mkdir(parents=True, exist_ok=True)
+        mark_output(run, "run")
+        return _run_stages(config, run, force, device, progress, log)
+
+
+def _run_stages(config: RunConfig, run: Path, force, device, progress: bool, log) -> dict:
     hashes = stage_hashes(config)
     forced_from = min((STAGES.index(s) for s in force), default=len(STAGES))
     atomic_write_json(run / "run_config.json", {
@@ -168,7 +179,7 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, *, force: tuple[
             shutil.rmtree(folder, ignore_errors=True)
         t0 = time.time()
         log(f"[{stage}] running -> {folder}")
-        _STAGE_FUNCS[stage](config, run, folder, hashes[stage], device=device, progress=progress)
+        _STAGE_FUNCS[stage](config, run, folder, hashes, device=device, progress=progress)
         atomic_write_json(folder / "stage.json", {"stage": stage, "hash": hashes[stage], "settings":
                                                   config.section(stage), "seconds": round(time.time() - t0, 1)})
         forced_from = min(forced_from, i + 1)  # a redone stage invalidates everything after it
@@ -176,20 +187,27 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, *, force: tuple[
 
 
 def _stale(folder: Path, digest: str, resumable: bool) -> None:
-    """Clear a stage folder left by other settings; keep a resumable one left by the same settings."""
+    """Clear a stage folder left by other settings; keep a resumable one whose resume key is ``digest``."""
     marker = folder / ".hash"
     if folder.exists() and not (resumable and marker.is_file() and marker.read_text() == digest):
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(digest)
+    atomic_write_bytes(marker, digest.encode())
 
 
-def _run_prune(config: RunConfig, run: Path, folder: Path, digest: str, *, device, progress: bool) -> None:
+def finetune_resume_key(config: RunConfig, hashes: dict[str, str]) -> str:
+    """What an interrupted or finished fine-tuning must share with this run to be continued rather than redone:
+    everything but ``steps`` (more steps resume it, as ``diffprune finetune --resume --steps N`` does)."""
+    settings = {k: v for k, v in config.section("finetune").items() if k != "steps"}
+    return _hash({"stage": "finetune", "settings": settings, "upstream": hashes["prune"]})
+
+
+def _run_prune(config: RunConfig, run: Path, folder: Path, hashes: dict, *, device, progress: bool) -> None:
     from .io import load_model, save_pruned
     from .prune import prune_
     from .sampling import default_scheduler
 
-    _stale(folder, digest, resumable=False)
+    _stale(folder, hashes["prune"], resumable=False)
     loaded = load_model(config.model)
     unet = loaded.unet.to(device) if device else loaded.unet
     scheduler = loaded.scheduler or default_scheduler()
@@ -197,23 +215,26 @@ def _run_prune(config: RunConfig, run: Path, folder: Path, digest: str, *, devic
     save_pruned(unet.cpu(), folder / "model", report.to_dict(), scheduler=scheduler, overwrite=True)
 
 
-def _run_finetune(config: RunConfig, run: Path, folder: Path, digest: str, *, device, progress: bool) -> None:
+def _run_finetune(config: RunConfig, run: Path, folder: Path, hashes: dict, *, device, progress: bool) -> None:
     from .finetune import finetune
-    from .train import make_accelerator
+    from .train import list_checkpoints, make_accelerator
 
-    _stale(folder, digest, resumable=True)
     out = folder / "model"
+    steps_done = max([int(p.name.split("-")[1]) for p in list_checkpoints(out / "checkpoints")], default=0)
+    # more steps than the run in the folder took: continue it; fewer than its last checkpoint: redo it
+    key = finetune_resume_key(config, hashes) if steps_done <= config.finetune.steps else "fewer steps"
+    _stale(folder, key, resumable=True)
     resume = (out / "train_config.json").is_file()  # train() writes it into its own output folder
     teacher = config.model if config.finetune.kd_weight > 0 else None
     finetune(run / "prune" / "model", config.data, config.finetune, out, teacher=teacher,
              resume=resume, overwrite=not resume, accelerator=make_accelerator(device),
-             progress=progress, command=f"diffprune run (stage finetune, hash {digest})")
+             progress=progress, command=f"diffprune run (stage finetune, hash {hashes['finetune']})")
 
 
-def _run_eval(config: RunConfig, run: Path, folder: Path, digest: str, *, device, progress: bool) -> None:
+def _run_eval(config: RunConfig, run: Path, folder: Path, hashes: dict, *, device, progress: bool) -> None:
     from .evaluate import evaluate, load_for_eval
 
-    _stale(folder, digest, resumable=False)
+    _stale(folder, hashes["eval"], resumable=False)
     student, scheduler, pruning, log = load_for_eval(run / "finetune" / "model")
     teacher, _, _, _ = load_for_eval(config.model)
     if device:

@@ -31,5 +31,16 @@ def build_unet(preset: str | dict):
     """A freshly initialised UNet2DModel from a preset name or a config dict."""
     from diffusers import UNet2DModel
 
+    from .errors import DiffPruneError, require
+
     cfg = PRESETS.get(preset) if isinstance(preset, str) else preset
-    return UNet2DModel(**cfg)
+    groups = cfg.get("norm_num_groups", 32)
+    bad = [c for c in cfg.get("block_out_channels", ()) if not isinstance(c, int) or c % groups]
+    require(not bad, f"block_out_channels {list(cfg.get('block_out_channels', ()))} must all be divisible by "
+                     f"norm_num_groups={groups} (GroupNorm), e.g. channels (32, 64) with 8 groups")
+    try:
+        return UNet2DModel(**cfg)
+    except (TypeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffPruneError(f"cannot build a UNet2DModel from this config ({first}); see the UNet2DModel "
+                             "arguments in diffusers' documentation") from None

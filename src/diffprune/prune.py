@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.metadata
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import ModelAdapter, adapter_for
-from .errors import DiffPruneError, require, require_int
+from .errors import DiffPruneError, require, require_int, require_seed
 from .importance import METHODS, TAYLOR_FORMS, get_method, reinitialize_
 from .macs import count_macs, sample_shape
 from .seed import seed_everything
@@ -120,7 +121,7 @@ class PruneConfig:
         require(self.taylor_form == "abs" or self.method == "diff-pruning",
                 "taylor_form='squared' applies to method 'diff-pruning' only")
         require_int("calib_batch", self.calib_batch, 1)
-        require_int("seed", self.seed, 0)
+        require_seed("seed", self.seed)
         require_int("data_free_steps", self.data_free_steps, 1)
         require(0.0 < self.macs_tolerance < 1.0, f"macs_tolerance={self.macs_tolerance!r} must be in (0, 1)")
         if self.timesteps is not None:
@@ -320,6 +321,9 @@ def accumulate_gradients(unet: nn.Module, scheduler, x0: torch.Tensor, noise: to
         x_t = scheduler.add_noise(x0, noise, tt)
         loss = F.mse_loss(unet(x_t, tt).sample, noise)
         value = float(loss.detach())
+        if not math.isfinite(value):  # a NaN score would prune arbitrary channels
+            raise DiffPruneError(f"calibration loss at t={t} is {value}; the model has non-finite weights or the "
+                                 "calibration images are broken; check the model (diffprune info) and --data")
         losses.append((t, value))
         accumulate, stop = strategy.decide([v for _, v in losses])
         if accumulate:
@@ -491,9 +495,12 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     model is; the model is moved there).
     """
     require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}")
+    from .io import require_finite_weights
+
     t0 = time.time()
     adapter = adapter_for(unet)
     method = get_method(config.method)
+    require_finite_weights(unet, "model to prune")
     if device is not None:
         unet.to(device)
     device = next(unet.parameters()).device

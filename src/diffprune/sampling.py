@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
-from .errors import require
+from .errors import DiffPruneError, require
 from .macs import sample_shape
 
 SAMPLERS = ("ddim", "ddpm")
@@ -125,6 +125,11 @@ def sample(unet, scheduler, *, seeds: Sequence[int], num_inference_steps: int = 
                 noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
             x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
             bar.update(len(chunk))
+        bad = [s for s, ok in zip(chunk, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
+        if bad:  # NaN would silently become black pixels
+            raise DiffPruneError(f"sampling gave non-finite values (NaN/inf) for seed(s) {bad[:5]}; the model has "
+                                 "diverged or damaged weights (check them with diffprune info), or the scheduler is "
+                                 "misconfigured")
         out.append(x.clamp(-1, 1).float().cpu())
     bar.close()
     unet.train(was_training)

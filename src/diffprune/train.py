@@ -12,12 +12,15 @@ Output folder (written by the main process only):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
+import hashlib
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ._fs import atomic_write_json, read_json
 from .data import to_model_range, to_uint8
-from .errors import DiffPruneError, require, require_int
+from .errors import DiffPruneError, require, require_int, require_seed
 from .macs import sample_shape
 
 CHECKPOINT_PREFIX = "step-"
@@ -87,9 +90,10 @@ class TrainConfig:
         require_int("sample_every", self.sample_every, 0)
         require_int("sample_steps", self.sample_steps, 1)
         require_int("log_every", self.log_every, 1)
-        require_int("seed", self.seed, 0)
+        require_seed("seed", self.seed)
         require(self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr!r} must be a positive number, e.g. 2e-4")
-        require(self.grad_clip >= 0, f"grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
+        require(self.grad_clip >= 0 and math.isfinite(self.grad_clip),
+                f"grad_clip={self.grad_clip!r} must be a finite number >= 0 (0 disables clipping), e.g. 1.0")
         require(self.ema_decay is None or 0 <= self.ema_decay < 1,
                 f"ema_decay={self.ema_decay!r} must be in [0, 1) or None (auto: 1 - 10/steps)")
         require(self.dropout is None or 0 <= self.dropout < 1, f"dropout={self.dropout!r} must be in [0, 1)")
@@ -163,8 +167,16 @@ class _DataOrder:
 
 
 # --- checkpoints: safetensors + JSON, never pickles ------------------------------------------------------------
+# A checkpoint is written into a temporary folder, fsynced, then renamed to step-XXXXXXX: it exists whole or not at
+# all. Its state.json (written last) holds the sha256 of each tensor file, so a checkpoint damaged later (a truncated
+# copy, a bad disk) is detected on resume, reported, and the previous one used instead.
+
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+
 
 def _save_checkpoint(folder: Path, step: int, model, ema, optimizer, keep: int) -> None:
+    from ._fs import fsync_path, fsync_tree
+
     tmp = folder / f".{CHECKPOINT_PREFIX}{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -179,23 +191,47 @@ def _save_checkpoint(folder: Path, step: int, model, ema, optimizer, keep: int) 
             else:
                 scalars[f"{i}.{k}"] = v
     save_file(tensors, tmp / "optimizer.safetensors")
+    from .assets import sha256_file
+
     atomic_write_json(tmp / "state.json", {
         "step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
         "ema": {"optimization_step": ema.optimization_step, "decay": ema.decay},
+        "sha256": {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES},
     })
+    fsync_tree(tmp)
     final = folder / f"{CHECKPOINT_PREFIX}{step:07d}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_path(folder)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints (those with state.json), oldest first."""
+    """Published checkpoints (those with state.json), oldest first; :func:`verify_checkpoint` checks one."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file()]
+    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file()
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None if ``ckpt`` is whole (state.json parses, every file matches its recorded sha256); else the reason."""
+    from .assets import sha256_file
+
+    try:
+        state = read_json(ckpt / "state.json")
+        digests = state["sha256"]
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"state.json is unreadable ({type(e).__name__})"
+    for name in CHECKPOINT_FILES:
+        if not (ckpt / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(ckpt / name) != digests.get(name):
+            return f"{name} does not match its recorded sha256 (truncated or damaged)"
+    return None
 
 
 def _load_checkpoint(ckpt: Path, model, ema, optimizer) -> int:
@@ -218,35 +254,170 @@ def _load_checkpoint(ckpt: Path, model, ema, optimizer) -> int:
     return int(state["step"])
 
 
+def _restore_newest(ckpt_dir: Path, model, ema, optimizer, main: bool) -> tuple[int, list[str]]:
+    """Load the newest whole checkpoint; returns (its step, the names of newer damaged ones that were skipped)."""
+    skipped = []
+    for ckpt in reversed(list_checkpoints(ckpt_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            step = _load_checkpoint(ckpt, model, ema, optimizer)
+            if skipped and main:
+                print(f"diffprune: warning: skipped damaged checkpoint(s) {skipped}; resuming from {ckpt.name}",
+                      file=sys.stderr)
+            return step, skipped
+        skipped.append(f"{ckpt.name} ({problem})")
+    if skipped:
+        raise DiffPruneError(f"--resume: every checkpoint in {str(ckpt_dir)!r} is damaged ({'; '.join(skipped)}); "
+                             "start anew with --overwrite")
+    return 0, []
+
+
 def make_accelerator(device=None):
     """An ``accelerate.Accelerator`` for the caller's ``device``: None leaves the choice to accelerate (its launch
     config, else CUDA when present), "cpu" forces the CPU, "cuda" uses the GPU accelerate assigns each process."""
     from accelerate import Accelerator
 
+    check_training_device(device)
     kind = None if device is None else str(device).split(":")[0]
+    return Accelerator(cpu=kind == "cpu")
+
+
+def check_training_device(device) -> None:
+    """Refuse a device that training cannot honour (it runs where accelerate places each process)."""
     require(device is None or str(device) in ("cpu", "cuda", "cuda:0"),
             f"device={str(device)!r} cannot be honoured by training, which runs where accelerate places each "
             "process; pass cpu or cuda and choose GPUs with CUDA_VISIBLE_DEVICES (or accelerate launch --gpu_ids)")
-    return Accelerator(cpu=kind == "cpu")
+
+
+def accelerate_settings(acc) -> dict:
+    """The accelerate settings that change what a step computes (from its launch config or environment)."""
+    plugin = getattr(acc.state, "dynamo_plugin", None)
+    backend = getattr(plugin, "backend", None)
+    return {"mixed_precision": str(acc.mixed_precision),
+            "gradient_accumulation_steps": int(acc.gradient_accumulation_steps),
+            "dynamo_backend": str(getattr(backend, "value", backend) or "no").lower()}
+
+
+def state_sha256(module) -> str | None:
+    """sha256 of a module's state dict (names, dtypes, shapes, values): what a resumed run compares."""
+    if module is None:
+        return None
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+# --- the run folder: new, overwritten or resumed -----------------------------------------------------------------
+
+FREE_ON_RESUME = ("steps", "lr_schedule", "lr_decay_start")  # may change when resuming (lr of done steps checked)
+FREE_AFTER_DIVERGENCE = ("lr", "warmup_steps")  # may change too when resuming a run that diverged
+
+
+def _reconcile(out: Path, config: TrainConfig, identity: dict, world: int, resume: bool, overwrite: bool,
+               inputs) -> tuple[TrainConfig, dict | None]:
+    """Check the output folder (main process only); on resume, the settings and inputs against the saved run's.
+
+    Returns the config to use (the auto EMA decay resolved as the first run resolved it) and the saved record.
+    """
+    from ._fs import check_output_dir
+
+    saved_cfg_path = out / "train_config.json"
+    if not resume:
+        out = check_output_dir(out, overwrite, inputs, resumable=True)
+        if out.is_dir() and any(out.iterdir()):
+            shutil.rmtree(out)  # check_output_dir allowed it: --overwrite of a folder diffprune wrote
+        return config, None
+    require(saved_cfg_path.is_file(), f"--resume: {str(out)!r} holds no train_config.json; start without --resume")
+    record = read_json(saved_cfg_path)
+    saved = record["train"]
+    before_world = record.get("world_size", 1)
+    require(before_world == world,
+            f"--resume: the run trained with {before_world} process(es), this one has {world}; the "
+            f"data order and the global batch depend on it, so resume with {before_world} "
+            f"(accelerate launch --num_processes {before_world} ...)")
+    for key, flag in (("data", "--data"), ("model", "the same MODEL"), ("teacher", "--teacher")):
+        was, now = record.get("identity", {}).get(key), identity[key]
+        require(was == now, f"--resume: the {key} differs from the interrupted run's ({_short(was)} -> {_short(now)}, "
+                            f"sha256); resume with {flag} as before, or start anew with --overwrite")
+    was_acc = record.get("accelerate", {})
+    for key, value in identity["accelerate"].items():
+        require(was_acc.get(key, value) == value,
+                f"--resume: accelerate's {key} was {was_acc.get(key)!r} and is now {value!r}; resume with the same "
+                f"setting (accelerate launch --{key} {was_acc.get(key)} or the environment variable "
+                f"ACCELERATE_{key.upper()}) or start anew with --overwrite")
+    if config.ema_decay is None:  # "auto" was resolved from the first run's --steps; keep that horizon
+        config = dataclasses.replace(config, ema_decay=saved.get("ema_decay"))
+    mine = config.to_dict()
+    mine["ema_decay"] = config.resolved_ema_decay
+    free = FREE_ON_RESUME + (FREE_AFTER_DIVERGENCE if record.get("diverged_at") is not None else ())
+    diff = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
+    require(not diff, f"--resume: settings {diff} differ from the interrupted run's {str(saved_cfg_path)!r}; "
+                      "resume with the same settings (only --steps and the lr schedule of later steps may change)")
+    return config, record
+
+
+def _short(digest) -> str:
+    return "none" if digest is None else str(digest)[:12]
+
+
+def _check_schedule(before: TrainConfig, config: TrainConfig, start_step: int, diverged: bool) -> None:
+    """Refuse a new schedule that would have given a step already taken another lr (unless the run diverged)."""
+    if diverged:
+        return
+    changed = next((s for s in range(start_step) if not math.isclose(before.lr_at(s), config.lr_at(s),
+                                                                     rel_tol=1e-9)), None)
+    require(changed is None, f"--resume: the new schedule changes the lr of step {changed}, which checkpoint "
+                             f"step {start_step} already took; keep --steps and the schedule, or pass "
+                             f"--lr-decay-start {start_step} (or later)")
+
+
+def _diverged(what: str, step: int, config: TrainConfig, ckpt_dir: Path, record_path: Path, main: bool,
+              command: str | None) -> DiffPruneError:
+    """Record the divergence and build the error, with a resume command that the next run accepts."""
+    good = list_checkpoints(ckpt_dir)
+    where = f"the last good checkpoint is {str(good[-1])!r}" if good else "no checkpoint was written yet"
+    if main and record_path.is_file():
+        record = read_json(record_path)
+        record["diverged_at"] = step
+        atomic_write_json(record_path, record)
+    lower = f"{config.lr / 4:.3g}"
+    how = (f"rerun `{command}` with --resume --lr {lower}" if command else
+           f"call again with resume=True and TrainConfig(lr={lower}, ...)")
+    if not good:
+        how = how.replace("--resume ", "--overwrite ").replace("resume=True", "overwrite=True")
+    return DiffPruneError(f"{what} at step {step}; {where}; to continue with a lower learning rate, {how}")
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
 
-def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: str | os.PathLike, *,
+def train(unet, scheduler, images, config: TrainConfig, out_dir: str | os.PathLike, *,
           teacher=None, pruning: dict | None = None, resume: bool = False, overwrite: bool = False,
-          run_info: dict | None = None, accelerator=None, progress: bool = True,
+          run_info: dict | None = None, accelerator=None, progress: bool = True, inputs=(),
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train ``unet`` (ε-prediction) on uint8 ``images`` [N, C, H, W]; write the final EMA model to ``out_dir``.
+    """Train ``unet`` (ε-prediction) on uint8 ``images`` [N, C, H, W] (or an :class:`~diffprune.data.ImageData`);
+    write the final EMA model to ``out_dir``.
 
     ``pruning``: the pruned model's record; when given, the model is saved in diffprune's pruned format.
-    ``resume``: continue from the newest checkpoint in ``out_dir/checkpoints`` (settings must match, ``steps`` may
-    grow). ``accelerator``: an ``accelerate.Accelerator`` (one is created if None; under ``accelerate launch`` it
-    runs data-parallel). ``on_step(step, loss)`` is called after every step (a hook for callers and tests).
+    ``resume``: continue from the newest whole checkpoint in ``out_dir/checkpoints`` (settings, data, model, teacher
+    and accelerate settings must match; ``steps`` may grow). ``overwrite`` replaces a folder diffprune wrote, never
+    one that is or contains one of ``inputs`` (paths). ``accelerator``: an ``accelerate.Accelerator`` (one is
+    created if None; under ``accelerate launch`` it runs data-parallel). ``on_step(step, loss)`` is called after
+    every step (a hook for callers and tests).
     """
-    from diffusers.training_utils import EMAModel
+    from ._fs import mark_output, output_lock
+    from .data import ImageData, content_sha256
 
-    out = Path(out_dir)
-    require(images.dtype == torch.uint8 and images.ndim == 4, "images must be a uint8 tensor [N, C, H, W]")
+    data = images if isinstance(images, ImageData) else None
+    images = data.images if data is not None else images
+    require(isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4,
+            "images must be a uint8 tensor [N, C, H, W]")
     expect = sample_shape(unet)
     require(tuple(images.shape[1:]) == expect,
             f"images have shape {tuple(images.shape[1:])} but the model takes {expect}; load them with the model's "
@@ -258,34 +429,33 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
         raise DiffPruneError("a teacher was given but kd_weight=0; pass --kd-weight (paper: 0.7) or drop --teacher")
 
     acc = accelerator or make_accelerator()
+    settings = accelerate_settings(acc)
+    require(settings["gradient_accumulation_steps"] == 1,
+            f"gradient accumulation ({settings['gradient_accumulation_steps']} steps, from accelerate's config or "
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS) is not supported: it would scale the loss silently; raise "
+            "--batch-size or launch more processes instead")
+    identity = {"data": data.record["sha256"] if data is not None else content_sha256(images),
+                "model": state_sha256(unet), "teacher": state_sha256(teacher), "accelerate": settings}
     main = acc.is_main_process
-    ckpt_dir = out / "checkpoints"
-    saved_cfg_path = out / "train_config.json"
-    start_step = 0
-    if resume:
-        require(saved_cfg_path.is_file(), f"--resume: {str(out)!r} holds no train_config.json; start without --resume")
-        record = read_json(saved_cfg_path)
-        saved = record["train"]
-        before_world = record.get("world_size", 1)
-        require(before_world == acc.num_processes,
-                f"--resume: the run trained with {before_world} process(es), this one has {acc.num_processes}; the "
-                f"data order and the global batch depend on it, so resume with {before_world} "
-                f"(accelerate launch --num_processes {before_world} ...)")
-        if config.ema_decay is None:  # "auto" was resolved from the first run's --steps; keep that horizon
-            config = dataclasses.replace(config, ema_decay=saved.get("ema_decay"))
-        mine = config.to_dict()
-        mine["ema_decay"] = config.resolved_ema_decay
-        # steps and the schedule may change, as long as no step already done would have had another lr (below)
-        free = ("steps", "lr_schedule", "lr_decay_start")
-        diff = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
-        require(not diff, f"--resume: settings {diff} differ from the interrupted run's {str(saved_cfg_path)!r}; "
-                          "resume with the same settings (only --steps and the lr schedule of later steps may change)")
-    elif out.exists() and any(out.iterdir()):
-        require(overwrite, f"--out {str(out)!r} exists and is not empty; pass --resume to continue it, "
-                           "--overwrite to replace it, or choose a new folder")
-        if main:
-            shutil.rmtree(out)
+    out = Path(out_dir)
+    with output_lock(out) if main else contextlib.nullcontext():
+        return _train_locked(unet, scheduler, images, config, out, acc=acc, identity=identity, teacher=teacher,
+                             pruning=pruning, resume=resume, overwrite=overwrite, run_info=run_info or {},
+                             progress=progress, inputs=inputs, on_step=on_step, mark=mark_output)
+
+
+def _train_locked(unet, scheduler, images, config: TrainConfig, out: Path, *, acc, identity, teacher, pruning,
+                  resume, overwrite, run_info, progress, inputs, on_step, mark) -> TrainResult:
+    from diffusers.training_utils import EMAModel
+
+    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    ckpt_dir, record_path = out / "checkpoints", out / "train_config.json"
+    record = None
+    if main:
+        config, record = _reconcile(out, config, identity, world, resume, overwrite, inputs)
     acc.wait_for_everyone()
+    if not main and resume:  # the others take the resolved EMA horizon from the record the main process checked
+        config, record = _reconcile(out, config, identity, world, True, False, ())
 
     if config.dropout is not None:
         for m in unet.modules():
@@ -301,35 +471,37 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
     if teacher is not None:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
 
-    if resume and list_checkpoints(ckpt_dir):
-        ckpt = list_checkpoints(ckpt_dir)[-1]
-        start_step = _load_checkpoint(ckpt, raw, ema, optimizer)
+    start_step, skipped = (_restore_newest(ckpt_dir, raw, ema, optimizer, main) if resume else (0, []))
+    if resume:
         require(start_step <= config.steps, f"--steps {config.steps} is below the checkpoint's step {start_step}")
-        before = TrainConfig.from_dict(saved)
-        changed = next((s for s in range(start_step) if not math.isclose(before.lr_at(s), config.lr_at(s),
-                                                                         rel_tol=1e-9)), None)
-        require(changed is None, f"--resume: the new schedule changes the lr of step {changed}, which checkpoint "
-                                 f"step {start_step} already took; keep --steps and the schedule, or pass "
-                                 f"--lr-decay-start {start_step} (or later)")
+        _check_schedule(TrainConfig.from_dict(record["train"]), config, start_step,
+                        record.get("diverged_at") is not None)
+        summary = out / "train_summary.json"
+        if start_step == config.steps and summary.is_file() and read_json(summary).get("steps") == config.steps:
+            done = read_json(summary)  # finished already: nothing to train, nothing to rewrite
+            return TrainResult(out, config.steps, float(done.get("final_loss", float("nan"))), 0.0)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        resolved = config.to_dict() | {"ema_decay": decay}
-        # every invocation that trained this folder, so a resumed run keeps the command that started it
-        segments = read_json(saved_cfg_path).get("segments", []) if resume else []
-        segments.append({"command": (run_info or {}).get("command"), "from_step": start_step,
-                         "to_step": config.steps, "world_size": acc.num_processes})
-        atomic_write_json(saved_cfg_path, {"train": resolved, "world_size": acc.num_processes,
-                                           **(run_info or {}), "segments": segments})
+        mark(out, "train")
+        segments = record.get("segments", []) if record else []
+        if start_step < config.steps:  # (== : killed while saving the final model; only that is redone)
+            segments.append({"command": run_info.get("command"), "from_step": start_step, "to_step": config.steps,
+                             "world_size": world, "lr": config.lr,
+                             **({"skipped_checkpoints": skipped} if skipped else {})})
+        atomic_write_json(record_path, {"train": config.to_dict() | {"ema_decay": decay}, "world_size": world,
+                                        "identity": {k: v for k, v in identity.items() if k != "accelerate"},
+                                        "accelerate": identity["accelerate"], **run_info, "segments": segments})
         _truncate_log(out / "train_log.csv", start_step)
 
     T = scheduler.config.num_train_timesteps
     order = _DataOrder(len(images), config.seed)
-    rank, world, B = acc.process_index, acc.num_processes, config.batch_size
+    B = config.batch_size
     writer = _tensorboard(out) if main else None
     bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not (progress and main))
     started = t0 = time.time()
-    window, last_loss = [], float("nan")
-    step = start_step
+    logged = read_log(out / "train_log.csv") if start_step else {}
+    window, last_loss = [], float(logged["loss"][-1]) if len(logged.get("loss", [])) else float("nan")
+    command = run_info.get("command")
     for step in range(start_step, config.steps):
         lr = config.lr_at(step)
         for group in optimizer.param_groups:
@@ -353,10 +525,8 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
         if world > 1:  # every process must stop together, or the others hang in the next all-reduce
             finite = acc.gather(finite)
         if not bool(finite.all()):
-            good = list_checkpoints(ckpt_dir)
-            where = f"the last good checkpoint is {str(good[-1])!r}" if good else "no checkpoint was written yet"
             value = loss.item() if not math.isfinite(loss.item()) else "non-finite on another process"
-            raise DiffPruneError(f"loss became {value} at step {step}; {where}; lower --lr and resume")
+            raise _diverged(f"loss became {value}", step, config, ckpt_dir, record_path, main, command)
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         if config.grad_clip > 0:
@@ -381,6 +551,9 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
                               config.sample_steps)
         if done % config.checkpoint_every == 0 or done == config.steps:
             acc.wait_for_everyone()
+            # never publish diverged weights as a "good" checkpoint (the loss was checked before this step's update)
+            if not _all_finite(list(raw.parameters()) + list(ema.shadow_params)):
+                raise _diverged("the weights became non-finite", done, config, ckpt_dir, record_path, main, command)
             if main:
                 _save_checkpoint(ckpt_dir, done, raw, ema, optimizer, config.keep_checkpoints)
         if on_step is not None:
@@ -389,11 +562,14 @@ def train(unet, scheduler, images: torch.Tensor, config: TrainConfig, out_dir: s
     acc.wait_for_everyone()
     if main:
         _save_final(raw, ema, scheduler, out, pruning)
+        record = read_json(record_path)
+        if record["segments"] and record["segments"][-1]["to_step"] == config.steps:
+            record["segments"][-1]["wall_minutes"] = round((time.time() - started) / 60, 1)
+        record.pop("diverged_at", None)  # the run reached its end
+        atomic_write_json(record_path, record)
+        # written last: a final model is complete when train_summary.json names its step count
         atomic_write_json(out / "train_summary.json", {"steps": config.steps, "final_loss": last_loss,
                                                         "ema_decay": decay, "world_size": world})
-        record = read_json(saved_cfg_path)
-        record["segments"][-1]["wall_minutes"] = round((time.time() - started) / 60, 1)
-        atomic_write_json(saved_cfg_path, record)
         if writer is not None:
             writer.close()
     acc.wait_for_everyone()
@@ -408,6 +584,9 @@ def ema_copy(raw, ema):
 
 
 def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None) -> None:
+    """Write the raw and EMA models into ``out/raw`` and ``out``: each file written whole and fsynced, then renamed."""
+    from ._fs import fsync_path, fsync_tree
+
     for folder, model in ((out / "raw", raw), (out, ema_copy(raw, ema))):
         tmp = out / f".final-{folder.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -418,6 +597,7 @@ def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None) -> None:
         else:
             model.save_pretrained(tmp, safe_serialization=True)
             scheduler.save_pretrained(tmp / "scheduler")
+            fsync_tree(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for item in tmp.iterdir():
             target = folder / item.name
@@ -425,6 +605,7 @@ def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None) -> None:
                 shutil.rmtree(target)
             os.replace(item, target)
         tmp.rmdir()
+        fsync_path(folder)
 
 
 def _save_sample_grid(raw, ema, scheduler, path: Path, steps: int) -> None:
@@ -445,14 +626,27 @@ def _append_log(path: Path, row: dict) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past ``step`` (a resumed run rewrites them)."""
+    """Drop log rows past ``step`` (a resumed run rewrites them) and a row torn by a kill; rewrite atomically."""
+    import io
+
+    from ._fs import atomic_write_bytes
+
     if not path.exists():
         return
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    path.unlink()
-    for r in rows:
-        _append_log(path, r)
+        rows = [r for r in csv.DictReader(f) if _whole_row(r) and int(r["step"]) <= step]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _whole_row(row: dict) -> bool:
+    try:
+        return int(row["step"]) >= 0 and all(math.isfinite(float(row[k])) or row[k] == "nan" for k in LOG_FIELDS)
+    except (TypeError, ValueError, KeyError):
+        return False
 
 
 def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:

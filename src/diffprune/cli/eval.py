@@ -76,15 +76,24 @@ def _recorded_data(model: str | None) -> str | None:
 
 
 def run(args) -> int:
-    from .._fs import check_output_dir
+    from .._fs import check_output_dir, output_lock
     from ..errors import require
-    from ..evaluate import EvalConfig, evaluate, load_for_eval
 
     require(args.model is not None or args.student_samples is not None,
             "pass --model DIR (or --student-samples DIR to evaluate existing samples)")
     require(args.extractor_weights is None or args.inception_weights is None,
             "pass either --extractor-weights or --inception-weights, not both")
-    check_output_dir(args.out, args.overwrite)
+    inputs = (args.model, args.teacher, args.data, args.student_samples, args.teacher_samples,
+              args.extractor_weights, args.inception_weights, args.cache_dir)
+    check_output_dir(args.out, args.overwrite, inputs)
+    with output_lock(args.out):
+        return _eval(args, inputs)
+
+
+def _eval(args, inputs) -> int:
+    from ..errors import require
+    from ..evaluate import EvalConfig, evaluate, load_for_eval
+
     if args.threads is not None:
         import torch
 
@@ -113,7 +122,8 @@ def run(args) -> int:
     m = evaluate(student, teacher, config=config, out_dir=args.out, scheduler=scheduler,
                  student_samples=args.student_samples, teacher_samples=args.teacher_samples, pruning=pruning,
                  train_log=log, device=device, overwrite=args.overwrite, progress=True,
-                 names={"student": args.model or args.student_samples, "teacher": args.teacher or args.teacher_samples})
+                 names={"student": args.model or args.student_samples, "teacher": args.teacher or args.teacher_samples},
+                 inputs=inputs)
 
     def f(v, spec=".4g"):
         return "n/a" if v is None else format(v, spec)

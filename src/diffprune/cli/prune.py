@@ -92,7 +92,9 @@ def _ranking(value):
 def run(args) -> int:
     import json
 
-    from .._fs import check_output_dir
+    import contextlib
+
+    from .._fs import check_output_dir, output_lock
     from ..errors import require
     from ..io import load_model, save_pruned
     from ..prune import PruneConfig, chain_records, prune_
@@ -105,9 +107,21 @@ def run(args) -> int:
         max_timesteps=args.max_timesteps, taylor_form=args.taylor_form, calib_batch=args.calib_batch,
         seed=args.seed, data_free_steps=args.data_free_steps, macs_tolerance=args.macs_tolerance,
     )
+    inputs = (args.model, args.data)
     if not args.dry_run:
         require(args.out is not None, "--out DIR is required (or pass --dry-run to only print the numbers)")
-        check_output_dir(args.out, args.overwrite)
+        check_output_dir(args.out, args.overwrite, inputs)
+    with output_lock(args.out) if not args.dry_run else contextlib.nullcontext():
+        return _prune(args, config, inputs)
+
+
+def _prune(args, config, inputs) -> int:
+    import json
+
+    from ..io import load_model, save_pruned
+    from ..prune import chain_records, prune_
+    from ..sampling import default_scheduler
+
     loaded = load_model(args.model)
     scheduler = loaded.scheduler if loaded.scheduler is not None else default_scheduler()
     report = prune_(loaded.unet, config, args.data, scheduler=scheduler, device=device_of(args), split=args.split)
@@ -132,6 +146,7 @@ def run(args) -> int:
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    save_pruned(loaded.unet.to("cpu"), args.out, record, scheduler=scheduler, overwrite=args.overwrite)
+    save_pruned(loaded.unet.to("cpu"), args.out, record, scheduler=scheduler, overwrite=args.overwrite,
+                inputs=inputs)
     print(f"wrote {args.out}")
     return 0

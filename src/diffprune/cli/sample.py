@@ -20,14 +20,23 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .._fs import atomic_dir, check_output_dir
+    from .._fs import check_output_dir, output_lock
+    from ..errors import require, require_seed
+
+    require(args.n >= 1, f"--n {args.n} must be >= 1")
+    require_seed("--seed", args.seed, args.n)
+    require(args.batch_size >= 1, f"--batch-size {args.batch_size} must be >= 1")
+    check_output_dir(args.out, args.overwrite, inputs=(args.model,))
+    with output_lock(args.out):
+        return _sample(args)
+
+
+def _sample(args) -> int:
+    from .._fs import atomic_dir
     from ..data import to_uint8
-    from ..errors import require
     from ..io import load_model
     from ..sampling import default_scheduler, sample, save_samples
 
-    require(args.n >= 1, f"--n {args.n} must be >= 1")
-    check_output_dir(args.out, args.overwrite)
     loaded = load_model(args.model)
     device = device_of(args)
     unet = loaded.unet.to(device)
@@ -36,7 +45,7 @@ def run(args) -> int:
     images = sample(unet, scheduler, seeds=seeds, num_inference_steps=args.steps, sampler=args.sampler,
                     skip=args.skip, batch_size=args.batch_size, device=device)
     meta = {"model": str(args.model), "steps": args.steps, "sampler": args.sampler, "skip": args.skip}
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, kind="samples", inputs=(args.model,)) as tmp:
         save_samples(to_uint8(images), seeds, tmp, meta)
     print(f"wrote {args.n} images to {args.out} (grid: {args.out}/grid.png)")
     return 0

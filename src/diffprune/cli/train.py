@@ -59,9 +59,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..data import load_images
+    from ..data import load_data
+    from ..errors import DiffPruneError, require
     from ..macs import sample_shape
-    from ..errors import DiffPruneError
     from ..presets import PRESETS, build_unet
     from ..sampling import default_scheduler
     from ..seed import seed_everything
@@ -72,17 +72,23 @@ def run(args) -> int:
         path = Path(args.config)
         if not path.is_file():
             raise DiffPruneError(f"--config {args.config!r} does not exist; pass a JSON file of UNet2DModel settings")
-        arch = json.loads(path.read_text())
+        try:
+            arch = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DiffPruneError(f"--config {args.config!r} is not valid JSON ({e}); pass a JSON object of "
+                                 "UNet2DModel settings, e.g. {\"block_out_channels\": [32, 64]}") from None
+        require(isinstance(arch, dict), f"--config {args.config!r} holds a {type(arch).__name__}, not a JSON object "
+                                        "of UNet2DModel settings")
     else:
         arch = PRESETS.get(args.preset)
     seed_everything(config.seed)
     unet = build_unet(dict(arch))
     channels, size, _ = sample_shape(unet)
-    images = load_images(args.data, resolution=size, channels=channels)
-    info = run_info(command=" ".join(["diffprune"] + sys.argv[1:]), data=args.data, architecture=arch,
-                    num_images=len(images))
+    images = load_data(args.data, resolution=size, channels=channels)
+    info = run_info(command=" ".join(["diffprune"] + sys.argv[1:]), data=args.data, data_record=images.record,
+                    architecture=arch, num_images=len(images))
     res = train(unet, default_scheduler(), images, config, args.out, resume=args.resume, overwrite=args.overwrite,
-                run_info=info, accelerator=make_accelerator(args.device))
+                run_info=info, accelerator=make_accelerator(args.device), inputs=(args.data, args.config))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
