@@ -22,7 +22,8 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainCon
     channels, size, _ = sample_shape(unet)
     images = load_data(data, resolution=size, channels=channels)
     teacher_unet = load_model(teacher).unet if teacher is not None else None
-    info = run_info(command=command, model=str(model), teacher=None if teacher is None else str(teacher),
+    info = run_info(command=command, model=str(model), model_revision=loaded.revision,
+                    teacher=None if teacher is None else str(teacher),
                     data=str(data), data_record=images.record, num_images=len(images))
     return train(unet, loaded.scheduler or default_scheduler(), images, config, out_dir, teacher=teacher_unet,
                  pruning=loaded.pruning, resume=resume, overwrite=overwrite, run_info=info,

@@ -210,6 +210,8 @@ def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dty
     from .assets import SHIPPED_MODELS, shipped_model_path
 
     name = str(name_or_path)
+    require(name.strip() != "", f"model {name!r} is empty; pass a model folder, a shipped name "
+                                f"{sorted(SHIPPED_MODELS)} or a hub id (owner/name)")
     shipped = shipped_model_path(name)
     path = shipped if shipped is not None else Path(name)
     if path.is_file():
@@ -221,8 +223,6 @@ def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dty
         raise DiffPruneError(f"model {name!r} is a file; pass a model folder, a shipped name or a hub id")
     if path.is_dir():
         return _load_folder(path, device, dtype)
-    require(name.strip() != "", f"model {name!r} is empty; pass a model folder, a shipped name "
-                                f"{sorted(SHIPPED_MODELS)} or a hub id (owner/name)")
     if allow_hub and is_hub_id(name):
         return _load_hub(name, device, dtype)
     if "/" in name or os.sep in name or name.startswith((".", "~")):  # a local path, never a hub id

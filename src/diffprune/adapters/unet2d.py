@@ -100,10 +100,12 @@ class UNet2DAdapter(ModelAdapter):
                 raise DiffPruneError(f"pruning record names attention {name!r}, which this model does not have")
             attn = modules[name]
             heads, q_out = int(meta["heads"]), attn.to_q.out_features
-            if heads < 1 or q_out % heads or attn.to_k.out_features != q_out or attn.to_v.out_features != q_out:
+            dim_head = int(meta.get("dim_head", q_out // max(heads, 1)))
+            if (heads < 1 or q_out % heads or heads * dim_head != q_out or attn.to_k.out_features != q_out
+                    or attn.to_v.out_features != q_out):
                 raise DiffPruneError(
                     f"attention {name!r}: q/k/v widths {q_out}/{attn.to_k.out_features}/{attn.to_v.out_features} "
-                    f"do not split into {heads} heads; the pruning record does not match the model"
+                    f"do not split into {heads} heads of {dim_head}; the pruning record does not match the weights"
                 )
             if fold is not None and fold.get(name, 1.0) != 1.0:
                 with torch.no_grad():

@@ -12,20 +12,21 @@ import sys
 SUBCOMMANDS = ["prune", "info", "train", "finetune", "sample", "eval", "run", "demo"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with diffprune's one-line errors (``diffprune: error: ...``, exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"diffprune: error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffprune", description="Structural pruning for diffusion models.")
+    parser = _Parser(prog="diffprune", description="Structural pruning for diffusion models.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"diffprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__name__}.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return parser
 
 
@@ -33,11 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import DiffPruneError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error (already printed)
+        return int(e.code or 0)
     try:
         return int(args.func(args) or 0)
     except DiffPruneError as e:
         print(f"diffprune: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, read-only file system: the system's words, one line
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"diffprune: error: {e.strerror or e}{where}; free disk space or fix the permissions, then run the "
+              "command again (outputs are published only when complete; training resumes with --resume)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffprune: interrupted", file=sys.stderr)

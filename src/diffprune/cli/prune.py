@@ -127,6 +127,7 @@ def _prune(args, config, inputs) -> int:
     report = prune_(loaded.unet, config, args.data, scheduler=scheduler, device=device_of(args), split=args.split)
     record = report.to_dict()
     record["model_source"] = str(args.model)
+    record["model_revision"] = loaded.revision  # the hub commit, for a hub id
     record["scheduler_source"] = "model" if loaded.scheduler is not None else "default (DDPM, 1000 steps, linear)"
     if loaded.pruning is not None:
         record = chain_records(loaded.pruning, record)
