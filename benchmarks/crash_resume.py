@@ -86,7 +86,7 @@ for k in range(args.kills):
     while proc.poll() is None and segments() <= before:  # start-up: until this run has written its segment
         time.sleep(0.002)
     while proc.poll() is None:
-        if mid_write and writing(target, t_start):
+        if mid_write and steps_logged() >= target and writing(target, t_start):
             break
         if not mid_write and steps_logged() >= target:
             time.sleep(rng.uniform(0, 0.3))
