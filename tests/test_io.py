@@ -54,10 +54,14 @@ def test_pruned_tensors_are_laid_out_as_a_fresh_model(pruned):
 def test_pruning_json_records_everything(pruned):
     _, report, out = pruned
     rec = json.loads((out / "pruning.json").read_text())
-    assert rec["method"] == "diff-pruning" and rec["seed"] == 0 and rec["diffprune_version"]
-    assert (rec["base_params"], rec["params"]) == (44969, report.params_after) and rec["params"] < 44969
-    assert rec["macs"] == report.macs_after < rec["base_macs"] == 1042944
-    assert rec["timestep_losses"]["t"] == [0, 1, 2] and rec["cutoff_t"] == 2
+    assert rec["method"] == "diff-pruning" and rec["config"]["seed"] == 0 and rec["diffprune_version"]
+    assert rec["family"] == "unet2d"
+    assert (rec["base_params"], rec["params"]) == (44969, report.params) and rec["params"] < 44969
+    assert rec["macs"] == report.macs < rec["base_macs"] == 1042944
+    assert rec["calibration"]["losses"]["t"] == [0, 1, 2] and rec["calibration"]["cutoff_t"] == 2
+    # one name per figure: no second copy of a number under another key
+    assert not {"params_before", "params_after", "widths_before", "timestep_losses", "cutoff_t", "seed"} & set(rec)
+    assert rec["widths"]["conv_in"] == [1, report.widths["conv_in"][1]] and rec["base_widths"]["conv_in"] == [1, 8]
     assert rec["structure"]["history"] and rec["config"]["ratio"] == 0.5
     assert json.loads((out / "config.json").read_text())["block_out_channels"] == [8, 16]  # the base config
 
@@ -148,7 +152,7 @@ def test_hub_ids_load_pruned_models_and_fetch_no_pickles(pruned, tmp_path, monke
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     m = load_model("someone/pruned-unet")
     assert sorted(fetched) == ["config.json", "diffusion_pytorch_model.safetensors", "pruning.json",
-                               "scheduler/scheduler_config.json"]
+                               "scheduler/scheduler_config.json", "vae/diffusion_pytorch_model.safetensors"]
     assert m.source == "someone/pruned-unet" and m.pruning["method"] == "diff-pruning"
     assert isinstance(m.scheduler, DDPMScheduler)
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), m.unet.state_dict().values()))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffprune.errors import DiffPruneError
-from diffprune.latency import measure, peak_memory, sampler_latency, unet_latency
+from diffprune.latency import measure, peak_memory, sampler_latency, denoiser_latency
 from diffprune.presets import build_unet
 from diffprune.sampling import default_scheduler
 
@@ -28,7 +28,7 @@ def test_fewer_than_ten_runs_are_refused():
 
 def test_unet_and_sampler_latency_on_a_tiny_unet():
     unet = build_unet("tiny")
-    rec = unet_latency(unet, device="cpu", batch_sizes=(1, 4), repeats=10, warmup=1)
+    rec = denoiser_latency(unet, device="cpu", batch_sizes=(1, 4), repeats=10, warmup=1)
     assert sorted(rec) == ["1", "4"]
     for b, r in rec.items():
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0
@@ -42,7 +42,7 @@ def test_unet_and_sampler_latency_on_a_tiny_unet():
 
 def test_device_mismatch_is_an_error():
     with pytest.raises(DiffPruneError, match="move it first"):
-        unet_latency(build_unet("tiny"), device="meta", batch_sizes=(1,))
+        denoiser_latency(build_unet("tiny"), device="meta", batch_sizes=(1,))
 
 
 def test_peak_memory_says_what_it_measured():

@@ -20,14 +20,14 @@ def test_cifar10_architecture_ratio_03(mode, expected):
     torch.manual_seed(0)
     unet = build_unet("ddpm-cifar10-32")
     report = prune_(unet, PruneConfig(method="magnitude", ratio=0.3, ratio_mode=mode), progress=False)
-    assert report.params_before == 35_746_307
-    assert report.macs_before == 6_221_856_768
-    assert abs(report.params_after - expected) <= 0.01e6
-    assert report.params_after == sum(p.numel() for p in unet.parameters())
+    assert report.base_params == 35_746_307
+    assert report.base_macs == 6_221_856_768
+    assert abs(report.params - expected) <= 0.01e6
+    assert report.params == sum(p.numel() for p in unet.parameters())
     # widths: the paper rule keeps 96 of 128 and 192 of 256 channels in GroupNorm-coupled groups
-    assert report.widths_after["conv_in"][1] == (96 if mode == "paper" else 64)
+    assert report.widths["conv_in"][1] == (96 if mode == "paper" else 64)
     # uniform keeps int(8 * 0.7) = 5 of each GroupNorm group of 8
-    assert report.widths_after["mid_block.resnets.0.conv1"][1] == (192 if mode == "paper" else 160)
+    assert report.widths["mid_block.resnets.0.conv1"][1] == (192 if mode == "paper" else 160)
 
 
 def test_target_macs_half_within_two_percent():
@@ -36,7 +36,7 @@ def test_target_macs_half_within_two_percent():
     cfg = PruneConfig(method="magnitude", target_macs=0.5)
     assert cfg.ratio_mode == "uniform" and cfg.global_ranking
     report = prune_(unet, cfg, progress=False)
-    achieved = report.macs_after / report.macs_before
+    achieved = report.macs / report.base_macs
     assert abs(achieved / 0.5 - 1) <= 0.02, achieved
     assert report.search and report.ratio == min(
         report.search, key=lambda r: abs(r["macs_fraction"] / 0.5 - 1))["ratio"]
@@ -103,7 +103,7 @@ def test_data_free_calibration_and_gradient_checkpointing_restored():
     assert report.calibration["source"] == DATA_FREE and report.calibration["batch"] == 3
     assert report.calibration["accumulated"] == [0, 1] and report.calibration["stopped_by"] == "cap"
     assert unet.is_gradient_checkpointing
-    assert report.params_after < report.params_before
+    assert report.params < report.base_params
     assert all(p.grad is None for p in unet.parameters())
 
 

@@ -8,9 +8,9 @@ from PIL import Image
 from diffprune.report import layer_widths, metrics_rows, timestep_losses, write_report
 
 PRUNING = {
-    "widths_before": {"conv_in": [1, 8], "down_blocks.0.resnets.0.norm1": [8, 8], "down_blocks.0.resnets.0.conv1": [8, 8],
+    "base_widths": {"conv_in": [1, 8], "down_blocks.0.resnets.0.norm1": [8, 8], "down_blocks.0.resnets.0.conv1": [8, 8],
                       "mid_block.attentions.0.to_q": [16, 16], "conv_out": [8, 1]},
-    "widths_after": {"conv_in": [1, 4], "down_blocks.0.resnets.0.norm1": [4, 4], "down_blocks.0.resnets.0.conv1": [4, 4],
+    "widths": {"conv_in": [1, 4], "down_blocks.0.resnets.0.norm1": [4, 4], "down_blocks.0.resnets.0.conv1": [4, 4],
                      "mid_block.attentions.0.to_q": [8, 8], "conv_out": [4, 1]},
     "calibration": {"losses": {"t": [0, 1, 2, 3], "loss": [0.9, 1.0, 0.4, 0.04]}, "cutoff_t": 3,
                     "stopped_by": "threshold", "timesteps": {"name": "threshold", "thr": 0.05}},

@@ -68,11 +68,12 @@ def test_sample_folder_round_trip(tmp_path):
 
 
 def test_non_square_sample_size_comes_from_the_config():
-    from diffprune.macs import count_macs, sample_shape
+    from diffprune.adapters import adapter_for
+    from diffprune.macs import count_macs
     from diffprune.presets import PRESETS
 
     torch.manual_seed(0)
     unet = build_unet({**PRESETS.get("tiny"), "sample_size": (8, 4)}).eval()
-    assert sample_shape(unet) == (1, 8, 4)
+    assert adapter_for(unet).input_shape(unet) == (1, 8, 4)
     assert sample(unet, default_scheduler(), seeds=[0, 1], num_inference_steps=2, progress=False).shape == (2, 1, 8, 4)
     assert count_macs(unet).per_layer["conv_in"] == 8 * 4 * 8 * 1 * 9  # 3x3, 1 -> 8 channels over 8x4 positions

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from diffprune.adapters import ModelAdapter
 from diffprune.errors import DiffPruneError
 from diffprune.prune import accumulate_gradients
 from diffprune.timesteps import (AllTimesteps, StridedTimesteps, ThresholdTimesteps, make_strategy,
@@ -68,6 +69,13 @@ class _ScaledIdentity(torch.nn.Module):
         return types.SimpleNamespace(sample=self.w * x)
 
 
+class _Toy(ModelAdapter):
+    """The denoiser contract for the toy model: an unconditional call."""
+
+    def forward(self, model, x, t, cond=None):
+        return model(x, t).sample
+
+
 @pytest.mark.parametrize("semantics", ["accumulate-trigger", "exclude-trigger"])
 def test_calibration_loop_accumulates_exactly_the_prefix_the_rule_keeps(semantics):
     sched = DDPMScheduler(num_train_timesteps=200)
@@ -76,7 +84,7 @@ def test_calibration_loop_accumulates_exactly_the_prefix_the_rule_keeps(semantic
     noise = torch.randn(4, 1, 4, 4, generator=g)
     model = _ScaledIdentity()
     strategy = ThresholdTimesteps(thr=0.5, semantics=semantics)
-    res = accumulate_gradients(model, sched, x0, noise, strategy, progress=False)
+    res = accumulate_gradients(model, sched, x0, noise, strategy, adapter=_Toy(), progress=False)
     losses = [v for _, v in res.losses]
     k = threshold_cutoff(losses, 0.5, semantics)
     assert res.stopped_by == "threshold"
@@ -97,9 +105,10 @@ def test_strided_weights_scale_the_gradient():
     sched = DDPMScheduler(num_train_timesteps=20)
     x0, noise = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
     a, b = _ScaledIdentity(), _ScaledIdentity()
-    res = accumulate_gradients(a, sched, x0, noise, StridedTimesteps(stride=5), progress=False)
+    res = accumulate_gradients(a, sched, x0, noise, StridedTimesteps(stride=5), adapter=_Toy(), progress=False)
     assert res.accumulated == [0, 5, 10, 15] and res.stopped_by == "end"
-    res = accumulate_gradients(b, sched, x0, noise, make_strategy("all", max_timesteps=7), progress=False)
+    res = accumulate_gradients(b, sched, x0, noise, make_strategy("all", max_timesteps=7), adapter=_Toy(),
+                               progress=False)
     assert res.accumulated == list(range(7)) and res.stopped_by == "cap"
     # strided: gradient of 5 * sum of L_t over t in {0, 5, 10, 15}
     expected = torch.zeros(())

@@ -11,7 +11,8 @@ from diffprune.data import load_images
 from diffprune.errors import DiffPruneError
 from diffprune.presets import build_unet
 from diffprune.sampling import default_scheduler
-from diffprune.train import TrainConfig, denoising_loss, list_checkpoints, read_log, train
+from diffprune.objective import denoising_loss
+from diffprune.train import TrainConfig, list_checkpoints, read_log, train
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ __version__ = "0.1.0"
 _LAZY = {
     # pruning engine
     "PruneConfig": "prune", "PruneReport": "prune", "prune_": "prune", "DATA_FREE": "prune",
-    "accumulate_gradients": "prune", "calibration_images": "prune",
+    "accumulate_gradients": "prune", "calibration_batch": "prune", "prune_model": "prune",
     "METHODS": "importance", "TIMESTEP_STRATEGIES": "timesteps", "make_strategy": "timesteps",
     "count_macs": "macs", "count_params": "macs", "MacsReport": "macs",
-    "ADAPTERS": "adapters", "adapter_for": "adapters",
+    "ADAPTERS": "adapters", "adapter_for": "adapters", "Conditioning": "adapters", "PIPELINES": "adapters.pipelines",
     # safe model format
-    "save_pruned": "io", "load_pruned": "io", "load_model": "io", "LoadedModel": "io",
+    "save_pruned": "io", "load_pruned": "io", "load_model": "io", "load_pipeline": "io", "LoadedModel": "io",
     # recovery, sampling, evaluation, the whole pipeline (the verbs train/finetune/evaluate share their module's
     # name, which shadows a package attribute once imported: call diffprune.train.train etc.)
     "TrainConfig": "train", "sample": "sampling", "EvalConfig": "evaluate",

@@ -83,6 +83,15 @@ def read_json(path: str | os.PathLike):
         return json.load(f)
 
 
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The cache folder (reference statistics, latents): ``path``, else ``$DIFFPRUNE_CACHE``, else
+    ``~/.cache/diffprune``."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("DIFFPRUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "diffprune"
+
+
 # --- local path or hub id -------------------------------------------------------------------------------------
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

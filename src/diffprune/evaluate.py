@@ -61,6 +61,7 @@ class EvalConfig:
     latency_warmup: int = 2
     sampler_latency_batch: int = 16
     grid_count: int = 32
+    guidance_scale: float = 1.0
 
     def __post_init__(self):
         require_int("n", self.n, 2)
@@ -71,6 +72,8 @@ class EvalConfig:
         require_int("latency_warmup", self.latency_warmup, 0)
         require_int("sampler_latency_batch", self.sampler_latency_batch, 1)
         require_int("grid_count", self.grid_count, 1)
+        require(isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 1,
+                f"guidance_scale={self.guidance_scale!r} must be >= 1 (1 = no classifier-free guidance)")
         require(self.ref_count is None or (isinstance(self.ref_count, int) and self.ref_count >= 2),
                 f"ref_count={self.ref_count!r} must be an integer >= 2 or None (the whole split)")
         from .sampling import SKIPS
@@ -105,7 +108,7 @@ class _Model:
 
 
 def load_for_eval(name_or_path: str | os.PathLike):
-    """``(unet, scheduler, pruning dict or None, train log columns)`` of a model folder or shipped name.
+    """``(LoadedModel, train log columns)`` of a model folder, shipped name or hub id.
 
     The one place the evaluation loads models (through :func:`diffprune.io.load_model`).
     """
@@ -114,7 +117,7 @@ def load_for_eval(name_or_path: str | os.PathLike):
 
     loaded = load_model(str(name_or_path))
     folder = Path(loaded.source)  # a hub id is no folder: read_log then finds no log
-    return loaded.unet, loaded.scheduler, loaded.pruning, read_log(folder / "train_log.csv")
+    return loaded, read_log(folder / "train_log.csv")
 
 
 def _device_of(unet, device):
@@ -132,12 +135,13 @@ def _as_sample_set(x) -> SampleSet | None:
     return load_sample_folder(x)
 
 
-def _generate(unet, scheduler, config: EvalConfig, device, progress: bool) -> SampleSet:
+def _generate(model, scheduler, config: EvalConfig, device, progress: bool, codec=None) -> SampleSet:
     from .data import to_uint8
     from .sampling import sample
 
-    images = sample(unet, scheduler, seeds=config.seeds, num_inference_steps=config.steps, sampler="ddim", eta=0.0,
-                    skip=config.skip, batch_size=config.batch_size, device=device, progress=progress)
+    images = sample(model, scheduler, seeds=config.seeds, num_inference_steps=config.steps, sampler="ddim", eta=0.0,
+                    skip=config.skip, batch_size=config.batch_size, device=device, progress=progress, codec=codec,
+                    guidance_scale=config.guidance_scale)
     return SampleSet(seeds=config.seeds, images=to_uint8(images))
 
 
@@ -147,19 +151,20 @@ def _calls_per_image(scheduler, config: EvalConfig) -> int:
     return len(skip_timesteps(scheduler.config.num_train_timesteps, config.steps, config.skip))
 
 
-def _cost(unet, scheduler, config: EvalConfig, device) -> dict:
-    from .latency import sampler_latency, unet_latency
+def _cost(model, scheduler, config: EvalConfig, device, codec=None) -> dict:
+    from .latency import denoiser_latency, sampler_latency
     from .macs import count_macs
 
-    rep = count_macs(unet)
-    calls = _calls_per_image(scheduler, config)
+    rep = count_macs(model)
+    calls = _calls_per_image(scheduler, config) * (2 if config.guidance_scale != 1 else 1)
     out = {"params": rep.params, "macs": rep.macs, "macs_per_image": rep.macs * calls, "unet_calls_per_image": calls}
     if config.latency_batches:
-        out["latency_unet"] = unet_latency(unet, device=device, batch_sizes=config.latency_batches,
-                                           repeats=config.latency_repeats, warmup=config.latency_warmup)
-        out["latency_sampler"] = sampler_latency(unet, scheduler, device=device, steps=config.steps,
+        out["latency_unet"] = denoiser_latency(model, device=device, batch_sizes=config.latency_batches,
+                                               repeats=config.latency_repeats, warmup=config.latency_warmup)
+        out["latency_sampler"] = sampler_latency(model, scheduler, device=device, steps=config.steps,
                                                  batch_size=config.sampler_latency_batch,
-                                                 repeats=config.latency_repeats, warmup=1, skip=config.skip)
+                                                 repeats=config.latency_repeats, warmup=1, skip=config.skip,
+                                                 codec=codec, guidance_scale=config.guidance_scale)
     return out
 
 
@@ -216,7 +221,7 @@ def _ratio(a, b):
 def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.PathLike, scheduler=None,
              student_samples=None, teacher_samples=None, pruning: dict | None = None,
              train_log: dict | None = None, device=None, overwrite: bool = False, progress: bool = False,
-             names: dict | None = None, inputs=()) -> dict:
+             names: dict | None = None, inputs=(), codec=None) -> dict:
     """Evaluate ``student`` (a UNet2DModel, or ``None`` with ``student_samples``) against ``teacher``.
 
     ``student_samples``/``teacher_samples``: a :class:`~diffprune.metrics.SampleSet` or a folder written by
@@ -225,6 +230,8 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     ``pruning.json``) and ``train_log`` (:func:`diffprune.train.read_log` columns) feed the report's plots.
     ``device``: where sampling, features and timing run; default the student's device (models are not moved).
     ``inputs``: paths ``out_dir`` must never be or contain (see :func:`diffprune._fs.check_output_dir`).
+    ``codec``: a latent pipeline's autoencoder, shared by both models (samples are decoded with it; latency includes
+    the decoding). A class-conditional model samples seed ``s`` with class ``s mod num_classes``.
     Returns the metrics dict also written to ``out_dir/metrics.json``.
     """
     from ._fs import atomic_dir, atomic_write_json, check_output_dir
@@ -250,7 +257,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
         models["teacher"] = _Model("teacher", teacher, _as_sample_set(teacher_samples))
     for m in models.values():
         if m.samples is None:
-            m.samples = _generate(m.unet, scheduler, config, device, progress)
+            m.samples = _generate(m.unet, scheduler, config, device, progress, codec)
     sets = {role: m.samples for role, m in models.items()}
 
     metrics: dict[str, Any] = {"config": config.to_dict(), "device": str(device), "threads": torch.get_num_threads(),
@@ -276,7 +283,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     # Cost.
     for m in models.values():
         if m.unet is not None:
-            m.cost = _cost(m.unet, scheduler, config, device)
+            m.cost = _cost(m.unet, scheduler, config, device, codec)
     sc, tc = models["student"].cost, models.get("teacher", _Model("teacher", None)).cost
     metrics["cost"] = {role: m.cost for role, m in models.items()}
     metrics["params"], metrics["teacher_params"] = sc.get("params"), tc.get("params")

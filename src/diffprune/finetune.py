@@ -3,28 +3,41 @@ from __future__ import annotations
 
 import os
 
-from .data import load_data
-from .macs import sample_shape
-from .sampling import default_scheduler
+from .errors import require
 from .seed import seed_everything
 from .train import TrainConfig, TrainResult, run_info, train
 
 
 def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainConfig, out_dir: str | os.PathLike, *,
              teacher: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
-             accelerator=None, progress: bool = True, command: str | None = None) -> TrainResult:
-    """Fine-tune the model at ``model`` on ``data``; the result (EMA weights) keeps the pruned format."""
+             accelerator=None, progress: bool = True, command: str | None = None,
+             cache_dir: str | os.PathLike | None = None, prediction_type: str | None = None) -> TrainResult:
+    """Fine-tune the model at ``model`` (a bare model or a pipeline, pruned or not) on ``data``.
+
+    For a latent pipeline the images are encoded once with its autoencoder (cached under ``cache_dir``); a
+    class-conditional model trains on each image's label. The result (EMA weights) keeps the pruned format, and a
+    pipeline stays a pipeline. ``prediction_type``: what the model predicts, for a model without a scheduler.
+    """
+    from .inputs import load_denoiser_data
     from .io import load_model
+    from .objective import resolve_scheduler
 
     seed_everything(config.seed)
     loaded = load_model(model)
-    unet = loaded.unet
-    channels, size, _ = sample_shape(unet)
-    images = load_data(data, resolution=size, channels=channels)
-    teacher_unet = load_model(teacher).unet if teacher is not None else None
+    scheduler = resolve_scheduler(loaded.scheduler, prediction_type)
+    denoiser = loaded.denoiser
+    prepared = load_denoiser_data(denoiser, data, codec=loaded.codec, cache_dir=cache_dir, progress=progress)
+    teacher_model = None
+    if teacher is not None:
+        teacher_model = load_model(teacher).denoiser
+        require(type(teacher_model) is type(denoiser)
+                and loaded.adapter.conditioning(teacher_model) == loaded.adapter.conditioning(denoiser),
+                f"teacher {str(teacher)!r} is a {type(teacher_model).__name__} but the student is a "
+                f"{type(denoiser).__name__} (or they take other conditioning); distil from the unpruned original")
     info = run_info(command=command, model=str(model), model_revision=loaded.revision,
                     teacher=None if teacher is None else str(teacher),
-                    data=str(data), data_record=images.record, num_images=len(images))
-    return train(unet, loaded.scheduler or default_scheduler(), images, config, out_dir, teacher=teacher_unet,
+                    data=str(data), data_record=prepared.record, num_images=len(prepared))
+    return train(denoiser, scheduler, prepared, config, out_dir, teacher=teacher_model,
                  pruning=loaded.pruning, resume=resume, overwrite=overwrite, run_info=info,
-                 accelerator=accelerator, progress=progress, inputs=(model, data, teacher))
+                 accelerator=accelerator, progress=progress, inputs=(model, data, teacher), pipeline=loaded.pipeline,
+                 codec=loaded.codec)

@@ -1,21 +1,29 @@
 """The safe pruned-model format, and loading any model diffprune accepts. No pickle anywhere.
 
-A pruned model folder::
+A pruned bare model folder::
 
+    .diffprune                           marker: written by diffprune
     config.json                          base diffusers config (the unpruned architecture)
     pruning.json                         recorded structure (replayable), method, settings, seed, versions,
                                          params/MACs before and after, per-timestep losses and cutoff
     diffusion_pytorch_model.safetensors  the pruned weights
     scheduler/                           the noise scheduler, when known
 
+A pruned *pipeline* (the input was a diffusers pipeline folder or hub id, ``model_index.json``) is a pipeline folder:
+``model_index.json`` and every component copied unchanged (autoencoder, scheduler, label map), and the denoiser's
+folder (``unet/`` or ``transformer/``) in the layout above.
+
 :func:`load_pruned` rebuilds the base model from ``config.json``, replays the recorded structure
 (:func:`diffprune.prune.replay_structure_`) and loads the safetensors weights; outputs are bitwise equal to the
 model that was saved. :func:`load_model` accepts a shipped model name, a pruned folder, a plain diffusers model or
-pipeline folder, or (online) a Hugging Face hub id. Pickle checkpoints are refused.
+pipeline folder, or (online) a Hugging Face hub id; :func:`load_pipeline` returns the stock diffusers pipeline with
+the (pruned) denoiser in place. Pickle checkpoints are refused.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +36,20 @@ from .errors import DiffPruneError, require
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PRUNING_NAME = "pruning.json"
 CONFIG_NAME = "config.json"
+INDEX_NAME = "model_index.json"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
+# the files that define a model (bare, or a pipeline's components): all a hub id fetches (never pickles), and what
+# a run's stage hashes fingerprint
+MODEL_FILE_PATTERNS = [CONFIG_NAME, PRUNING_NAME, WEIGHTS_NAME, INDEX_NAME, "scheduler_config.json",
+                       f"*/{CONFIG_NAME}", f"*/{PRUNING_NAME}", f"*/{WEIGHTS_NAME}", "*/scheduler_config.json"]
+
+
+def model_files(folder: str | os.PathLike) -> list[Path]:
+    """The files below ``folder`` that :data:`MODEL_FILE_PATTERNS` names (one level of components deep)."""
+    folder = Path(folder)
+    found = [p for p in sorted(folder.glob("*")) + sorted(folder.glob("*/*")) if p.is_file()]
+    return [p for p in found if any(fnmatch.fnmatchcase(p.relative_to(folder).as_posix(), pat)
+                                    for pat in MODEL_FILE_PATTERNS)]
 
 
 def _pickle_refusal(what: str) -> DiffPruneError:
@@ -39,16 +60,44 @@ def _pickle_refusal(what: str) -> DiffPruneError:
     )
 
 
+@dataclass(frozen=True)
+class PipelineSource:
+    """Where a pipeline came from: its folder (components are copied from it) and its family."""
+
+    folder: Path
+    family: object  # adapters.pipelines.PipelineFamily
+
+    def components(self) -> list[str]:
+        """The component folders named in ``model_index.json`` (autoencoder, scheduler, denoiser, ...)."""
+        index = read_json(self.folder / INDEX_NAME)
+        return sorted(k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is not None
+                      and (self.folder / k).is_dir())
+
+
 @dataclass
 class LoadedModel:
-    """A model as :func:`load_model` found it: the UNet, its scheduler (or None), its pruning record (None when
-    unpruned), where it came from and, for a hub id, the commit it resolved to."""
+    """A model as :func:`load_model` found it: the denoiser, its scheduler (or None), its pruning record (None when
+    unpruned), where it came from (for a hub id, also the commit it resolved to), and for a pipeline its latent
+    codec (latent pipelines) and source folder."""
 
-    unet: nn.Module
+    denoiser: nn.Module
     scheduler: object | None
     pruning: dict | None
     source: str
     revision: str | None = None
+    codec: object | None = None  # adapters.pipelines.LatentCodec
+    pipeline: PipelineSource | None = None
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoiser (named for the UNets diffprune started with)."""
+        return self.denoiser
+
+    @property
+    def adapter(self):
+        from .adapters import adapter_for
+
+        return adapter_for(self.denoiser)
 
 
 def require_finite_weights(model: nn.Module, what: str) -> None:
@@ -59,33 +108,58 @@ def require_finite_weights(model: nn.Module, what: str) -> None:
                                  "damaged: fine-tune it again with a lower learning rate, or load another checkpoint")
 
 
-def _state_dict_for_saving(unet: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
+def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def save_pruned(unet: nn.Module, out_dir: str | os.PathLike, pruning: dict, scheduler=None,
-                overwrite: bool = False, inputs=()) -> Path:
-    """Write a pruned model folder atomically (``pruning``: ``PruneReport.to_dict()`` or a loaded record).
-
-    Refuses an existing non-empty ``out_dir`` unless ``overwrite`` (and then only a folder diffprune wrote, never
-    one that is or contains one of ``inputs``). The record's structure must match the model's parameter shapes.
-    """
-    from safetensors.torch import save_file
-
+def _check_record(model: nn.Module, pruning: dict) -> None:
     require(isinstance(pruning, dict) and isinstance(pruning.get("structure"), dict),
             "pruning must be the pruning record (PruneReport.to_dict() or LoadedModel.pruning) with a 'structure'")
-    shapes = {k: list(v.shape) for k, v in unet.state_dict().items()}
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     recorded = pruning["structure"].get("shapes")
     if recorded is not None and recorded != shapes:
         bad = sorted(k for k in set(shapes) | set(recorded) if shapes.get(k) != recorded.get(k))[:3]
         raise DiffPruneError(f"the model's shapes differ from the pruning record (e.g. {bad}); save the model "
                              "that this record describes")
+
+
+def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | None = None, scheduler=None,
+                pipeline: PipelineSource | None = None) -> None:
+    """Write ``model`` into the new folder ``folder``: pruned (with ``pruning``) or plain; bare or, with
+    ``pipeline``, as a pipeline folder whose other components are copied from the source pipeline."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    target = folder
+    if pipeline is not None:
+        for name in pipeline.components():
+            if name != pipeline.family.denoiser:
+                shutil.copytree(pipeline.folder / name, folder / name)
+        shutil.copy2(pipeline.folder / INDEX_NAME, folder / INDEX_NAME)
+        target = folder / pipeline.family.denoiser
+    elif scheduler is not None:
+        scheduler.save_pretrained(folder / "scheduler")
+    if pruning is None:
+        model.save_pretrained(target, safe_serialization=True)
+        return
+    _check_record(model, pruning)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_config(target)
+    save_file(_state_dict_for_saving(model), str(target / WEIGHTS_NAME), metadata={"format": "pt"})
+    atomic_write_json(target / PRUNING_NAME, pruning)
+
+
+def save_pruned(model: nn.Module, out_dir: str | os.PathLike, pruning: dict, scheduler=None,
+                overwrite: bool = False, inputs=(), pipeline: PipelineSource | None = None) -> Path:
+    """Write a pruned model folder atomically (``pruning``: ``PruneReport.to_dict()`` or a loaded record); with
+    ``pipeline`` (``LoadedModel.pipeline``), a pipeline folder.
+
+    Refuses an existing non-empty ``out_dir`` unless ``overwrite`` (and then only a folder diffprune wrote, never
+    one that is or contains one of ``inputs``). The record's structure must match the model's parameter shapes.
+    """
+    _check_record(model, pruning)
     with atomic_dir(out_dir, overwrite=overwrite, kind="pruned-model", inputs=inputs) as tmp:
-        unet.save_config(tmp)
-        save_file(_state_dict_for_saving(unet), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        atomic_write_json(tmp / PRUNING_NAME, pruning)
-        if scheduler is not None:
-            scheduler.save_pretrained(tmp / "scheduler")
+        write_model(tmp, model, pruning=pruning, scheduler=scheduler, pipeline=pipeline)
     return Path(out_dir)
 
 
@@ -110,13 +184,17 @@ def _check_weights(folder: Path) -> Path:
 
 
 def load_pruned(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a pruned model saved by :func:`save_pruned` (no pickle; outputs bitwise equal to the saved one)."""
+    """Rebuild a pruned model saved by :func:`save_pruned` (no pickle; outputs bitwise equal to the saved one).
+
+    ``path``: the pruned denoiser's folder, or a pruned pipeline folder (its denoiser is loaded)."""
     from safetensors.torch import load_file
 
     from .prune import replay_structure_
 
     folder = Path(path)
     require(folder.is_dir(), f"pruned model folder {str(folder)!r} does not exist")
+    if (folder / INDEX_NAME).is_file():
+        folder = folder / _pipeline_family(folder).denoiser
     require((folder / PRUNING_NAME).is_file(),
             f"{str(folder)!r} has no {PRUNING_NAME}, so it is not a pruned model; load it with load_model")
     require((folder / CONFIG_NAME).is_file(), f"{str(folder)!r} has no {CONFIG_NAME} (the base diffusers config)")
@@ -124,21 +202,21 @@ def load_pruned(path: str | os.PathLike, *, device=None, dtype: torch.dtype | No
     config = read_json(folder / CONFIG_NAME)
     pruning = read_json(folder / PRUNING_NAME)
     cls = _model_class(config.get("_class_name"), str(folder / CONFIG_NAME))
-    unet = cls.from_config(config)
+    model = cls.from_config(config)
     require(isinstance(pruning.get("structure"), dict), f"{str(folder / PRUNING_NAME)!r} has no 'structure'")
-    replay_structure_(unet, pruning["structure"])
+    replay_structure_(model, pruning["structure"])
     state = load_file(str(weights), device="cpu")
-    own = {k: list(v.shape) for k, v in unet.state_dict().items()}
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
     got = {k: list(v.shape) for k, v in state.items()}
     if own != got:
         bad = sorted(k for k in set(own) | set(got) if own.get(k) != got.get(k))[:3]
         raise DiffPruneError(f"{str(weights)!r} does not match the recorded structure (e.g. {bad}); the folder is "
                              "inconsistent")
-    unet.load_state_dict(state, strict=True)
-    unet.eval()
+    model.load_state_dict(state, strict=True)
+    model.eval()
     if device is not None or dtype is not None:
-        unet.to(device=device, dtype=dtype)
-    return unet
+        model.to(device=device, dtype=dtype)
+    return model
 
 
 def load_scheduler(folder: str | os.PathLike):
@@ -156,42 +234,85 @@ def load_scheduler(folder: str | os.PathLike):
     return cls.from_pretrained(folder)
 
 
+def _load_denoiser(folder: Path, device, dtype) -> tuple[nn.Module, dict | None]:
+    """A (pruned or plain) denoiser from its own folder, and its pruning record."""
+    if (folder / PRUNING_NAME).is_file():
+        return load_pruned(folder, device=device, dtype=dtype), read_json(folder / PRUNING_NAME)
+    _check_weights(folder)
+    cls = _model_class(read_json(folder / CONFIG_NAME).get("_class_name"), str(folder / CONFIG_NAME))
+    model = cls.from_pretrained(folder, use_safetensors=True).eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model, None
+
+
+def _pipeline_family(folder: Path):
+    from .adapters.pipelines import pipeline_family
+
+    return pipeline_family(read_json(folder / INDEX_NAME).get("_class_name"), f"pipeline {str(folder)!r}")
+
+
+def _load_pipeline_folder(folder: Path, device, dtype) -> LoadedModel:
+    import diffusers
+
+    from .adapters.pipelines import AUTOENCODER_CLASSES, LatentCodec
+
+    family = _pipeline_family(folder)
+    den_dir = folder / family.denoiser
+    require((den_dir / CONFIG_NAME).is_file(), f"pipeline {str(folder)!r} has no {family.denoiser}/{CONFIG_NAME}")
+    denoiser, pruning = _load_denoiser(den_dir, device, dtype)
+    sched_dir = folder / "scheduler"
+    scheduler = load_scheduler(sched_dir) if (sched_dir / "scheduler_config.json").is_file() else None
+    codec = None
+    if family.autoencoder is not None:
+        ae_dir = folder / family.autoencoder
+        require((ae_dir / CONFIG_NAME).is_file(), f"pipeline {str(folder)!r} has no {family.autoencoder}/{CONFIG_NAME}")
+        name = read_json(ae_dir / CONFIG_NAME).get("_class_name")
+        require(name in AUTOENCODER_CLASSES, f"{str(ae_dir)!r} holds a {name!r}; supported autoencoders: "
+                                             f"{list(AUTOENCODER_CLASSES)}")
+        _check_weights(ae_dir)
+        autoencoder = getattr(diffusers, name).from_pretrained(ae_dir, use_safetensors=True)
+        if device is not None or dtype is not None:
+            autoencoder.to(device=device, dtype=dtype)
+        codec = LatentCodec(autoencoder)
+        codec.image_shape(denoiser_input_shape(denoiser))  # the components fit each other
+    return LoadedModel(denoiser, scheduler, pruning, str(folder), codec=codec, pipeline=PipelineSource(folder, family))
+
+
+def denoiser_input_shape(model: nn.Module) -> tuple[int, int, int]:
+    from .adapters import adapter_for
+
+    return adapter_for(model).input_shape(model)
+
+
 def _load_folder(folder: Path, device, dtype) -> LoadedModel:
-    unet_dir, sched_dir = folder, folder / "scheduler"
+    if (folder / INDEX_NAME).is_file():
+        return _load_pipeline_folder(folder, device, dtype)
+    model_dir, sched_dir = folder, folder / "scheduler"
     if not (folder / CONFIG_NAME).is_file() and (folder / "unet").is_dir():
-        unet_dir = folder / "unet"  # a pipeline folder
+        model_dir = folder / "unet"  # a pipeline folder without model_index.json
     if not (sched_dir / "scheduler_config.json").is_file():
         sched_dir = folder  # a flat repo keeps scheduler_config.json beside config.json
     scheduler = load_scheduler(sched_dir) if (sched_dir / "scheduler_config.json").is_file() else None
-    if (unet_dir / PRUNING_NAME).is_file():
-        unet = load_pruned(unet_dir, device=device, dtype=dtype)
-        return LoadedModel(unet, scheduler, read_json(unet_dir / PRUNING_NAME), str(folder))
-    if not (unet_dir / CONFIG_NAME).is_file():
+    if not (model_dir / CONFIG_NAME).is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise _pickle_refusal(f"{str(folder)!r} holds only {pickles}, which")
-        raise DiffPruneError(f"{str(folder)!r} is not a diffusers model folder (no {CONFIG_NAME}, no unet/)")
-    _check_weights(unet_dir)
-    cls = _model_class(read_json(unet_dir / CONFIG_NAME).get("_class_name"), str(unet_dir / CONFIG_NAME))
-    unet = cls.from_pretrained(unet_dir, use_safetensors=True)
-    unet.eval()
-    if device is not None or dtype is not None:
-        unet.to(device=device, dtype=dtype)
-    return LoadedModel(unet, scheduler, None, str(folder))
-
-
-# the files that define a model, as load_model reads them (a model folder, or a pipeline's unet/ and scheduler/):
-# all a hub id fetches (never pickles), and what a run's stage hashes fingerprint
-MODEL_FILES = [f"{d}{f}" for d in ("", "unet/") for f in (CONFIG_NAME, PRUNING_NAME, WEIGHTS_NAME)] + [
-    "scheduler/scheduler_config.json", "scheduler_config.json", "model_index.json"]
+        raise DiffPruneError(f"{str(folder)!r} is not a diffusers model or pipeline folder (no {CONFIG_NAME}, no "
+                             f"{INDEX_NAME})")
+    denoiser, pruning = _load_denoiser(model_dir, device, dtype)
+    return LoadedModel(denoiser, scheduler, pruning, str(folder))
 
 
 def _load_hub(repo_id: str, device, dtype) -> LoadedModel:
-    """Fetch the UNet's files (pruned ones included) into the hub cache, then load them like a local folder."""
+    """Fetch the model's files (pruned ones, pipeline components included) into the hub cache, then load them
+    like a local folder."""
+    import dataclasses
+
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES))
+        folder = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILE_PATTERNS))
     except Exception as e:  # network, missing repo, offline mode
         raise DiffPruneError(
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
@@ -200,13 +321,25 @@ def _load_hub(repo_id: str, device, dtype) -> LoadedModel:
     loaded = _load_folder(folder, device, dtype)
     # the hub cache keeps each commit in snapshots/<commit sha>/: record exactly which weights were loaded
     revision = folder.name if folder.parent.name == "snapshots" else None
-    return LoadedModel(loaded.unet, loaded.scheduler, loaded.pruning, repo_id, revision)
+    return dataclasses.replace(loaded, source=repo_id, revision=revision)
+
+
+def load_pipeline(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None):
+    """The stock diffusers pipeline (``DiTPipeline``, ``LDMPipeline``, ``DDPMPipeline``, ...) of a model folder,
+    shipped name or hub id, with its (pruned) denoiser in place, ready to call."""
+    from .adapters.pipelines import stock_pipeline
+
+    pipe = stock_pipeline(load_model(path))
+    if device is not None or dtype is not None:
+        pipe.to(device=device, dtype=dtype)
+    return pipe
 
 
 def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
                allow_hub: bool = True) -> LoadedModel:
-    """Load a UNet (and its scheduler) from a shipped name, a folder (pruned, diffusers model or pipeline) or a
-    hub id (``owner/name``, online, safetensors only). Pickle checkpoints are refused with the reason."""
+    """Load a denoiser (and its scheduler, and a pipeline's autoencoder) from a shipped name, a folder (pruned,
+    diffusers model or pipeline) or a hub id (``owner/name``, online, safetensors only). Pickle checkpoints are
+    refused with the reason."""
     from .assets import SHIPPED_MODELS, shipped_model_path
 
     name = str(name_or_path)
@@ -233,5 +366,5 @@ def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dty
     )
 
 
-
-__all__ = ["LoadedModel", "save_pruned", "load_pruned", "load_model", "load_scheduler", "require_finite_weights"]
+__all__ = ["LoadedModel", "PipelineSource", "load_model", "load_pipeline", "load_pruned", "load_scheduler",
+           "model_files", "require_finite_weights", "save_pruned", "write_model"]

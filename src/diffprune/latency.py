@@ -17,9 +17,8 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import require
-from .macs import sample_shape
 
-__all__ = ["MIN_REPEATS", "measure", "peak_memory", "sampler_latency", "unet_latency"]
+__all__ = ["MIN_REPEATS", "denoiser_latency", "measure", "peak_memory", "sampler_latency"]
 
 MIN_REPEATS = 10
 
@@ -80,41 +79,47 @@ def measure(fn: Callable[[], object], *, device, repeats: int = MIN_REPEATS, war
 
 
 @torch.no_grad()
-def unet_latency(unet, *, device, batch_sizes: Sequence[int] = (1, 16, 64), repeats: int = MIN_REPEATS,
-                 warmup: int = 2, timestep: int = 500) -> dict[str, dict]:
-    """Latency of one UNet call per batch size: ``{"1": {median_s, per_image_s, ...}, "16": ...}``.
+def denoiser_latency(model, *, device, batch_sizes: Sequence[int] = (1, 16, 64), repeats: int = MIN_REPEATS,
+                     warmup: int = 2, timestep: int = 500) -> dict[str, dict]:
+    """Latency of one denoiser call (conditioning included) per batch size: ``{"1": {median_s, per_image_s, ...}}``.
 
     The model runs where its parameters are; ``device`` must be that device (checked).
     """
+    from .adapters import adapter_for
+
     device = torch.device(device)
-    p = next(unet.parameters())
-    require(p.device.type == device.type, f"the UNet is on {p.device} but device={device}; move it first")
-    shape = sample_shape(unet)
-    was_training = unet.training
-    unet.eval()
+    p = next(model.parameters())
+    require(p.device.type == device.type, f"the model is on {p.device} but device={device}; move it first")
+    adapter = adapter_for(model)
+    shape = adapter.input_shape(model)
+    was_training = model.training
+    model.eval()
     out = {}
     try:
         for b in batch_sizes:
             require(isinstance(b, int) and b >= 1, f"latency batch size {b!r} must be a positive integer")
             x = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0)).to(device, p.dtype)
             t = torch.full((b,), timestep, dtype=torch.long, device=device)
-            rec = measure(lambda: unet(x, t), device=device, repeats=repeats, warmup=warmup)
+            cond = adapter.example_cond(model, b, device)
+            rec = measure(lambda: adapter.forward(model, x, t, cond), device=device, repeats=repeats, warmup=warmup)
             rec["batch_size"] = b
             rec["per_image_s"] = rec["median_s"] / b
             out[str(b)] = rec
     finally:
-        unet.train(was_training)
+        model.train(was_training)
     return out
 
 
-def sampler_latency(unet, scheduler, *, device, steps: int, batch_size: int = 16, repeats: int = MIN_REPEATS,
-                    warmup: int = 1, skip: str = "uniform") -> dict:
-    """Latency of the full DDIM sampler (``steps`` steps, η = 0) on a batch; ``per_image_s`` = median / batch."""
+def sampler_latency(model, scheduler, *, device, steps: int, batch_size: int = 16, repeats: int = MIN_REPEATS,
+                    warmup: int = 1, skip: str = "uniform", codec=None, guidance_scale: float = 1.0) -> dict:
+    """Latency of the full DDIM sampler (``steps`` steps, η = 0, decoding included) on a batch; ``per_image_s`` =
+    median / batch."""
     from .sampling import sample
 
     seeds = list(range(batch_size))
-    rec = measure(lambda: sample(unet, scheduler, seeds=seeds, num_inference_steps=steps, sampler="ddim",
-                                 skip=skip, batch_size=batch_size, device=device, progress=False),
+    rec = measure(lambda: sample(model, scheduler, seeds=seeds, num_inference_steps=steps, sampler="ddim",
+                                 skip=skip, batch_size=batch_size, device=device, progress=False, codec=codec,
+                                 guidance_scale=guidance_scale),
                   device=device, repeats=repeats, warmup=warmup)
     rec.update(batch_size=batch_size, steps=steps, per_image_s=rec["median_s"] / batch_size)
     return rec

@@ -1,4 +1,4 @@
-"""MACs and parameters of one UNet call at batch 1, counted with torch's own flop counter.
+"""MACs and parameters of one denoiser call at batch 1 (conditioning included), counted with torch's flop counter.
 
 ``torch.utils.flop_counter`` counts convolutions, matmuls and fused attention (Torch-Pruning's counter misses the
 attention matmuls). MACs = FLOPs / 2. On the CPU, ``scaled_dot_product_attention`` runs a kernel the counter
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ["MacsReport", "count_params", "count_macs", "sample_shape", "unet_example_inputs"]
+__all__ = ["MacsReport", "count_params", "count_macs"]
 
 
 @dataclass(frozen=True)
@@ -45,28 +45,13 @@ def _custom_mapping() -> dict:
     return mapping
 
 
-def sample_shape(unet: nn.Module) -> tuple[int, int, int]:
-    """``(channels, height, width)`` of one model input, from ``unet.config`` (``sample_size`` an int or a pair).
-
-    The one place that reads the input shape; everything else (tracing, sampling, training, timing) calls this.
-    """
-    cfg = unet.config
-    s = cfg.sample_size
-    h, w = (s, s) if isinstance(s, int) else tuple(s)
-    return int(cfg.in_channels), int(h), int(w)
-
-
-def unet_example_inputs(unet: nn.Module, batch_size: int = 1, device=None) -> dict:
-    """``{"sample", "timestep"}`` of a UNet2DModel call; shapes from ``unet.config``, device defaults to the model's."""
-    p = next(unet.parameters())
-    device = p.device if device is None else device
-    sample = torch.zeros(batch_size, *sample_shape(unet), device=device, dtype=p.dtype)
-    return {"sample": sample, "timestep": torch.ones(batch_size, dtype=torch.long, device=device)}
-
-
 def count_macs(model: nn.Module, example_inputs: dict | None = None, *, device=None) -> MacsReport:
-    """Count MACs of one call at batch 1 (``example_inputs`` default: :func:`unet_example_inputs`)."""
-    inputs = example_inputs if example_inputs is not None else unet_example_inputs(model, 1, device)
+    """Count MACs of one call at batch 1 (``example_inputs`` default: the model adapter's, conditioning included)."""
+    if example_inputs is None:
+        from .adapters import adapter_for
+
+        example_inputs = adapter_for(model).example_inputs(model, 1, device)
+    inputs = example_inputs
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False, depth=None, custom_mapping=_custom_mapping())

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._fs import cache_dir
 from .errors import DiffPruneError, require
 from .registry import Registry
 
@@ -247,14 +248,6 @@ def compute_features(extractor: FeatureExtractor, images: torch.Tensor, *, batch
 
 
 # --- reference statistics, cached ------------------------------------------------------------------------------
-
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """The cache folder: ``path``, else ``$DIFFPRUNE_CACHE``, else ``~/.cache/diffprune``."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get("DIFFPRUNE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "diffprune"
-
 
 def stats_cache_key(*, dataset: str, split: str, count: int, resolution: int, channels: int, data_sha256: str,
                     extractor: str, weights_sha256: str, preprocessing: str) -> str:

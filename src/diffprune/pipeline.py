@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import config_from_dict
-from ._fs import atomic_write_bytes, atomic_write_json, read_json
+from ._fs import atomic_write_bytes, atomic_write_json, mark_output, read_json
 from .errors import DiffPruneError, require
 
 STAGES = ("prune", "finetune", "eval")
@@ -110,12 +110,12 @@ def input_fingerprint(cfg: RunConfig) -> dict:
     manifest, and a local model folder through the sha256 of the files that define it: a changed teacher redoes
     every stage. Hub ids and data folders count by name only."""
     from .assets import bundled_path, sha256_file
-    from .io import MODEL_FILES
+    from .io import model_files
 
     key: dict = {"shipped": sha256_file(bundled_path("manifest.json"))}
     folder = Path(cfg.model)
     if folder.is_dir():
-        key["model"] = {f: sha256_file(folder / f) for f in MODEL_FILES if (folder / f).is_file()}
+        key["model"] = {p.relative_to(folder).as_posix(): sha256_file(p) for p in model_files(folder)}
     return key
 
 
@@ -192,6 +192,7 @@ def _stale(folder: Path, digest: str, resumable: bool) -> None:
     if folder.exists() and not (resumable and marker.is_file() and marker.read_text() == digest):
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    mark_output(folder, "stage")
     atomic_write_bytes(marker, digest.encode())
 
 
@@ -203,16 +204,13 @@ def finetune_resume_key(config: RunConfig, hashes: dict[str, str]) -> str:
 
 
 def _run_prune(config: RunConfig, run: Path, folder: Path, hashes: dict, *, device, progress: bool) -> None:
-    from .io import load_model, save_pruned
-    from .prune import prune_
-    from .sampling import default_scheduler
+    from .io import save_pruned
+    from .prune import prune_model
 
     _stale(folder, hashes["prune"], resumable=False)
-    loaded = load_model(config.model)
-    unet = loaded.unet.to(device) if device else loaded.unet
-    scheduler = loaded.scheduler or default_scheduler()
-    report = prune_(unet, config.prune, calibration=config.data, scheduler=scheduler, progress=progress)
-    save_pruned(unet.cpu(), folder / "model", report.to_dict(), scheduler=scheduler, overwrite=True)
+    loaded, _ = prune_model(config.model, config.prune, config.data, device=device, progress=progress)
+    save_pruned(loaded.denoiser.cpu(), folder / "model", loaded.pruning, scheduler=loaded.scheduler,
+                overwrite=True, pipeline=loaded.pipeline)
 
 
 def _run_finetune(config: RunConfig, run: Path, folder: Path, hashes: dict, *, device, progress: bool) -> None:
@@ -235,13 +233,15 @@ def _run_eval(config: RunConfig, run: Path, folder: Path, hashes: dict, *, devic
     from .evaluate import evaluate, load_for_eval
 
     _stale(folder, hashes["eval"], resumable=False)
-    student, scheduler, pruning, log = load_for_eval(run / "finetune" / "model")
-    teacher, _, _, _ = load_for_eval(config.model)
+    student, log = load_for_eval(run / "finetune" / "model")
+    teacher, _ = load_for_eval(config.model)
     if device:
-        student, teacher = student.to(device), teacher.to(device)
-    evaluate(student, teacher, config=config.eval, out_dir=folder, scheduler=scheduler, pruning=pruning,
-             train_log=log, device=device, overwrite=True, progress=progress,
-             names={"student": "pruned + fine-tuned", "teacher": str(config.model)})
+        for m in (student.denoiser, teacher.denoiser, student.codec):
+            if m is not None:
+                m.to(device)
+    evaluate(student.denoiser, teacher.denoiser, config=config.eval, out_dir=folder, scheduler=student.scheduler,
+             pruning=student.pruning, train_log=log, device=device, overwrite=True, progress=progress,
+             names={"student": "pruned + fine-tuned", "teacher": str(config.model)}, codec=student.codec)
 
 
 _STAGE_FUNCS = {"prune": _run_prune, "finetune": _run_finetune, "eval": _run_eval}

@@ -2,11 +2,14 @@
 
 Diff-Pruning, exactly (``method="diff-pruning"``):
 
-1. One calibration batch ``x0`` (``calib_batch`` images in [-1, 1]) and one fixed noise
+1. One calibration batch ``x0`` (``calib_batch`` images in [-1, 1], or their latents for a latent pipeline; with
+   each image's label for a class-conditional model) and one fixed noise
    ``eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))`` (drawn on the CPU).
-2. For ``t = 0, 1, 2, ...``: ``x_t = scheduler.add_noise(x0, eps, t)``, ``L_t = mse(unet(x_t, t).sample, eps)``,
-   ``L_t.backward()`` **without zeroing gradients**, until the timestep strategy stops (by default the threshold
-   rule ``L_t < thr * max(L_0..L_t)``, see :mod:`diffprune.timesteps`).
+2. For ``t = 0, 1, 2, ...``: ``x_t = scheduler.add_noise(x0, eps, t)``, ``L_t = mse(f(x_t, t, labels), target)``
+   (the model called through its adapter; the target is ``eps``, ``v`` or ``x0`` as the scheduler's
+   ``prediction_type`` says, :mod:`diffprune.objective`), ``L_t.backward()`` **without zeroing gradients**, until
+   the timestep strategy stops (by default the threshold rule ``L_t < thr * max(L_0..L_t)``, see
+   :mod:`diffprune.timesteps`).
 3. Channel scores from the accumulated gradients (:mod:`diffprune.importance`), then structural pruning with
    Torch-Pruning's dependency graph, model surgery by the adapter (:mod:`diffprune.adapters`).
 
@@ -40,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from tqdm.auto import tqdm
@@ -49,7 +51,7 @@ from . import __version__
 from .adapters import ModelAdapter, adapter_for
 from .errors import DiffPruneError, require, require_int, require_seed
 from .importance import METHODS, TAYLOR_FORMS, get_method, reinitialize_
-from .macs import count_macs, sample_shape
+from .macs import count_macs
 from .seed import seed_everything
 from .timesteps import TIMESTEP_STRATEGIES, TimestepStrategy, make_strategy
 
@@ -171,22 +173,29 @@ class CalibrationResult:
 
 @dataclass
 class PruneReport:
-    """What :func:`prune_` did. ``to_dict()`` is the ``pruning.json`` payload (``scores`` are not serialised)."""
+    """What :func:`prune_` did. ``to_dict()`` is the ``pruning.json`` payload (``scores`` are not serialised).
+
+    One name per figure: ``base_*`` is the model before pruning (the unpruned base, for a model pruned twice), the
+    plain name is after: ``params``/``base_params``, ``macs``/``base_macs`` (one call at batch 1),
+    ``widths``/``base_widths`` (``{layer: [in, out]}`` of every Conv/Linear/GroupNorm layer),
+    ``macs_per_layer``/``base_macs_per_layer``. ``calibration`` holds the per-timestep losses and the cutoff.
+    """
 
     config: dict
     method: str
     ratio: float
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
+    base_params: int
+    params: int
+    base_macs: int
+    macs: int
     structure: dict
+    family: str = ""
     calibration: dict | None = None
     search: list[dict] = field(default_factory=list)
-    widths_before: dict[str, list[int]] = field(default_factory=dict)
-    widths_after: dict[str, list[int]] = field(default_factory=dict)
-    macs_per_layer_before: dict[str, int] = field(default_factory=dict)
-    macs_per_layer_after: dict[str, int] = field(default_factory=dict)
+    base_widths: dict[str, list[int]] = field(default_factory=dict)
+    widths: dict[str, list[int]] = field(default_factory=dict)
+    base_macs_per_layer: dict[str, int] = field(default_factory=dict)
+    macs_per_layer: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -203,16 +212,7 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scores"}
-        d["diffprune_version"] = __version__
-        d["torch_pruning_version"] = TORCH_PRUNING_VERSION
-        d["seed"] = self.config.get("seed")
-        # Flat keys read by `diffprune info` and the report: totals, output widths, the calibration curve.
-        d.update(params=self.params_after, macs=self.macs_after, base_params=self.params_before,
-                 base_macs=self.macs_before,
-                 widths={k: [v[1], self.widths_after.get(k, [0, 0])[1]] for k, v in self.widths_before.items()})
-        if self.calibration is not None:
-            d.update(timestep_losses=self.calibration["losses"], cutoff_t=self.calibration["cutoff_t"])
-        return d
+        return {**d, "diffprune_version": __version__, "torch_pruning_version": TORCH_PRUNING_VERSION}
 
 
 # ---- calibration ----------------------------------------------------------------------------------------------
@@ -222,8 +222,8 @@ def calibration_noise(shape, seed: int, device=None, dtype=torch.float32) -> tor
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed))).to(device=device, dtype=dtype)
 
 
-def _check_tensor(x: torch.Tensor, unet, what: str) -> torch.Tensor:
-    c, h, w = sample_shape(unet)
+def _check_tensor(x: torch.Tensor, shape: tuple[int, int, int], what: str) -> torch.Tensor:
+    c, h, w = shape
     if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
         raise DiffPruneError(
             f"{what} have shape {tuple(x.shape)} but the model takes [N, {c}, {h}, {w}]; "
@@ -231,9 +231,7 @@ def _check_tensor(x: torch.Tensor, unet, what: str) -> torch.Tensor:
         )
     require(x.shape[0] >= 1, f"{what} are empty")
     if x.dtype == torch.uint8:
-        from .data import to_model_range
-
-        return to_model_range(x)
+        return x
     require(x.is_floating_point(), f"{what} must be float in [-1, 1] or uint8, got {x.dtype}")
     lo, hi = float(x.min()), float(x.max())
     require(lo >= -1.0 - 1e-4 and hi <= 1.0 + 1e-4,
@@ -241,70 +239,95 @@ def _check_tensor(x: torch.Tensor, unet, what: str) -> torch.Tensor:
     return x.float()
 
 
-def _load_tensor_file(path: Path) -> torch.Tensor:
+def _load_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (and labels, key ``labels`` of a safetensors file) from a ``.npy`` or ``.safetensors`` file."""
     if path.suffix == ".npy":
         import numpy as np
 
         try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+            return torch.from_numpy(np.load(path, allow_pickle=False)), None
         except ValueError as e:
             raise DiffPruneError(f"cannot read {str(path)!r} without pickle ({e}); save a plain numeric array") from None
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
+    labels = tensors.pop("labels", None)
     require(len(tensors) == 1 or "images" in tensors,
             f"{str(path)!r} holds tensors {sorted(tensors)}; store the images under the key 'images'")
-    return tensors["images"] if "images" in tensors else next(iter(tensors.values()))
+    return (tensors["images"] if "images" in tensors else next(iter(tensors.values()))), labels
 
 
-def calibration_images(unet, source, *, batch_size: int, seed: int = 0, scheduler=None, split: str = "train",
-                       data_free_steps: int = 10, device=None, progress: bool = False) -> tuple[torch.Tensor, dict]:
-    """The calibration batch (float32 in [-1, 1], model shape) and a JSON description of where it came from.
+def calibration_batch(model, source, *, batch_size: int, seed: int = 0, scheduler=None, codec=None,
+                      split: str = "train", data_free_steps: int = 10, device=None, cache_dir=None,
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """The calibration batch: clean inputs ``x0`` in model range (images in [-1, 1], or latents for a latent
+    model), each image's label for a class-conditional model (else None), and a JSON description of the source.
 
-    ``source``: a tensor ``[N, C, H, W]`` (float in [-1, 1] or uint8) of exactly the model's shape; a ``.npy`` or
-    ``.safetensors`` file holding one (key ``images``); a folder of images, a bundled dataset name or a Hugging
-    Face id (loaded with :func:`diffprune.data.load_images`, fitted to the model); or ``"data-free"``: images
-    sampled from the model itself with ``data_free_steps`` DDIM steps. When more than ``batch_size`` images are
-    available a seeded random subset is used.
+    ``source``: a tensor ``[N, C, H, W]`` (float in [-1, 1] or uint8) of exactly the image shape; a ``.npy`` or
+    ``.safetensors`` file holding one (key ``images``, optional ``labels``); a folder of images, a bundled dataset
+    name or a Hugging Face id (:func:`diffprune.data.load_data`, fitted to the model; class sub-folders give
+    labels); or ``"data-free"``: inputs sampled from the model itself with ``data_free_steps`` DDIM steps (latents
+    for a latent model; class labels balanced by seed). When more than ``batch_size`` images are available a seeded
+    random subset is used.
     """
-    c, h, w = sample_shape(unet)
-    device = device if device is not None else next(unet.parameters()).device
-    if isinstance(source, torch.Tensor):
-        x, desc = _check_tensor(source, unet, "calibration images"), {"source": "tensor"}
-    elif isinstance(source, str) and source == DATA_FREE:
+    from .data import ImageData, content_sha256
+    from .inputs import denoiser_data, pixel_shape
+
+    device = device if device is not None else next(model.parameters()).device
+    if isinstance(source, str) and source == DATA_FREE:
         require(scheduler is not None, "data-free calibration samples from the model and needs its noise scheduler")
-        from .sampling import sample
+        from .sampling import labels_for, sample
 
         seeds = list(range(seed, seed + batch_size))
-        x = sample(unet, scheduler, seeds=seeds, num_inference_steps=data_free_steps, device=device,
-                   progress=progress)
+        x0 = sample(model, scheduler, seeds=seeds, num_inference_steps=data_free_steps, device=device,
+                    progress=progress, decode=False)
+        labels = labels_for(model, seeds)
         desc = {"source": DATA_FREE, "ddim_steps": data_free_steps, "sample_seeds": [seeds[0], seeds[-1]]}
+        return x0.to(device), None if labels is None else labels.to(device), {**desc, "batch": len(seeds)}
+    shape = pixel_shape(model, codec)
+    labels = None
+    if isinstance(source, torch.Tensor):
+        images, desc = _check_tensor(source, shape, "calibration images"), {"source": "tensor"}
+    elif isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix in (".npy",
+                                                                                                      ".safetensors"):
+        images, labels = _load_tensor_file(Path(source))
+        images = _check_tensor(images, shape, f"calibration images in {str(source)!r}")
+        desc = {"source": str(source)}
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_file() and path.suffix in (".npy", ".safetensors"):
-            x = _check_tensor(_load_tensor_file(path), unet, f"calibration images in {str(path)!r}")
-        else:
-            from .data import load_images, to_model_range
+        from .data import load_data
 
-            x = to_model_range(load_images(source, resolution=h, channels=c, split=split))
-        desc = {"source": str(source), "split": split}
+        require(shape[1] == shape[2], f"the model takes {shape[1]}x{shape[2]} images; pass a tensor of that shape")
+        data = load_data(source, resolution=shape[1], channels=shape[0], split=split)
+        images, labels, desc = data.images, data.labels, {"source": str(source), "split": split,
+                                                          "revision": data.record.get("revision")}
     else:
         raise DiffPruneError(f"calibration must be a tensor, a path/dataset name or {DATA_FREE!r}, got {type(source).__name__}")
-    if x.shape[0] > batch_size:
-        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:batch_size]
-        x = x[idx]
+    if images.shape[0] > batch_size:
+        idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:batch_size]
+        images, labels = images[idx], (None if labels is None else labels[idx])
         desc["subset_seed"] = int(seed)
-    desc["batch"] = int(x.shape[0])
-    return x.to(device=device), desc
+    data = ImageData(images, labels, None, {"source": desc["source"], "sha256": content_sha256(images, labels)})
+    prepared = denoiser_data(model, data, codec=codec, cache_dir=cache_dir)
+    x0, y = prepared.batch(torch.arange(len(prepared)), device=device)
+    desc["batch"] = int(x0.shape[0])
+    return x0, y, desc
 
 
-def accumulate_gradients(unet: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Tensor,
-                         strategy: TimestepStrategy, *, progress: bool = True) -> CalibrationResult:
+def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Tensor,
+                         strategy: TimestepStrategy, *, cond=None, adapter=None,
+                         progress: bool = True) -> CalibrationResult:
     """Step 2 of Diff-Pruning: walk the strategy's timesteps, ``backward()`` each loss without zeroing gradients.
 
-    Gradients are zeroed once at the start. Each planned ``(t, weight)`` gives ``L_t = mse(unet(x_t, t), eps)``;
-    ``strategy.decide`` says whether it is accumulated (``(weight * L_t).backward()``) and whether to stop.
+    Gradients are zeroed once at the start. Each planned ``(t, weight)`` gives ``L_t = mse(f(x_t, t, cond),
+    target)`` (the target follows the scheduler's prediction type, :mod:`diffprune.objective`; ``cond``: each
+    input's label for a conditional model); ``strategy.decide`` says whether it is accumulated
+    (``(weight * L_t).backward()``) and whether to stop. ``adapter``: how to call the model (default: its family's).
     """
+    from .adapters import adapter_for
+    from .objective import loss_at
+
+    adapter = adapter or adapter_for(model)
+    unet = model
     require(hasattr(scheduler, "add_noise"), "the scheduler must have add_noise (a diffusers noise scheduler)")
     T = int(scheduler.config.num_train_timesteps)
     plan = strategy.plan(T)
@@ -318,8 +341,7 @@ def accumulate_gradients(unet: nn.Module, scheduler, x0: torch.Tensor, noise: to
     bar = tqdm(plan, desc="calibration", unit="t", disable=not progress)
     for t, weight in bar:
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-        x_t = scheduler.add_noise(x0, noise, tt)
-        loss = F.mse_loss(unet(x_t, tt).sample, noise)
+        loss = loss_at(adapter, model, scheduler, x0, noise, tt, cond)
         value = float(loss.detach())
         if not math.isfinite(value):  # a NaN score would prune arbitrary channels
             raise DiffPruneError(f"calibration loss at t={t} is {value}; the model has non-finite weights or the "
@@ -408,7 +430,7 @@ class _RecordingImportance:
 
 
 def layer_widths(model: nn.Module) -> dict[str, list[int]]:
-    """``name -> [in, out]`` channels of every Conv/Linear/GroupNorm layer."""
+    """``name -> [in, out]`` channels of every Conv/Linear/GroupNorm layer (Embedding: ``[rows, width]``)."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
@@ -417,6 +439,8 @@ def layer_widths(model: nn.Module) -> dict[str, list[int]]:
             out[name] = [m.in_features, m.out_features]
         elif isinstance(m, nn.GroupNorm):
             out[name] = [m.num_channels, m.num_channels]
+        elif isinstance(m, nn.Embedding):
+            out[name] = [m.num_embeddings, m.embedding_dim]
     return out
 
 
@@ -485,14 +509,17 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     return best["ratio"], trials
 
 
-def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, device=None,
-           split: str = "train", progress: bool = True) -> PruneReport:
-    """Prune ``unet`` in place according to ``config``; returns a :class:`PruneReport`.
+def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
+           split: str = "train", cache_dir=None, progress: bool = True) -> PruneReport:
+    """Prune the denoiser ``unet`` (any supported family) in place according to ``config``; returns a
+    :class:`PruneReport`.
 
-    ``calibration`` (gradient methods only): see :func:`calibration_images`; a tensor, a file, a folder, a
-    dataset name or ``"data-free"``. ``scheduler``: the model's noise scheduler (``add_noise`` and
-    ``config.num_train_timesteps``), required by gradient methods. ``device``: where to run (default: where the
-    model is; the model is moved there).
+    ``calibration`` (gradient methods only): see :func:`calibration_batch`; a tensor, a file, a folder, a
+    dataset name or ``"data-free"`` (a class-conditional model needs labelled data: each image is calibrated with
+    its own label). ``scheduler``: the model's noise scheduler (``add_noise``, ``num_train_timesteps`` and the
+    ``prediction_type`` the loss targets), required by gradient methods. ``codec``: a latent pipeline's
+    autoencoder (:class:`~diffprune.adapters.pipelines.LatentCodec`): calibration images are encoded with it
+    (cached under ``cache_dir``). ``device``: where to run (default: where the model is; the model is moved there).
     """
     require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}")
     from .io import require_finite_weights
@@ -515,11 +542,13 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
                     f"tensor, an image folder or dataset name, or {DATA_FREE!r} (CLI: --data DIR_OR_NAME)")
             require(scheduler is not None,
                     f"method {config.method!r} needs the model's noise scheduler (scheduler=...) to add noise")
-            x0, desc = calibration_images(unet, calibration, batch_size=config.calib_batch, seed=config.seed,
-                                          scheduler=scheduler, split=split, data_free_steps=config.data_free_steps,
-                                          device=device, progress=progress)
+            x0, labels, desc = calibration_batch(
+                unet, calibration, batch_size=config.calib_batch, seed=config.seed, scheduler=scheduler, codec=codec,
+                split=split, data_free_steps=config.data_free_steps, device=device, cache_dir=cache_dir,
+                progress=progress)
             noise = calibration_noise(x0.shape, config.seed, device=device)
-            result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), progress=progress)
+            result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), cond=labels,
+                                          progress=progress)
             calibration_record = {**desc, "noise_seed": config.seed, **result.to_dict()}
         importance = method.make(config.taylor_form)
         search: list[dict] = []
@@ -541,13 +570,41 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         "shapes": {k: list(v.shape) for k, v in unet.state_dict().items()},
     }
     return PruneReport(
-        config=config.to_dict(), method=config.method, ratio=ratio,
-        params_before=before.params, params_after=after.params, macs_before=before.macs, macs_after=after.macs,
+        config=config.to_dict(), method=config.method, ratio=ratio, family=adapter.name,
+        base_params=before.params, params=after.params, base_macs=before.macs, macs=after.macs,
         structure=structure, calibration=calibration_record, search=search,
-        widths_before=widths_before, widths_after=layer_widths(unet),
-        macs_per_layer_before=before.per_layer, macs_per_layer_after=after.per_layer,
+        base_widths=widths_before, widths=layer_widths(unet),
+        base_macs_per_layer=before.per_layer, macs_per_layer=after.per_layer,
         seconds=round(time.time() - t0, 3), scores=scores,
     )
+
+
+def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None, *, device=None,
+                split: str = "train", cache_dir=None, prediction_type: str | None = None, progress: bool = True):
+    """Load ``model`` (a shipped name, a folder — bare model or pipeline, pruned or not — or a hub id) and prune its
+    denoiser in place; returns ``(loaded, report)`` with ``loaded.pruning`` set to the record to save (chained
+    onto the previous one for a model pruned again) and ``loaded.scheduler`` to the scheduler used.
+    ``prediction_type``: what the model predicts, for a model without a scheduler (checked against one it has).
+
+    Save it with ``save_pruned(loaded.denoiser, out, loaded.pruning, scheduler=loaded.scheduler,
+    pipeline=loaded.pipeline)``.
+    """
+    from .io import load_model
+    from .objective import resolve_scheduler
+
+    loaded = load_model(model)
+    scheduler = resolve_scheduler(loaded.scheduler, prediction_type)
+    if loaded.codec is not None and device is not None:
+        loaded.codec.to(device)
+    report = prune_(loaded.denoiser, config, calibration, scheduler=scheduler, codec=loaded.codec, device=device,
+                    split=split, cache_dir=cache_dir, progress=progress)
+    record = {**report.to_dict(), "model_source": str(model), "model_revision": loaded.revision,
+              "scheduler_source": "model" if loaded.scheduler is not None else
+              f"default (DDPM, 1000 steps, linear, {scheduler.config.prediction_type})"}
+    if loaded.pruning is not None:
+        record = chain_records(loaded.pruning, record)
+    loaded.pruning, loaded.scheduler = record, scheduler
+    return loaded, report
 
 
 def replay_structure_(unet: nn.Module, structure: dict) -> None:
@@ -576,7 +633,8 @@ def replay_structure_(unet: nn.Module, structure: dict) -> None:
 
 __all__ = [
     "PruneConfig", "PruneReport", "CalibrationResult", "PaperPruner", "prune_", "accumulate_gradients",
-    "calibration_images", "calibration_noise", "layer_widths", "replay_structure_", "chain_records", "RATIO_MODES",
+    "calibration_batch", "calibration_noise", "layer_widths", "prune_model", "replay_structure_", "chain_records",
+    "RATIO_MODES",
     "DATA_FREE", "METHODS",
 ]
 
@@ -585,15 +643,13 @@ def chain_records(previous: dict, current: dict) -> dict:
     """Pruning record of a model pruned twice: ``previous`` (the loaded model's) then ``current``.
 
     The structure history is the concatenation (replayed in order on the base model); ``base_params``,
-    ``base_macs`` and the "before" widths refer to the original base model.
+    ``base_macs``, ``base_widths`` and ``base_macs_per_layer`` refer to the original base model.
     """
     require(isinstance(previous.get("structure"), dict), "the previous pruning record has no 'structure'")
     out = dict(current)
     out["structure"] = {**current["structure"],
                         "history": list(previous["structure"]["history"]) + list(current["structure"]["history"])}
-    out["base_params"] = previous.get("base_params", current["base_params"])
-    out["base_macs"] = previous.get("base_macs", current["base_macs"])
-    prev_widths = previous.get("widths", {})
-    out["widths"] = {k: [prev_widths.get(k, v)[0], v[1]] for k, v in current.get("widths", {}).items()}
+    for key in ("base_params", "base_macs", "base_widths", "base_macs_per_layer"):
+        out[key] = previous.get(key, current[key])
     out["previous"] = {k: previous.get(k) for k in ("method", "config", "params", "macs", "previous")}
     return out

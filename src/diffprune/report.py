@@ -36,12 +36,12 @@ FIGURES = {
 def layer_widths(pruning: dict | None) -> dict[str, tuple[int, int]]:
     """Output channels ``{layer name: (before, after)}`` of the layers pruning changed (``{}`` if none recorded).
 
-    Reads ``pruning.json``'s ``widths_before`` / ``widths_after`` (``{name: [in, out]}`` of every Conv, Linear and
+    Reads ``pruning.json``'s ``base_widths`` / ``widths`` (``{name: [in, out]}`` of every Conv, Linear and
     GroupNorm layer, see :func:`diffprune.prune.layer_widths`); norm layers, which mirror their conv, are left out.
     """
     if not isinstance(pruning, dict):
         return {}
-    before, after = pruning.get("widths_before") or {}, pruning.get("widths_after") or {}
+    before, after = pruning.get("base_widths") or {}, pruning.get("widths") or {}
     out = {}
     for name, b in before.items():
         if name in after and "norm" not in name.rsplit(".", 1)[-1]:

@@ -13,15 +13,15 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from .errors import DiffPruneError, require
-from .macs import sample_shape
 
 SAMPLERS = ("ddim", "ddpm")
 SKIPS = ("uniform", "quad")
 
 
-def default_scheduler() -> DDPMScheduler:
+def default_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     """The DDPM training schedule diffprune uses when a model ships none: 1000 steps, linear betas."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type=prediction_type)
 
 
 def skip_timesteps(num_train_timesteps: int, num_inference_steps: int, skip: str) -> np.ndarray:
@@ -91,48 +91,100 @@ class QuadDDIMScheduler(DDIMScheduler):
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
+def labels_for(model, seeds: Sequence[int], class_labels=None) -> torch.Tensor | None:
+    """The class label of each seed for a class-conditional model (None for an unconditional one).
+
+    ``class_labels``: one label per seed, or a single label for all; None balances the classes by seed: seed ``s``
+    draws class ``s mod num_classes``, so a seed always comes with the same label, whatever the batch or subset.
+    """
+    from .adapters import adapter_for
+
+    spec = adapter_for(model).conditioning(model)
+    if spec is None:
+        require(class_labels is None, "this model is unconditional: it takes no class labels (drop --class-labels)")
+        return None
+    if class_labels is None:
+        return torch.tensor([int(s) % spec.num_classes for s in seeds], dtype=torch.long)
+    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    if labels.numel() == 1:
+        labels = labels.expand(len(seeds)).clone()
+    require(labels.numel() == len(seeds), f"{labels.numel()} class labels for {len(seeds)} seeds; give one label, "
+                                          "or one per image")
+    return spec.check_labels(labels)
+
+
+def guided_prediction(adapter, model, x: torch.Tensor, t: torch.Tensor, labels, guidance_scale: float,
+                      null_label: int | None) -> torch.Tensor:
+    """The model's prediction, with classifier-free guidance ``u + s (c - u)`` when ``guidance_scale != 1``."""
+    if labels is None or guidance_scale == 1.0:
+        return adapter.forward(model, x, t, labels)
+    both = adapter.forward(model, torch.cat([x, x]), torch.cat([t, t]),
+                           torch.cat([labels, torch.full_like(labels, null_label)]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 @torch.no_grad()
-def sample(unet, scheduler, *, seeds: Sequence[int], num_inference_steps: int = 50, sampler: str = "ddim",
-           skip: str = "uniform", eta: float | None = None, batch_size: int = 64, device=None,
-           progress: bool = True) -> torch.Tensor:
+def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidance_scale: float = 1.0, codec=None,
+           num_inference_steps: int = 50, sampler: str = "ddim", skip: str = "uniform", eta: float | None = None,
+           batch_size: int = 64, device=None, decode: bool = True, progress: bool = True) -> torch.Tensor:
     """Generate ``len(seeds)`` images; returns float32 ``[N, C, H, W]`` in [-1, 1] on the CPU.
 
     ``sampler="ddim"`` is deterministic (eta 0 unless given). ``sampler="ddpm"`` is DDIM with eta 1, which over all
     T steps is exactly ancestral DDPM with the posterior variance (and its strided generalisation for fewer steps).
-    ``device`` defaults to the UNet's device.
+    A class-conditional model takes ``class_labels`` (see :func:`labels_for`) and ``guidance_scale`` (classifier-free
+    guidance through the model's null label; 1 = none). ``codec``: a latent pipeline's autoencoder; the latents are
+    decoded into images unless ``decode=False``. ``device`` defaults to the model's device.
     """
+    from .adapters import adapter_for
+
     require(sampler in SAMPLERS, f"unknown sampler {sampler!r}; choose from {list(SAMPLERS)}")
     require(batch_size >= 1, f"batch_size={batch_size} must be >= 1")
+    adapter = adapter_for(model)
+    seeds = [int(s) for s in seeds]
+    labels = labels_for(model, seeds, class_labels)
+    spec = adapter.conditioning(model)
+    require(isinstance(guidance_scale, (int, float)) and guidance_scale >= 1.0,
+            f"guidance_scale={guidance_scale!r} must be >= 1 (1 = no guidance)")
+    if guidance_scale != 1.0:
+        require(spec is not None and spec.null_label is not None,
+                "classifier-free guidance needs a class-conditional model with a null label (e.g. a DiT); "
+                "this model has none: use --guidance-scale 1")
     eta = (0.0 if sampler == "ddim" else 1.0) if eta is None else float(eta)
-    device = device if device is not None else next(unet.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     sched = QuadDDIMScheduler.from_config(scheduler.config)
     sched.set_timesteps(num_inference_steps, skip=skip)
-    shape = sample_shape(unet)
-    dtype = next(unet.parameters()).dtype
-    was_training = unet.training
-    unet.eval()
+    shape = adapter.input_shape(model)
+    dtype = next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
     out = []
-    seeds = [int(s) for s in seeds]
     bar = tqdm(total=len(seeds) * len(sched.timesteps), desc="sampling", unit="step", disable=not progress)
-    for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i:i + batch_size]
-        gens = [torch.Generator().manual_seed(s) for s in chunk]
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
-        for t in sched.timesteps:
-            eps = unet(x, t.to(device).expand(len(chunk))).sample
-            noise = None
-            if eta > 0:
-                noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
-            x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-            bar.update(len(chunk))
-        bad = [s for s, ok in zip(chunk, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
-        if bad:  # NaN would silently become black pixels
-            raise DiffPruneError(f"sampling gave non-finite values (NaN/inf) for seed(s) {bad[:5]}; the model has "
-                                 "diverged or damaged weights (check them with diffprune info), or the scheduler is "
-                                 "misconfigured")
-        out.append(x.clamp(-1, 1).float().cpu())
-    bar.close()
-    unet.train(was_training)
+    try:
+        for i in range(0, len(seeds), batch_size):
+            chunk = seeds[i:i + batch_size]
+            y = None if labels is None else labels[i:i + batch_size].to(device)
+            gens = [torch.Generator().manual_seed(s) for s in chunk]
+            x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
+            for t in sched.timesteps:
+                pred = guided_prediction(adapter, model, x, t.to(device).expand(len(chunk)), y, guidance_scale,
+                                         None if spec is None else spec.null_label)
+                noise = None
+                if eta > 0:
+                    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
+                x = sched.step(pred, t, x, eta=eta, variance_noise=noise).prev_sample
+                bar.update(len(chunk))
+            if codec is not None and decode:
+                x = codec.decode(x)
+            bad = [s for s, ok in zip(chunk, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
+            if bad:  # NaN would silently become black pixels
+                raise DiffPruneError(f"sampling gave non-finite values (NaN/inf) for seed(s) {bad[:5]}; the model "
+                                     "has diverged or damaged weights (check them with diffprune info), or the "
+                                     "scheduler is misconfigured")
+            out.append((x.clamp(-1, 1) if codec is None or decode else x).float().cpu())
+    finally:
+        bar.close()
+        model.train(was_training)
     return torch.cat(out)
 
 

@@ -28,14 +28,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ._fs import atomic_write_json, read_json
-from .data import to_model_range, to_uint8
+from .data import to_uint8
 from .errors import DiffPruneError, require, require_int, require_seed
-from .macs import sample_shape
 
 CHECKPOINT_PREFIX = "step-"
 LOG_FIELDS = ["step", "loss", "lr", "images_per_s"]
@@ -49,7 +47,9 @@ class TrainConfig:
     ``ema_decay=None`` ties the EMA horizon to the run: decay = min(0.9999, 1 - 10 / steps), i.e. the EMA averages
     over the last ~10% of the steps. The paper's constant 0.9999 suits 100K-step runs; over a 2K-step run it would
     leave the EMA weights ~82% the pruned initialisation (0.9999^2000). The first update copies the weights; from then on the decay is constant.
-    ``batch_size`` is per process; ``kd_weight`` > 0 needs a teacher (loss = a·‖ε_T − ε_S‖² + (1 − a)·‖ε − ε_S‖²).
+    ``batch_size`` is per process; ``kd_weight`` > 0 needs a teacher (loss = a·‖f_T − f_S‖² + (1 − a)·‖target − f_S‖²,
+    :mod:`diffprune.objective`). ``label_dropout``: for a class-conditional model with a null label (a DiT), the share
+    of labels replaced by the null label so that classifier-free guidance keeps working (None: 0.1, DiT's recipe).
     ``lr_schedule``: "constant" (the paper's), or "linear" / "cosine" decay to 0 at ``steps``, starting at
     ``lr_decay_start`` (or the end of warm-up, if later). A constant-lr run can be resumed into a decay phase with
     ``lr_decay_start`` >= its last step: resuming only refuses changes to the learning rate of steps already done.
@@ -66,6 +66,7 @@ class TrainConfig:
     antithetic: bool = True
     dropout: float | None = None
     kd_weight: float = 0.0
+    label_dropout: float | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     sample_every: int = 0
@@ -98,6 +99,9 @@ class TrainConfig:
                 f"ema_decay={self.ema_decay!r} must be in [0, 1) or None (auto: 1 - 10/steps)")
         require(self.dropout is None or 0 <= self.dropout < 1, f"dropout={self.dropout!r} must be in [0, 1)")
         require(0 <= self.kd_weight <= 1, f"kd_weight={self.kd_weight!r} must be in [0, 1] (paper: 0.7)")
+        require(self.label_dropout is None or 0 <= self.label_dropout < 1,
+                f"label_dropout={self.label_dropout!r} must be in [0, 1) or None (0.1 for a model with a null "
+                "label, else 0)")
 
     @property
     def resolved_ema_decay(self) -> float:
@@ -128,15 +132,6 @@ class TrainResult:
     steps: int
     final_loss: float
     seconds: float
-
-
-def denoising_loss(pred: torch.Tensor, noise: torch.Tensor, teacher_pred: torch.Tensor | None = None,
-                   kd_weight: float = 0.0) -> torch.Tensor:
-    """ε-prediction MSE, optionally mixed with output distillation: a·‖ε_T − ε_S‖² + (1 − a)·‖ε − ε_S‖²."""
-    loss = F.mse_loss(pred, noise)
-    if teacher_pred is not None and kd_weight > 0:
-        loss = kd_weight * F.mse_loss(pred, teacher_pred) + (1 - kd_weight) * loss
-    return loss
 
 
 def _seed_of(*parts: int) -> int:
@@ -397,33 +392,52 @@ def _all_finite(tensors) -> bool:
 
 # --- the loop ----------------------------------------------------------------------------------------------------
 
+def _as_denoiser_data(model, data):
+    """:class:`~diffprune.inputs.DenoiserData` from what ``train`` accepts (checked against the model)."""
+    from .data import ImageData, content_sha256
+    from .inputs import DenoiserData, denoiser_data
+
+    if isinstance(data, DenoiserData):
+        return data
+    if isinstance(data, ImageData):
+        return denoiser_data(model, data)
+    require(isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and data.ndim == 4,
+            "images must be a uint8 tensor [N, C, H, W], an ImageData or a DenoiserData")
+    return denoiser_data(model, ImageData(data, None, None, {"source": "tensor", "sha256": content_sha256(data)}))
+
+
 def train(unet, scheduler, images, config: TrainConfig, out_dir: str | os.PathLike, *,
           teacher=None, pruning: dict | None = None, resume: bool = False, overwrite: bool = False,
-          run_info: dict | None = None, accelerator=None, progress: bool = True, inputs=(),
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train ``unet`` (ε-prediction) on uint8 ``images`` [N, C, H, W] (or an :class:`~diffprune.data.ImageData`);
-    write the final EMA model to ``out_dir``.
+          run_info: dict | None = None, accelerator=None, progress: bool = True, inputs=(), pipeline=None,
+          codec=None, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train the denoiser ``unet`` (any supported family) on ``images``; write the final EMA model to ``out_dir``.
 
-    ``pruning``: the pruned model's record; when given, the model is saved in diffprune's pruned format.
-    ``resume``: continue from the newest whole checkpoint in ``out_dir/checkpoints`` (settings, data, model, teacher
-    and accelerate settings must match; ``steps`` may grow). ``overwrite`` replaces a folder diffprune wrote, never
-    one that is or contains one of ``inputs`` (paths). ``accelerator``: an ``accelerate.Accelerator`` (one is
-    created if None; under ``accelerate launch`` it runs data-parallel). ``on_step(step, loss)`` is called after
-    every step (a hook for callers and tests).
+    ``images``: a uint8 tensor ``[N, C, H, W]``, an :class:`~diffprune.data.ImageData` (with labels for a
+    class-conditional model) or a :class:`~diffprune.inputs.DenoiserData` (latents, for a latent pipeline). The
+    loss targets what the scheduler's ``prediction_type`` says (:mod:`diffprune.objective`).
+    ``pruning``: the pruned model's record; when given, the model is saved in diffprune's pruned format; with
+    ``pipeline`` (``LoadedModel.pipeline``) the final model is a pipeline folder (other components copied).
+    ``codec``: the latent pipeline's autoencoder, for sample grids. ``resume``: continue from the newest whole
+    checkpoint in ``out_dir/checkpoints`` (settings, data, model, teacher and accelerate settings must match;
+    ``steps`` may grow). ``overwrite`` replaces a folder diffprune wrote, never one that is or contains one of
+    ``inputs`` (paths). ``accelerator``: an ``accelerate.Accelerator`` (one is created if None; under ``accelerate
+    launch`` it runs data-parallel). ``on_step(step, loss)`` is called after every step (a hook for callers and
+    tests).
     """
     from ._fs import mark_output, output_lock
-    from .data import ImageData, content_sha256
+    from .adapters import adapter_for
+    from .objective import prediction_type
 
-    data = images if isinstance(images, ImageData) else None
-    images = data.images if data is not None else images
-    require(isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4,
-            "images must be a uint8 tensor [N, C, H, W]")
-    expect = sample_shape(unet)
-    require(tuple(images.shape[1:]) == expect,
-            f"images have shape {tuple(images.shape[1:])} but the model takes {expect}; load them with the model's "
-            "resolution and channels")
-    require(scheduler.config.prediction_type == "epsilon",
-            f"prediction_type {scheduler.config.prediction_type!r} is not supported for training; use 'epsilon'")
+    adapter = adapter_for(unet)
+    data = _as_denoiser_data(unet, images)
+    prediction_type(scheduler)  # a supported one
+    spec = adapter.conditioning(unet)
+    if config.label_dropout is None:
+        config = dataclasses.replace(config, label_dropout=0.1 if spec is not None and spec.null_label is not None
+                                     else 0.0)
+    require(config.label_dropout == 0 or (spec is not None and spec.null_label is not None),
+            f"label_dropout={config.label_dropout} needs a class-conditional model with a null label (e.g. a DiT); "
+            "pass --label-dropout 0")
     require(config.kd_weight == 0 or teacher is not None, f"kd_weight={config.kd_weight} needs a teacher (--teacher DIR)")
     if teacher is not None and config.kd_weight == 0:
         raise DiffPruneError("a teacher was given but kd_weight=0; pass --kd-weight (paper: 0.7) or drop --teacher")
@@ -434,18 +448,23 @@ def train(unet, scheduler, images, config: TrainConfig, out_dir: str | os.PathLi
             f"gradient accumulation ({settings['gradient_accumulation_steps']} steps, from accelerate's config or "
             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS) is not supported: it would scale the loss silently; raise "
             "--batch-size or launch more processes instead")
-    identity = {"data": data.record["sha256"] if data is not None else content_sha256(images),
-                "model": state_sha256(unet), "teacher": state_sha256(teacher), "accelerate": settings}
+    identity = {"data": data.record["sha256"], "model": state_sha256(unet), "teacher": state_sha256(teacher),
+                "accelerate": settings}
     main = acc.is_main_process
     out = Path(out_dir)
     with output_lock(out) if main else contextlib.nullcontext():
-        return _train_locked(unet, scheduler, images, config, out, acc=acc, identity=identity, teacher=teacher,
+        return _train_locked(unet, scheduler, data, config, out, acc=acc, identity=identity, teacher=teacher,
                              pruning=pruning, resume=resume, overwrite=overwrite, run_info=run_info or {},
-                             progress=progress, inputs=inputs, on_step=on_step, mark=mark_output)
+                             progress=progress, inputs=inputs, on_step=on_step, mark=mark_output,
+                             adapter=adapter, null_label=None if spec is None else spec.null_label,
+                             pipeline=pipeline, codec=codec)
 
 
-def _train_locked(unet, scheduler, images, config: TrainConfig, out: Path, *, acc, identity, teacher, pruning,
-                  resume, overwrite, run_info, progress, inputs, on_step, mark) -> TrainResult:
+def _train_locked(unet, scheduler, data, config: TrainConfig, out: Path, *, acc, identity, teacher, pruning,
+                  resume, overwrite, run_info, progress, inputs, on_step, mark, adapter, null_label, pipeline,
+                  codec) -> TrainResult:
+    from .objective import loss_at
+
     from diffusers.training_utils import EMAModel
 
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
@@ -461,6 +480,7 @@ def _train_locked(unet, scheduler, images, config: TrainConfig, out: Path, *, ac
         for m in unet.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = config.dropout
+    adapter.prepare_for_training(unet)
     unet.train()
     optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
     model, optimizer = acc.prepare(unet, optimizer)
@@ -494,7 +514,7 @@ def _train_locked(unet, scheduler, images, config: TrainConfig, out: Path, *, ac
         _truncate_log(out / "train_log.csv", start_step)
 
     T = scheduler.config.num_train_timesteps
-    order = _DataOrder(len(images), config.seed)
+    order = _DataOrder(len(data), config.seed)
     B = config.batch_size
     writer = _tensorboard(out) if main else None
     bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not (progress and main))
@@ -510,17 +530,14 @@ def _train_locked(unet, scheduler, images, config: TrainConfig, out: Path, *, ac
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
         idx = order.indices(step * B * world + rank * B, B)
-        x0 = to_model_range(images[idx]).to(acc.device)
+        x0, labels = data.batch(idx, acc.device)
         noise = torch.randn(x0.shape, generator=gen).to(acc.device)
         t = (antithetic_timesteps(B, T, gen) if config.antithetic else torch.randint(0, T, (B,), generator=gen))
         t = t.to(acc.device)
-        xt = scheduler.add_noise(x0, noise, t)
-        pred = model(xt, t).sample
-        teacher_pred = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_pred = teacher(xt, t).sample
-        loss = denoising_loss(pred, noise, teacher_pred, config.kd_weight)
+        if labels is not None and config.label_dropout > 0:  # for classifier-free guidance; teacher sees the same
+            drop = (torch.rand(B, generator=gen) < config.label_dropout).to(acc.device)
+            labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+        loss = loss_at(adapter, model, scheduler, x0, noise, t, labels, teacher=teacher, kd_weight=config.kd_weight)
         finite = torch.isfinite(loss.detach()).reshape(1).float()
         if world > 1:  # every process must stop together, or the others hang in the next all-reduce
             finite = acc.gather(finite)
@@ -548,7 +565,7 @@ def _train_locked(unet, scheduler, images, config: TrainConfig, out: Path, *, ac
             t0, window = time.time(), []
         if main and config.sample_every and done % config.sample_every == 0:
             _save_sample_grid(raw, ema, scheduler, out / "samples" / f"{CHECKPOINT_PREFIX}{done:07d}.png",
-                              config.sample_steps)
+                              config.sample_steps, codec)
         if done % config.checkpoint_every == 0 or done == config.steps:
             acc.wait_for_everyone()
             # never publish diverged weights as a "good" checkpoint (the loss was checked before this step's update)
@@ -561,7 +578,7 @@ def _train_locked(unet, scheduler, images, config: TrainConfig, out: Path, *, ac
     bar.close()
     acc.wait_for_everyone()
     if main:
-        _save_final(raw, ema, scheduler, out, pruning)
+        _save_final(raw, ema, scheduler, out, pruning, pipeline)
         record = read_json(record_path)
         if record["segments"] and record["segments"][-1]["to_step"] == config.steps:
             record["segments"][-1]["wall_minutes"] = round((time.time() - started) / 60, 1)
@@ -583,21 +600,19 @@ def ema_copy(raw, ema):
     return model.eval()
 
 
-def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None) -> None:
-    """Write the raw and EMA models into ``out/raw`` and ``out``: each file written whole and fsynced, then renamed."""
+def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None, pipeline=None) -> None:
+    """Write the raw and EMA models into ``out/raw`` (the denoiser alone) and ``out`` (a pipeline folder for a
+    pipeline): each file written whole and fsynced, then renamed."""
     from ._fs import fsync_path, fsync_tree
+    from .io import write_model
 
     for folder, model in ((out / "raw", raw), (out, ema_copy(raw, ema))):
         tmp = out / f".final-{folder.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        if pruning is not None:
-            from .io import save_pruned
-
-            save_pruned(model, tmp, pruning, scheduler=scheduler, overwrite=True)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-            scheduler.save_pretrained(tmp / "scheduler")
-            fsync_tree(tmp)
+        tmp.mkdir()
+        write_model(tmp, model, pruning=pruning, scheduler=scheduler,
+                    pipeline=pipeline if folder == out else None)
+        fsync_tree(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for item in tmp.iterdir():
             target = folder / item.name
@@ -608,10 +623,11 @@ def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None) -> None:
         fsync_path(folder)
 
 
-def _save_sample_grid(raw, ema, scheduler, path: Path, steps: int) -> None:
+def _save_sample_grid(raw, ema, scheduler, path: Path, steps: int, codec=None) -> None:
     from .sampling import image_grid, sample
 
-    imgs = sample(ema_copy(raw, ema), scheduler, seeds=range(36), num_inference_steps=steps, progress=False)
+    imgs = sample(ema_copy(raw, ema), scheduler, seeds=range(36), num_inference_steps=steps, progress=False,
+                  codec=codec)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(to_uint8(imgs), nrow=6).save(path)
 

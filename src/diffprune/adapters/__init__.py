@@ -1,40 +1,121 @@
-"""Model adapters: all model-specific surgery lives here, one adapter per model family.
+"""Model adapters: everything model-specific lives here, one adapter per model family.
 
-An adapter tells the pruning engine what to feed the model for tracing, which layers never to prune, how attention
-projections group into heads, and how to put a pruned model back in a consistent state (attributes that mirror
-shapes, attention heads and scale). It also replays that state when a pruned model is loaded.
+An adapter owns the *denoiser contract* that the rest of diffprune calls, and never names a model class outside this
+package:
 
-``ADAPTERS`` is a named registry; :func:`adapter_for` picks the adapter by the model's class.
+* **calling the model**: :meth:`ModelAdapter.forward` turns ``(x_t, t, cond)`` into the model's prediction, shaped
+  like ``x_t`` (a learned-variance head's extra channels are dropped); ``cond`` is the conditioning tensor (class
+  labels ``[N]`` for class-conditional models) or None. :meth:`ModelAdapter.conditioning` says what the model takes
+  (:class:`Conditioning`), :meth:`ModelAdapter.input_shape` the shape of ``x_t``, and
+  :meth:`ModelAdapter.example_inputs` one call's keyword inputs, conditioning included, for tracing and MAC
+  counting. What the prediction *is* (``epsilon``, ``v_prediction``, ``sample``) is the scheduler's
+  ``prediction_type``; :mod:`diffprune.objective` turns it into the training and calibration target.
+* **surgery**: which layers are never pruned, how attention projections group into heads, and how to put a pruned
+  model back in a consistent state (attributes that mirror shapes, attention heads and scale), replayed at load.
+
+``ADAPTERS`` is a named registry; :func:`adapter_for` picks the adapter by the model's class. Pipelines (which
+component is the denoiser, the autoencoder, the stock pipeline class) are in :mod:`diffprune.adapters.pipelines`.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from ..errors import DiffPruneError
 from ..registry import Registry
 
+FAMILY_MODULES = ("unet2d", "dit")  # imported on first use; each registers its adapter
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a conditional denoiser takes besides ``(x_t, t)``.
+
+    ``kind``: ``"class"`` (integer labels). ``num_classes``: valid labels are ``0 .. num_classes - 1``.
+    ``null_label``: the label of the unconditional branch (classifier-free guidance, label dropout), or None when
+    the model has none.
+    """
+
+    kind: str
+    num_classes: int
+    null_label: int | None = None
+
+    def check_labels(self, labels: torch.Tensor, what: str = "class labels") -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(bad):
+            raise DiffPruneError(f"{what} {sorted(set(bad.tolist()))[:5]} are out of range: this model has "
+                                 f"{self.num_classes} classes (0..{self.num_classes - 1})")
+        return labels
+
 
 class ModelAdapter:
-    """Interface every adapter implements (see :class:`diffprune.adapters.unet2d.UNet2DAdapter`)."""
+    """The denoiser contract and the surgery of one model family (see the module docstring)."""
 
     name: str = ""
     model_classes: tuple[str, ...] = ()
+    sample_arg: str = "sample"  # the name of x_t in the model's forward()
+    label_arg: str = "class_labels"
+
+    # --- the denoiser contract ------------------------------------------------------------------------------------
+    def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of ``x_t`` (latents for latent models), from the model config."""
+        cfg = model.config
+        s = cfg.sample_size
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        return int(cfg.in_channels), int(h), int(w)
+
+    def conditioning(self, model: nn.Module) -> Conditioning | None:
+        """What the model is conditioned on (None: unconditional)."""
+        return None
+
+    def model_kwargs(self, model: nn.Module, cond) -> dict:
+        return {} if cond is None else {self.label_arg: cond}
+
+    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """The prediction for ``x`` at timesteps ``t`` (``[N]``), shaped like ``x``. ``model`` may be wrapped for
+        data-parallel training (DDP) or compiled; it is called as it is."""
+        spec = self.conditioning(unwrap(model))
+        if (spec is None) != (cond is None):
+            raise DiffPruneError("this model is class-conditional: pass class labels" if spec is not None else
+                                 "this model is unconditional: it takes no class labels")
+        out = model(**{self.sample_arg: x, "timestep": t}, **self.model_kwargs(model, cond)).sample
+        return out[:, : x.shape[1]]  # a learned-variance head (e.g. DiT's) outputs 2C channels: the prediction is C
+
+    def example_cond(self, model: nn.Module, batch_size: int = 1, device=None):
+        """A valid conditioning tensor for ``batch_size`` inputs (labels 0, 1, 2, ...), or None."""
+        spec = self.conditioning(model)
+        if spec is None:
+            return None
+        return (torch.arange(batch_size) % spec.num_classes).to(device)
 
     def example_inputs(self, model: nn.Module, batch_size: int = 1, device=None) -> dict:
-        """Keyword inputs of one forward call (shapes from the model config)."""
-        raise NotImplementedError
+        """Keyword inputs of one forward call, conditioning included (shapes from the model config)."""
+        p = next(model.parameters())
+        device = p.device if device is None else device
+        x = torch.zeros(batch_size, *self.input_shape(model), device=device, dtype=p.dtype)
+        t = torch.ones(batch_size, dtype=torch.long, device=device)
+        return {self.sample_arg: x, "timestep": t,
+                **self.model_kwargs(model, self.example_cond(model, batch_size, device))}
 
+    def prepare_for_training(self, model: nn.Module) -> None:
+        """Make the model's training-mode forward deterministic given diffprune's own random draws."""
+
+    # --- what to keep and how widths group ------------------------------------------------------------------------
     def ignored_layers(self, model: nn.Module) -> list[nn.Module]:
-        """Layers whose channels must never be pruned (e.g. the output convolution)."""
+        """Layers whose output channels must never be pruned (e.g. the output convolution)."""
         raise NotImplementedError
 
     def num_heads(self, model: nn.Module) -> dict[nn.Module, int]:
         """Projection layer -> number of attention heads, for per-head-consistent pruning."""
         return {}
 
+    # --- consistency after pruning and at load ------------------------------------------------------------------
     def snapshot(self, model: nn.Module) -> dict:
         """State needed by :meth:`finalize_`, taken before pruning."""
         return {}
@@ -48,46 +129,78 @@ class ModelAdapter:
         raise NotImplementedError
 
     def check(self, model: nn.Module, device=None) -> None:
-        """Run one forward pass; raise DiffPruneError if the output shape is wrong or not finite."""
-        raise NotImplementedError
+        """Run one forward pass on a random input; raise DiffPruneError if its shape is wrong or it is not finite."""
+        inputs = self.example_inputs(model, 1, device)
+        x = inputs[self.sample_arg]
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+        with torch.no_grad():
+            out = model(**inputs).sample
+        expected = (1, int(model.config.out_channels or x.shape[1]), *x.shape[2:])
+        if tuple(out.shape) != expected:
+            raise DiffPruneError(f"pruned model outputs shape {tuple(out.shape)}, expected {expected}")
+        if not torch.isfinite(out).all():
+            raise DiffPruneError("pruned model outputs non-finite values (NaN/inf) on a random input")
 
     @contextlib.contextmanager
     def tracing(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Context in which the model can be traced by Torch-Pruning (eval mode, no checkpointing)."""
+        """Context in which the model can be traced by Torch-Pruning: eval mode, gradient checkpointing off
+        (a checkpoint wrapper hides the layers inside it from the tracer)."""
         was_training = model.training
+        ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
+        if ckpt:
+            model.disable_gradient_checkpointing()
         model.eval()
         try:
             yield model
         finally:
+            if ckpt:
+                model.enable_gradient_checkpointing()
             model.train(was_training)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / torch.compile wrappers (the one with the diffusers ``config``)."""
+    while not hasattr(model, "config"):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            break
+        model = inner
+    return model
 
 
 ADAPTERS: Registry[ModelAdapter] = Registry("model adapter")
 
 
+def _load_families() -> None:
+    for name in FAMILY_MODULES:
+        importlib.import_module(f"{__name__}.{name}")
+
+
+def supported_classes() -> list[str]:
+    _load_families()
+    return sorted(c for key in ADAPTERS for c in ADAPTERS.get(key).model_classes)
+
+
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The registered adapter for ``type(model)`` (matched by class name along its MRO)."""
-    from . import unet2d  # noqa: F401  (registers "unet2d")
-
-    names = [c.__name__ for c in type(model).__mro__]
+    _load_families()
+    names = [c.__name__ for c in type(unwrap(model)).__mro__]
     for key in ADAPTERS:
         adapter = ADAPTERS.get(key)
         if any(n in adapter.model_classes for n in names):
             return adapter
-    supported = sorted(c for key in ADAPTERS for c in ADAPTERS.get(key).model_classes)
-    raise DiffPruneError(f"no pruning adapter for model class {type(model).__name__!r}; supported: {supported}")
+    raise DiffPruneError(f"no pruning adapter for model class {type(model).__name__!r}; supported: "
+                         f"{supported_classes()}")
 
 
 def adapter_for_class_name(class_name: str) -> ModelAdapter:
     """The adapter for a model class name as written in a diffusers ``config.json`` (``_class_name``)."""
-    from . import unet2d  # noqa: F401
-
+    _load_families()
     for key in ADAPTERS:
         adapter = ADAPTERS.get(key)
         if class_name in adapter.model_classes:
             return adapter
-    supported = sorted(c for key in ADAPTERS for c in ADAPTERS.get(key).model_classes)
-    raise DiffPruneError(f"no pruning adapter for model class {class_name!r}; supported: {supported}")
+    raise DiffPruneError(f"no pruning adapter for model class {class_name!r}; supported: {supported_classes()}")
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "adapter_for", "adapter_for_class_name"]
+__all__ = ["ADAPTERS", "Conditioning", "ModelAdapter", "adapter_for", "adapter_for_class_name", "supported_classes"]

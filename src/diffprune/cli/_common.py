@@ -12,5 +12,11 @@ def add_device_flag(p) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
 
 
+def add_prediction_type_flag(p) -> None:
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample"],
+                   help="what the model predicts; only needed for a model without a scheduler (checked against the "
+                        "model's scheduler otherwise; default epsilon)")
+
+
 def device_of(args) -> str:
     return args.device or default_device()

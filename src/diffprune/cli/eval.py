@@ -56,6 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("--latency-repeats", type=int, default=d.latency_repeats, help="timed runs per measurement (>= 10)")
     p.add_argument("--sampler-latency-batch", type=int, default=d.sampler_latency_batch,
                    help="batch of the full-sampler timing (per-image latency = median / batch)")
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale,
+                   help="classifier-free guidance scale for class-conditional models with a null label (1 = none)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for sampling and timing (default: torch's); recorded with every timing")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -105,25 +107,28 @@ def _eval(args, inputs) -> int:
         ref_split=args.ref_split, ref_count=args.ref_count, extractor=args.extractor,
         extractor_weights=args.inception_weights or args.extractor_weights, cache_dir=args.cache_dir,
         latency_batches=args.latency_batches, latency_repeats=args.latency_repeats,
-        sampler_latency_batch=args.sampler_latency_batch,
+        sampler_latency_batch=args.sampler_latency_batch, guidance_scale=args.guidance_scale,
     )
     device = device_of(args)
-    student = teacher = scheduler = pruning = None
+    student = teacher = scheduler = pruning = codec = None
     log: dict = {}
     if args.model is not None:
-        student, scheduler, pruning, log = load_for_eval(args.model)
-        student = student.to(device)
+        loaded, log = load_for_eval(args.model)
+        student, scheduler, pruning, codec = loaded.denoiser.to(device), loaded.scheduler, loaded.pruning, loaded.codec
     if args.teacher is not None:
-        teacher, t_sched, _, _ = load_for_eval(args.teacher)
-        teacher = teacher.to(device)
-        scheduler = t_sched if scheduler is None else scheduler
+        loaded, _ = load_for_eval(args.teacher)
+        teacher = loaded.denoiser.to(device)
+        scheduler = loaded.scheduler if scheduler is None else scheduler
+        codec = loaded.codec if codec is None else codec
+    if codec is not None:
+        codec.to(device)
     if data is None:
         print("no --data given or recorded: FID is skipped (consistency and cost are still measured)")
     m = evaluate(student, teacher, config=config, out_dir=args.out, scheduler=scheduler,
                  student_samples=args.student_samples, teacher_samples=args.teacher_samples, pruning=pruning,
                  train_log=log, device=device, overwrite=args.overwrite, progress=True,
                  names={"student": args.model or args.student_samples, "teacher": args.teacher or args.teacher_samples},
-                 inputs=inputs)
+                 inputs=inputs, codec=codec)
 
     def f(v, spec=".4g"):
         return "n/a" if v is None else format(v, spec)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+from ._common import add_prediction_type_flag
 from .train import add_training_flags, train_config_from_args
 
 
@@ -16,6 +17,9 @@ def add_parser(sub) -> None:
     add_training_flags(p)
     p.add_argument("--teacher", default=None, help="teacher model for output distillation (needs --kd-weight)")
     p.add_argument("--kd-weight", type=float, default=0.0, help="distillation weight a in [0, 1] (paper: 0.7)")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache of encoded latents for latent pipelines (default: $DIFFPRUNE_CACHE or ~/.cache/diffprune)")
+    add_prediction_type_flag(p)
     p.set_defaults(func=run)
 
 
@@ -26,7 +30,8 @@ def run(args) -> int:
     config = train_config_from_args(args, kd_weight=args.kd_weight)
     res = finetune(args.model, args.data, config, args.out, teacher=args.teacher, resume=args.resume,
                    overwrite=args.overwrite, accelerator=make_accelerator(args.device),
-                   command=" ".join(["diffprune"] + sys.argv[1:]))
+                   command=" ".join(["diffprune"] + sys.argv[1:]), cache_dir=args.cache_dir,
+                   prediction_type=args.prediction_type)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

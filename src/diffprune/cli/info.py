@@ -1,10 +1,10 @@
 """``diffprune info DIR``: summary of a saved model (pruned or not); ``--json`` prints a JSON object with at least
-``params``, ``macs``, ``base_params``, ``base_macs`` and ``method``."""
+``params``, ``macs``, ``base_params``, ``base_macs``, ``method`` and ``family``."""
 from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="summarise a saved model (params, MACs, pruning method and settings)",
+    p = sub.add_parser("info", help="summarise a saved model (family, params, MACs, pruning method and settings)",
                        description=__doc__)
     p.add_argument("model", help="a pruned model folder, a diffusers model/pipeline folder, a shipped name or hub id")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -17,13 +17,21 @@ def summarize(name_or_path: str) -> dict:
     from ..macs import count_macs
 
     loaded = load_model(name_or_path)
-    macs = count_macs(loaded.unet)
+    model = loaded.denoiser
+    macs = count_macs(model)
     rec = loaded.pruning or {}
     cfg = rec.get("config", {})
     calibration = rec.get("calibration") or {}
+    spec = loaded.adapter.conditioning(model)
     return {
         "source": loaded.source,
-        "model_class": type(loaded.unet).__name__,
+        "revision": loaded.revision,
+        "model_class": type(model).__name__,
+        "family": loaded.adapter.name,
+        "pipeline": loaded.pipeline.family.pipeline_class if loaded.pipeline is not None else None,
+        "latent": loaded.codec is not None,
+        "conditioning": None if spec is None else {"kind": spec.kind, "num_classes": spec.num_classes,
+                                                   "null_label": spec.null_label},
         "pruned": loaded.pruning is not None,
         "method": rec.get("method"),
         "params": macs.params,
@@ -33,14 +41,13 @@ def summarize(name_or_path: str) -> dict:
         "ratio": rec.get("ratio"),
         "ratio_mode": cfg.get("ratio_mode"),
         "target_macs": cfg.get("target_macs"),
-        "seed": rec.get("seed"),
+        "seed": cfg.get("seed"),
         "thr": cfg.get("thr") if rec.get("method") == "diff-pruning" else None,
-        "cutoff_t": rec.get("cutoff_t"),
+        "cutoff_t": calibration.get("cutoff_t"),
         "calibration_timesteps": len(calibration.get("accumulated", [])) if calibration else None,
         "scheduler": type(loaded.scheduler).__name__ if loaded.scheduler is not None else None,
         "diffprune_version": rec.get("diffprune_version"),
-        "sample_size": loaded.unet.config.sample_size,
-        "in_channels": loaded.unet.config.in_channels,
+        "input_shape": list(loaded.adapter.input_shape(model)),
     }
 
 
@@ -53,7 +60,14 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, sort_keys=True, default=str))
         return 0
-    print(f"{info['source']}: {info['model_class']} {info['sample_size']}px, {info['in_channels']} channel(s)")
+    c, h, w = info["input_shape"]
+    where = f" in a {info['pipeline']}" if info["pipeline"] else ""
+    space = "latents" if info["latent"] else "pixels"
+    print(f"{info['source']}: {info['model_class']} (family {info['family']}){where}, input {c}x{h}x{w} {space}")
+    if info["conditioning"]:
+        cond = info["conditioning"]
+        null = f", null class {cond['null_label']} (guidance)" if cond["null_label"] is not None else ""
+        print(f"conditioning: {cond['num_classes']} classes{null}")
     if info["pruned"]:
         extra = f", thr {info['thr']}, cutoff t={info['cutoff_t']}" if info["thr"] is not None else ""
         how = f"ratio {info['ratio']:.4f} ({info['ratio_mode']})" if info["ratio"] is not None else ""

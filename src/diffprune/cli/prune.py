@@ -5,7 +5,7 @@ nothing. The output folder holds config.json + pruning.json + diffusion_pytorch_
 """
 from __future__ import annotations
 
-from ._common import add_device_flag, device_of
+from ._common import add_device_flag, add_prediction_type_flag, device_of
 
 
 def add_parser(sub) -> None:
@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--dry-run", action="store_true", help="prune in memory and print the numbers; write nothing")
     p.add_argument("--json", action="store_true", help="also print the pruning record (pruning.json) to stdout")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache of encoded latents for latent pipelines (default: $DIFFPRUNE_CACHE or ~/.cache/diffprune)")
+    add_prediction_type_flag(p)
     add_device_flag(p)
     p.set_defaults(func=run)
 
@@ -118,28 +121,21 @@ def run(args) -> int:
 def _prune(args, config, inputs) -> int:
     import json
 
-    from ..io import load_model, save_pruned
-    from ..prune import chain_records, prune_
-    from ..sampling import default_scheduler
+    from ..io import save_pruned
+    from ..prune import prune_model
 
-    loaded = load_model(args.model)
-    scheduler = loaded.scheduler if loaded.scheduler is not None else default_scheduler()
-    report = prune_(loaded.unet, config, args.data, scheduler=scheduler, device=device_of(args), split=args.split)
-    record = report.to_dict()
-    record["model_source"] = str(args.model)
-    record["model_revision"] = loaded.revision  # the hub commit, for a hub id
-    record["scheduler_source"] = "model" if loaded.scheduler is not None else "default (DDPM, 1000 steps, linear)"
-    if loaded.pruning is not None:
-        record = chain_records(loaded.pruning, record)
+    loaded, report = prune_model(args.model, config, args.data, device=device_of(args), split=args.split,
+                                 cache_dir=args.cache_dir, prediction_type=args.prediction_type)
+    record = loaded.pruning
 
-    print(width_table(report.widths_before, report.widths_after))
+    print(width_table(report.base_widths, report.widths))
     if report.calibration is not None:
         cal = report.calibration
         print(f"calibration: {cal['batch']} images from {cal['source']}, {len(cal['accumulated'])} timesteps "
               f"accumulated (cutoff t={cal['cutoff_t']}, stopped by {cal['stopped_by']})")
     if config.target_macs is not None:
         print(f"target MACs {config.target_macs:.3f}: ratio {report.ratio:.4f} ({config.ratio_mode} mode) keeps "
-              f"{report.macs_after / report.macs_before:.4f}")
+              f"{report.macs / report.base_macs:.4f}")
     for line in summary_lines(record):
         print(line)
     if args.json:
@@ -147,7 +143,7 @@ def _prune(args, config, inputs) -> int:
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    save_pruned(loaded.unet.to("cpu"), args.out, record, scheduler=scheduler, overwrite=args.overwrite,
-                inputs=inputs)
+    save_pruned(loaded.denoiser.to("cpu"), args.out, record, scheduler=loaded.scheduler, overwrite=args.overwrite,
+                inputs=inputs, pipeline=loaded.pipeline)
     print(f"wrote {args.out}")
     return 0

@@ -1,7 +1,16 @@
 """``diffprune sample``: generate images from a model folder; image i always comes from seed s+i."""
 from __future__ import annotations
 
-from ._common import add_device_flag, device_of
+from ._common import add_device_flag, add_prediction_type_flag, device_of
+
+
+def _labels(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of class ids, e.g. 3 or 0,1,2") from None
 
 
 def add_parser(sub) -> None:
@@ -15,6 +24,13 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (does not change images)")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--class-labels", type=_labels, default=None,
+                   help="class-conditional models: one class id for all images, or one per image (comma-separated); "
+                        "default: image i gets class (SEED+i) mod num_classes")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale (class-conditional models with a null label, e.g. DiT; "
+                        "1 = none, DiT's pipeline uses 4)")
+    add_prediction_type_flag(p)
     add_device_flag(p)
     p.set_defaults(func=run)
 
@@ -35,16 +51,21 @@ def _sample(args) -> int:
     from .._fs import atomic_dir
     from ..data import to_uint8
     from ..io import load_model
-    from ..sampling import default_scheduler, sample, save_samples
+    from ..objective import resolve_scheduler
+    from ..sampling import labels_for, sample, save_samples
 
     loaded = load_model(args.model)
+    scheduler = resolve_scheduler(loaded.scheduler, args.prediction_type)
     device = device_of(args)
-    unet = loaded.unet.to(device)
-    scheduler = loaded.scheduler or default_scheduler()
+    model = loaded.denoiser.to(device)
+    codec = loaded.codec.to(device) if loaded.codec is not None else None
     seeds = list(range(args.seed, args.seed + args.n))
-    images = sample(unet, scheduler, seeds=seeds, num_inference_steps=args.steps, sampler=args.sampler,
-                    skip=args.skip, batch_size=args.batch_size, device=device)
-    meta = {"model": str(args.model), "steps": args.steps, "sampler": args.sampler, "skip": args.skip}
+    labels = labels_for(model, seeds, args.class_labels)
+    images = sample(model, scheduler, seeds=seeds, class_labels=labels, guidance_scale=args.guidance_scale,
+                    codec=codec, num_inference_steps=args.steps, sampler=args.sampler, skip=args.skip,
+                    batch_size=args.batch_size, device=device)
+    meta = {"model": str(args.model), "steps": args.steps, "sampler": args.sampler, "skip": args.skip,
+            "guidance_scale": args.guidance_scale, "class_labels": None if labels is None else labels.tolist()}
     with atomic_dir(args.out, overwrite=args.overwrite, kind="samples", inputs=(args.model,)) as tmp:
         save_samples(to_uint8(images), seeds, tmp, meta)
     print(f"wrote {args.n} images to {args.out} (grid: {args.out}/grid.png)")

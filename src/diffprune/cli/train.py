@@ -26,6 +26,9 @@ def add_training_flags(p) -> None:
                    help="constant EMA decay; default: min(0.9999, 1 - 10/steps), an EMA over the last ~10%% of steps")
     p.add_argument("--no-antithetic", action="store_true", help="sample timesteps independently (default: t, T-1-t pairs)")
     p.add_argument("--dropout", type=float, default=None, help="set every dropout layer's p (default: the model's)")
+    p.add_argument("--label-dropout", type=float, default=None,
+                   help="class-conditional models with a null label (DiT): share of labels dropped for classifier-free "
+                        "guidance (default 0.1; 0 for other models)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept (newest)")
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids (0: none)")
@@ -43,7 +46,8 @@ def train_config_from_args(args, **extra):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule, lr_decay_start=args.lr_decay_start,
         grad_clip=args.grad_clip, ema_decay=args.ema_decay, antithetic=not args.no_antithetic,
-        dropout=args.dropout, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        dropout=args.dropout, label_dropout=args.label_dropout, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
         sample_every=args.sample_every, log_every=args.log_every, seed=args.seed, **extra,
     )
 
@@ -59,9 +63,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..data import load_data
     from ..errors import DiffPruneError, require
-    from ..macs import sample_shape
+    from ..inputs import load_denoiser_data
     from ..presets import PRESETS, build_unet
     from ..sampling import default_scheduler
     from ..seed import seed_everything
@@ -83,8 +86,7 @@ def run(args) -> int:
         arch = PRESETS.get(args.preset)
     seed_everything(config.seed)
     unet = build_unet(dict(arch))
-    channels, size, _ = sample_shape(unet)
-    images = load_data(args.data, resolution=size, channels=channels)
+    images = load_denoiser_data(unet, args.data)
     info = run_info(command=" ".join(["diffprune"] + sys.argv[1:]), data=args.data, data_record=images.record,
                     architecture=arch, num_images=len(images))
     res = train(unet, default_scheduler(), images, config, args.out, resume=args.resume, overwrite=args.overwrite,

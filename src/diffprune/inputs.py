@@ -1,0 +1,119 @@
+"""What a denoiser is calibrated and trained on: its clean inputs ``x0`` (images, or their latents for a latent
+pipeline) and, for a conditional model, each image's own label.
+
+Latents are encoded once with the pipeline's autoencoder and cached on disk (safetensors) under a key made of the
+autoencoder's identity (class, config, weights) and the data's content hash, so a changed autoencoder or changed
+data never reuses stale latents.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import DiffPruneError, require
+
+LATENT_FORMAT = 1  # bump when the way latents are computed changes
+
+
+@dataclass(frozen=True)
+class DenoiserData:
+    """``x0``: images ``[N, C, H, W]`` (uint8, or float in [-1, 1]) for pixel models, float32 latents for latent
+    ones; ``labels``: int64 ``[N]`` or None;
+    ``record``: where they came from (the data's record, plus the latent cache key)."""
+
+    x0: torch.Tensor
+    labels: torch.Tensor | None
+    record: dict
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+    def batch(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clean inputs in model range (``[-1, 1]`` images or latents) and labels of the rows ``idx``."""
+        from .data import to_model_range
+
+        x = self.x0[idx]
+        x = to_model_range(x) if x.dtype == torch.uint8 else x.float()
+        return x.to(device), (None if self.labels is None else self.labels[idx].to(device))
+
+
+def pixel_shape(model, codec=None) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images the model's data must have (through the autoencoder for latent models)."""
+    from .adapters import adapter_for
+
+    shape = adapter_for(model).input_shape(model)
+    return codec.image_shape(shape) if codec is not None else shape
+
+
+def encode_cached(codec, images: torch.Tensor, data_sha256: str, *, cache_dir=None, batch_size: int = 64,
+                  progress: bool = False) -> tuple[torch.Tensor, str]:
+    """Latents of ``images`` (uint8, or float in [-1, 1]), encoded once then read from the cache; returns
+    ``(latents, cache key)``."""
+    from safetensors.torch import load_file, save
+
+    from ._fs import atomic_write_bytes, cache_dir as _cache
+    from .data import to_model_range
+
+    key = hashlib.sha256(json.dumps({"format": LATENT_FORMAT, "autoencoder": codec.identity(),
+                                     "data": data_sha256, "n": len(images)}).encode()).hexdigest()[:32]
+    path = _cache(cache_dir) / "latents" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            z = load_file(str(path))["latents"]
+            if len(z) == len(images):
+                return z, key
+        except Exception:  # a damaged cache entry is recomputed
+            pass
+    chunks = []
+    for i in tqdm(range(0, len(images), batch_size), desc="encoding latents", disable=not progress):
+        x = images[i:i + batch_size]
+        chunks.append(codec.encode(to_model_range(x) if x.dtype == torch.uint8 else x.float()).cpu())
+    z = torch.cat(chunks).contiguous()
+    atomic_write_bytes(path, save({"latents": z}))
+    return z, key
+
+
+def denoiser_data(model, data, *, codec=None, cache_dir=None, progress: bool = False) -> DenoiserData:
+    """The model's clean inputs for :class:`~diffprune.data.ImageData` ``data`` (labels checked for a conditional
+    model, images encoded for a latent one)."""
+    from .adapters import adapter_for
+
+    adapter = adapter_for(model)
+    spec = adapter.conditioning(model)
+    source = data.record.get("source", "the data")
+    labels = None
+    if spec is not None:
+        require(data.labels is not None,
+                f"the model is class-conditional ({spec.num_classes} classes) but data {source!r} has no labels; "
+                "label it: a folder with one sub-folder per class (root/<class>/image.png, classes in sorted order), "
+                "a dataset with a 'label' column, or pass --data data-free")
+        labels = spec.check_labels(data.labels, f"class labels of {source!r}")
+    record = dict(data.record)
+    if codec is not None:
+        x0, key = encode_cached(codec, data.images, data.record["sha256"], cache_dir=cache_dir, progress=progress)
+        record["latent_cache_key"] = key
+    else:
+        x0 = data.images
+    expect = adapter.input_shape(model)
+    if tuple(x0.shape[1:]) != expect:
+        raise DiffPruneError(f"data {source!r} gives inputs of shape {tuple(x0.shape[1:])} but the model takes "
+                             f"{expect}; the autoencoder and the denoiser do not fit")
+    return DenoiserData(x0, labels, record)
+
+
+def load_denoiser_data(model, source, *, codec=None, split: str = "train", limit: int | None = None,
+                       cache_dir=None, progress: bool = False) -> DenoiserData:
+    """Load ``source`` (see :func:`diffprune.data.load_data`) fitted to what the model (and autoencoder) take."""
+    from .data import load_data
+
+    c, h, w = pixel_shape(model, codec)
+    require(h == w, f"the model takes {h}x{w} inputs; diffprune's data loaders make square images")
+    data = load_data(source, resolution=h, channels=c, split=split, limit=limit)
+    return denoiser_data(model, data, codec=codec, cache_dir=cache_dir, progress=progress)
+
+
+__all__ = ["DenoiserData", "denoiser_data", "encode_cached", "load_denoiser_data", "pixel_shape"]
