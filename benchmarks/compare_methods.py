@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from diffprune.cli.demo import config_path
+from diffprune.importance import METHODS, setting_owners
 from diffprune.pipeline import load_run_config, run_pipeline
 
 p = argparse.ArgumentParser(description=__doc__)
@@ -32,8 +33,8 @@ rows = []
 for method in args.methods:
     raw = json.loads(json.dumps(base))
     raw["prune"]["method"] = method
-    if method not in ("diff-pruning",):
-        raw["prune"].pop("thr", None)
+    for key in [k for k in raw["prune"] if k in setting_owners() and k not in METHODS.get(method).settings]:
+        raw["prune"].pop(key)  # a setting this method does not take (thr, calib_batch, ...)
     if args.steps is not None:
         raw["finetune"]["steps"] = args.steps
     if args.n is not None:

@@ -82,5 +82,11 @@ if __name__ == "__main__":
         lines.append(f"| {r['model']} ({r['class']}) | {r['params_before'] / 1e6:.1f}M -> {r['params_after'] / 1e6:.1f}M "
                      f"| {r['macs_before'] / 1e9:.1f}G -> {r['macs_after'] / 1e9:.1f}G | {r['macs_fraction']:.3f} "
                      f"| {r['search_trials']} | {r['prune_seconds'] / 60:.1f} min | {r['peak_rss_gib']} GiB |")
+    lines += ["", "Notes: diffusers' `DiTTransformer2DModel` gives each of the 28 blocks its own timestep and label "
+              "embedder (the original DiT shares one), hence 749.8M parameters rather than the 675M usually quoted; "
+              "the DiT keeps its residual stream (see README), so half the MACs leave 365.6M parameters (TinyFusion "
+              "reports 338M for Diff-Pruning at 50%). The LDM-4 row is a UNet2DModel with the paper's widths and a "
+              "class embedding instead of cross-attention (FIELD.md quotes about 400M / 99.8G for the original). "
+              "`prune time` includes the target-MACs search (a pruned copy and a MAC count per trial)."]
     res.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -75,6 +75,8 @@ CASES = {
                                 "data '.*imgz' not found: no such file or folder"),
     "prune-seed-2-63": ([*PRUNE, "--seed", str(2**63)], "out", r"seed=9223372036854775808 is too large"),
     "prune-ratio-1.5": ([*PRUNE[:5], "--ratio", "1.5", "--device", "cpu"], "out", r"ratio=1.5 must be in \(0, 1\)"),
+    "prune-setting-of-another-method": ([*PRUNE, "--thr", "0.1"], "out",
+                                        r"thr=0.1 does not apply to method 'magnitude'; it is a setting of"),
     "prune-unknown-method": ([*PRUNE[:3], "--method", "l1", *PRUNE[5:]], "out", "unknown method 'l1'; choose from"),
     "prune-ratio-and-target": ([*PRUNE, "--target-macs", "0.5"], "out", "give exactly one of ratio"),
     "prune-ratio-not-a-number": ([*PRUNE[:5], "--ratio", "lots", "--device", "cpu"], "out",

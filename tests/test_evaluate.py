@@ -59,9 +59,10 @@ def test_metrics_json_has_the_required_finite_values(evaluated, models):
     assert saved["device"] == "cpu" and saved["threads"] == 1
     assert saved["versions"]["torch"] == torch.__version__
     for role in ("student", "teacher"):
-        lat = saved["cost"][role]["latency_unet"]
+        lat = saved["latency"][role]["latency_unet"]
         assert sorted(lat) == ["1", "2"] and all(r["threads"] == 1 and r["device"] == "cpu" for r in lat.values())
-    assert saved["fid_detail"]["extractor"]["extractor"] == "mnist-classifier"
+    assert saved["fid_setup"]["extractor"]["extractor"] == "mnist-classifier"
+    assert "ssim" not in saved["consistency"] and "student" not in saved["fid_setup"]  # one name per figure
 
 
 def test_report_and_reusable_sample_folders_are_written(evaluated):

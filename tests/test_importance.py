@@ -9,7 +9,7 @@ import torch_pruning as tp
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffprune.errors import DiffPruneError
-from diffprune.importance import METHODS, make_importance
+from diffprune.importance import METHODS
 from diffprune.prune import PruneConfig, prune_
 
 CFG = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
@@ -93,7 +93,8 @@ def test_engine_scores_and_kept_channels_match_plain_recomputation(method, form)
     sched = DDPMScheduler(num_train_timesteps=T)
     x0 = torch.rand(B, 1, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
 
-    report = prune_(unet, PruneConfig(method=method, taylor_form=form, ratio=RATIO, calib_batch=B, seed=SEED),
+    form_setting = form if method == "diff-pruning" else None  # taylor_form is diff-pruning's setting
+    report = prune_(unet, PruneConfig(method=method, taylor_form=form_setting, ratio=RATIO, calib_batch=B, seed=SEED),
                     x0, scheduler=sched, progress=False)
     assert report.calibration["accumulated"] == list(range(T))
 
@@ -111,8 +112,25 @@ def test_taylor_without_gradients_fails_clearly():
     group = dg.get_pruning_group(unet.conv_in, tp.prune_conv_out_channels, idxs=[0, 1])
     for name in ("diff-pruning", "taylor"):
         with pytest.raises(DiffPruneError, match="needs gradients"):
-            make_importance(name)(group)
-    assert make_importance("magnitude")(group).shape == (2,)
+            METHODS.get(name).make(PruneConfig(method=name, ratio=0.3))(group)
+    assert METHODS.get("magnitude").make(PruneConfig(method="magnitude", ratio=0.3))(group).shape == (2,)
+
+
+def test_a_method_owns_its_settings():
+    """Defaults come from the method (and its timestep strategy); a setting of another method is refused."""
+    cfg = PruneConfig(ratio=0.3)
+    assert (cfg.timesteps, cfg.thr, cfg.threshold_semantics, cfg.taylor_form, cfg.calib_batch) == (
+        "threshold", 0.05, "accumulate-trigger", "abs", 64)
+    assert PruneConfig(method="taylor", ratio=0.3).timesteps == "all"
+    assert PruneConfig(method="taylor", ratio=0.3).thr is None  # the "all" strategy has no threshold
+    assert PruneConfig(method="magnitude", ratio=0.3).calib_batch is None
+    with pytest.raises(DiffPruneError, match=r"thr=0.1 does not apply to method 'magnitude'; it is a setting of "
+                                             r"\['diff-pruning', 'taylor'\]"):
+        PruneConfig(method="magnitude", ratio=0.3, thr=0.1)
+    with pytest.raises(DiffPruneError, match=r"taylor_form='squared' does not apply to method 'taylor'"):
+        PruneConfig(method="taylor", ratio=0.3, taylor_form="squared")
+    with pytest.raises(DiffPruneError, match=r"timestep strategy 'all' takes no \['thr'\]"):
+        PruneConfig(method="taylor", ratio=0.3, thr=0.1)
 
 
 def test_gradient_methods_need_calibration_data():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffprune.report import layer_widths, metrics_rows, timestep_losses, write_report
+from diffprune.report import metrics_rows, timestep_losses, width_changes, write_report
 
 PRUNING = {
     "base_widths": {"conv_in": [1, 8], "down_blocks.0.resnets.0.norm1": [8, 8], "down_blocks.0.resnets.0.conv1": [8, 8],
@@ -17,10 +17,10 @@ PRUNING = {
 }
 
 
-def test_layer_widths_reads_out_channels_and_skips_norms():
-    assert layer_widths(PRUNING) == {"conv_in": (8, 4), "down_blocks.0.resnets.0.conv1": (8, 4),
+def test_width_changes_reads_out_channels_and_skips_norms():
+    assert width_changes(PRUNING) == {"conv_in": (8, 4), "down_blocks.0.resnets.0.conv1": (8, 4),
                                      "mid_block.attentions.0.to_q": (16, 8), "conv_out": (1, 1)}
-    assert layer_widths(None) == {} and layer_widths({"method": "magnitude"}) == {}
+    assert width_changes(None) == {} and width_changes({"method": "magnitude"}) == {}
 
 
 def test_timestep_losses_both_layouts_and_data_free():

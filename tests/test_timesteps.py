@@ -21,7 +21,7 @@ def test_threshold_stops_at_first_loss_below_thr_times_max_both_semantics():
     assert threshold_cutoff(LOSSES, 0.05, "exclude-trigger") == 3  # t = 0..2
     kept, stopped = walk(ThresholdTimesteps(thr=0.05), LOSSES)
     assert kept == [0, 1, 2, 3] and stopped
-    kept, stopped = walk(ThresholdTimesteps(thr=0.05, semantics="exclude-trigger"), LOSSES)
+    kept, stopped = walk(ThresholdTimesteps(thr=0.05, threshold_semantics="exclude-trigger"), LOSSES)
     assert kept == [0, 1, 2] and stopped
 
 
@@ -42,10 +42,10 @@ def test_plans_and_caps():
     assert StridedTimesteps(stride=4).plan(10) == [(0, 4.0), (4, 4.0), (8, 4.0)]
     assert StridedTimesteps(stride=4, max_timesteps=2).plan(10) == [(0, 4.0), (4, 4.0)]
     assert make_strategy("threshold", thr=0.1, max_timesteps=None).to_dict() == {
-        "name": "threshold", "thr": 0.1, "semantics": "accumulate-trigger", "max_timesteps": None}
+        "name": "threshold", "thr": 0.1, "threshold_semantics": "accumulate-trigger", "max_timesteps": None}
 
 
-@pytest.mark.parametrize("bad", [dict(thr=1.0), dict(thr=-0.1), dict(semantics="both"), dict(max_timesteps=0)])
+@pytest.mark.parametrize("bad", [dict(thr=1.0), dict(thr=-0.1), dict(threshold_semantics="both"), dict(max_timesteps=0)])
 def test_invalid_threshold_settings_raise(bad):
     with pytest.raises(DiffPruneError):
         ThresholdTimesteps(**bad)
@@ -83,7 +83,7 @@ def test_calibration_loop_accumulates_exactly_the_prefix_the_rule_keeps(semantic
     x0 = torch.rand(4, 1, 4, 4, generator=g) * 2 - 1
     noise = torch.randn(4, 1, 4, 4, generator=g)
     model = _ScaledIdentity()
-    strategy = ThresholdTimesteps(thr=0.5, semantics=semantics)
+    strategy = ThresholdTimesteps(thr=0.5, threshold_semantics=semantics)
     res = accumulate_gradients(model, sched, x0, noise, strategy, adapter=_Toy(), progress=False)
     losses = [v for _, v in res.losses]
     k = threshold_cutoff(losses, 0.5, semantics)

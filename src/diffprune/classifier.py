@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from .errors import DiffPruneError, require
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+CLASSIFIER_WEIGHTS = "model.safetensors"
+CLASSIFIER_CONFIG = "config.json"
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ def save_classifier(model: DigitClassifier, folder: str | Path) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_NAME)
-    (folder / CONFIG_NAME).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / CLASSIFIER_WEIGHTS)
+    (folder / CLASSIFIER_CONFIG).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
 
 
 def load_classifier(name_or_path: str | Path = "mnist-classifier") -> DigitClassifier:
@@ -83,15 +83,15 @@ def load_classifier(name_or_path: str | Path = "mnist-classifier") -> DigitClass
     from .assets import shipped_model_path
 
     folder = shipped_model_path(str(name_or_path)) or Path(name_or_path)
-    if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
-        raise DiffPruneError(f"classifier {str(name_or_path)!r} has no {CONFIG_NAME} + {WEIGHTS_NAME}; "
+    if not (folder / CLASSIFIER_WEIGHTS).is_file() or not (folder / CLASSIFIER_CONFIG).is_file():
+        raise DiffPruneError(f"classifier {str(name_or_path)!r} has no {CLASSIFIER_CONFIG} + {CLASSIFIER_WEIGHTS}; "
                              "pass 'mnist-classifier' or a folder written by save_classifier")
     from ._config import config_from_dict
 
-    config = config_from_dict(ClassifierConfig, json.loads((folder / CONFIG_NAME).read_text()),
-                              section=str(folder / CONFIG_NAME))
+    config = config_from_dict(ClassifierConfig, json.loads((folder / CLASSIFIER_CONFIG).read_text()),
+                              section=str(folder / CLASSIFIER_CONFIG))
     model = DigitClassifier(config)
-    model.load_state_dict(load_file(folder / WEIGHTS_NAME))
+    model.load_state_dict(load_file(folder / CLASSIFIER_WEIGHTS))
     return model.eval()
 
 

@@ -61,6 +61,26 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("diffprune") / "assets" / name))
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
+
+
+def to_grey(x: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` -> ``[N, 1, H, W]`` luma in the same dtype (uint8 rounded); other channel counts unchanged."""
+    if x.shape[1] != 3:
+        return x
+    w = torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)
+    grey = (x.float() * w).sum(1, keepdim=True)
+    return grey.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else grey.to(x.dtype)
+
+
+def read_image(path) -> np.ndarray:
+    """An image file as an HWC uint8 array: grey stays 1 channel, anything else becomes RGB."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return _pil_array(im)
+
+
 def fit_images(x: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
     """Fit uint8 images ``[N, C, H, W]`` to ``resolution`` x ``resolution`` with ``channels`` channels."""
     require(x.ndim == 4, f"images must be [N, C, H, W], got shape {tuple(x.shape)}")
@@ -71,8 +91,7 @@ def fit_images(x: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
         if c == 1 and channels == 3:
             x = x.expand(-1, 3, -1, -1)
         elif c == 3 and channels == 1:
-            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            x = (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+            x = to_grey(x)
         else:
             raise DiffPruneError(f"images have {c} channels but the model takes {channels}; convert them to 1 or 3")
     h, w = x.shape[-2:]
@@ -128,15 +147,14 @@ def _digits(split: str) -> tuple:
 def load_folder(folder: Path) -> tuple:
     """Every image below ``folder``; labelled by class sub-folder when every image sits in one (``root/cat/x.png``),
     as torchvision's ``ImageFolder`` (classes in sorted order)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     require(len(files) > 0, f"image folder {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     arrays = []
     for p in files:
         try:
-            with Image.open(p) as im:
-                arrays.append(_pil_array(im))
+            arrays.append(read_image(p))
         except (UnidentifiedImageError, OSError) as e:
             raise DiffPruneError(f"cannot read image {str(p)!r} ({e}); remove or replace the file") from None
     images = _stack_images(arrays, [repr(str(p)) for p in files])

@@ -264,28 +264,31 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
                                "versions": _versions(), "seeds": {"first": config.seed, "n": config.n},
                                "sampler": {"name": "ddim", "eta": 0.0, "steps": config.steps, "skip": config.skip},
                                "names": names or {}}
+    # One name per figure: the figures at the top level, the nested records hold only how they were measured.
     # Consistency, paired by seed.
+    consistency: dict[str, Any] = {}
     if "teacher" in sets:
         common, t_img, s_img = pair_by_seed(sets["teacher"], sets["student"])
-        metrics["consistency"] = paired_consistency(t_img, s_img)
+        consistency = paired_consistency(t_img, s_img)
         metrics["seeds"]["paired"] = len(common)
     else:
         common, t_img, s_img = sorted(sets["student"].seeds), None, None
+    for key in ("ssim", "ms_ssim", "mse"):
+        metrics[key] = consistency.pop(key, None)
+    metrics["consistency"] = consistency
     fid = _fid(config, sets, device, progress)
-    metrics["fid_detail"] = fid
-    metrics["fid"] = fid.get("student")
-    metrics["fid_teacher"] = fid.get("teacher")
-    metrics["fid_student_vs_teacher"] = fid.get("student_vs_teacher")
-    metrics["ssim"] = metrics.get("consistency", {}).get("ssim")
-    metrics["ms_ssim"] = metrics.get("consistency", {}).get("ms_ssim")
-    metrics["mse"] = metrics.get("consistency", {}).get("mse")
+    metrics["fid"] = fid.pop("student", None)
+    metrics["fid_teacher"] = fid.pop("teacher", None)
+    metrics["fid_student_vs_teacher"] = fid.pop("student_vs_teacher", None)
+    metrics["fid_setup"] = fid
 
     # Cost.
     for m in models.values():
         if m.unet is not None:
             m.cost = _cost(m.unet, scheduler, config, device, codec)
     sc, tc = models["student"].cost, models.get("teacher", _Model("teacher", None)).cost
-    metrics["cost"] = {role: m.cost for role, m in models.items()}
+    metrics["latency"] = {role: {k: m.cost[k] for k in ("latency_unet", "latency_sampler", "unet_calls_per_image")
+                                 if k in m.cost} for role, m in models.items() if m.cost}
     metrics["params"], metrics["teacher_params"] = sc.get("params"), tc.get("params")
     metrics["macs"], metrics["teacher_macs"] = sc.get("macs"), tc.get("macs")
     metrics["macs_per_image"], metrics["teacher_macs_per_image"] = sc.get("macs_per_image"), tc.get("macs_per_image")

@@ -25,8 +25,8 @@ ranking.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch_pruning as tp
@@ -38,24 +38,36 @@ from .registry import Registry
 TAYLOR_FORMS = ("abs", "squared")
 
 
+# Settings of the calibration pass, owned by every method that scores with gradients (defaults for PruneConfig).
+GRADIENT_SETTINGS = {"calib_batch": 64, "data_free_steps": 10, "timesteps": None, "thr": None,
+                     "threshold_semantics": None, "stride": None, "max_timesteps": None}
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered importance method.
+    """A registered importance criterion: how it scores, what it needs, and the settings it owns.
 
-    ``needs_gradients``: calibration images and a gradient pass are required. ``default_timesteps``: the timestep
-    strategy used when the config names none. ``reinit``: re-initialise all parameters after pruning.
+    ``settings``: the :class:`~diffprune.prune.PruneConfig` fields this method reads, with their defaults; any other
+    method-specific field given to it is an error (``thr`` means nothing to ``magnitude``). ``needs``: the data a
+    score needs (``"gradients"``: calibration images and a backward pass per timestep). ``default_timesteps``: the
+    timestep strategy of a gradient method. ``after_pruning(model, seed)``: a step run on the pruned model (the
+    ``reinit`` baseline re-initialises it). ``factory(config)`` builds the Torch-Pruning importance.
     """
 
     name: str
-    needs_gradients: bool
-    default_timesteps: str | None
-    reinit: bool
-    factory: Callable[[str], tp.importance.Importance]
+    factory: Callable[..., tp.importance.Importance]
     summary: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()
+    default_timesteps: str | None = None
+    after_pruning: Callable[[nn.Module, int], None] | None = None
 
-    def make(self, taylor_form: str = "abs") -> tp.importance.Importance:
-        require(taylor_form in TAYLOR_FORMS, f"unknown taylor_form {taylor_form!r}; choose from {list(TAYLOR_FORMS)}")
-        return self.factory(taylor_form)
+    @property
+    def needs_gradients(self) -> bool:
+        return "gradients" in self.needs
+
+    def make(self, config) -> tp.importance.Importance:
+        return self.factory(config)
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -116,47 +128,59 @@ class CheckedTaylorImportance(tp.importance.GroupTaylorImportance):
         return super().__call__(group)
 
 
-def _register(name, needs_gradients, default_timesteps, reinit, summary):
+def _register(name: str, summary: str, **kw):
     def deco(factory):
-        METHODS.register(name)(Method(name, needs_gradients, default_timesteps, reinit, factory, summary))
+        METHODS.register(name)(Method(name, factory, summary, **kw))
         return factory
     return deco
 
 
-@_register("diff-pruning", True, "threshold", False, "sum |w*g| over the timesteps kept by the threshold rule")
-def _diff_pruning(taylor_form: str):
-    return CheckedTaylorImportance(multivariable=False, form=taylor_form)
+def _reinitialize(model: nn.Module, seed: int) -> None:
+    from .seed import seed_everything
+
+    seed_everything(seed)
+    reinitialize_(model)
 
 
-@_register("taylor", True, "all", False, "|sum w*g| with gradients over all timesteps")
-def _taylor(taylor_form: str):
-    require(taylor_form == "abs", "taylor_form='squared' applies to --method diff-pruning only")
+@_register("diff-pruning", "sum |w*g| over the timesteps kept by the threshold rule", needs=("gradients",),
+           settings={**GRADIENT_SETTINGS, "taylor_form": "abs"}, default_timesteps="threshold")
+def _diff_pruning(config):
+    return CheckedTaylorImportance(multivariable=False, form=config.taylor_form)
+
+
+@_register("taylor", "|sum w*g| with gradients over all timesteps", needs=("gradients",), settings=GRADIENT_SETTINGS,
+           default_timesteps="all")
+def _taylor(config):
     return CheckedTaylorImportance(multivariable=True)
 
 
-@_register("magnitude", False, None, False, "L2 norm of the weights")
-def _magnitude(taylor_form: str):
+@_register("magnitude", "L2 norm of the weights")
+def _magnitude(config):
     return tp.importance.MagnitudeImportance(p=2)
 
 
-@_register("random", False, None, False, "random scores (seeded)")
-def _random(taylor_form: str):
+@_register("random", "random scores (seeded)")
+def _random(config):
     return tp.importance.RandomImportance()
 
 
-@_register("reinit", False, None, True, "random pruning, then all parameters re-initialised")
-def _reinit(taylor_form: str):
+@_register("reinit", "random pruning, then all parameters re-initialised", after_pruning=_reinitialize)
+def _reinit(config):
     return tp.importance.RandomImportance()
+
+
+def setting_owners() -> dict[str, list[str]]:
+    """Every method-specific setting (a :class:`~diffprune.prune.PruneConfig` field) -> the methods that take it."""
+    owners: dict[str, list[str]] = {}
+    for name in METHODS:
+        for key in METHODS.get(name).settings:
+            owners.setdefault(key, []).append(name)
+    return owners
 
 
 def get_method(name: str) -> Method:
     """The registered method ``name`` (unknown names raise DiffPruneError listing the choices)."""
     return METHODS.get(name)
-
-
-def make_importance(method: str, taylor_form: str = "abs") -> tp.importance.Importance:
-    """Torch-Pruning importance object for a registered method name."""
-    return get_method(method).make(taylor_form)
 
 
 def reinitialize_(model: nn.Module) -> None:

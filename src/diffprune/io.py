@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ._fs import atomic_dir, atomic_write_json, is_hub_id, missing_path_message, read_json
+from ._torch import shape_mismatch, state_shapes
 from .errors import DiffPruneError, require
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -115,10 +116,9 @@ def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 def _check_record(model: nn.Module, pruning: dict) -> None:
     require(isinstance(pruning, dict) and isinstance(pruning.get("structure"), dict),
             "pruning must be the pruning record (PruneReport.to_dict() or LoadedModel.pruning) with a 'structure'")
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     recorded = pruning["structure"].get("shapes")
-    if recorded is not None and recorded != shapes:
-        bad = sorted(k for k in set(shapes) | set(recorded) if shapes.get(k) != recorded.get(k))[:3]
+    bad = shape_mismatch(state_shapes(model), recorded) if recorded is not None else []
+    if bad:
         raise DiffPruneError(f"the model's shapes differ from the pruning record (e.g. {bad}); save the model "
                              "that this record describes")
 
@@ -173,13 +173,17 @@ def _model_class(class_name: str | None, where: str):
     return getattr(diffusers, class_name)
 
 
+def _refuse_pickles(folder: Path) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise _pickle_refusal(f"{str(folder)!r} holds only {pickles}, which")
+
+
 def _check_weights(folder: Path) -> Path:
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         return weights
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise _pickle_refusal(f"{str(folder)!r} holds only {pickles}, which")
+    _refuse_pickles(folder)
     raise DiffPruneError(f"{str(folder)!r} has no {WEIGHTS_NAME}; save the model with safe_serialization=True")
 
 
@@ -206,10 +210,8 @@ def load_pruned(path: str | os.PathLike, *, device=None, dtype: torch.dtype | No
     require(isinstance(pruning.get("structure"), dict), f"{str(folder / PRUNING_NAME)!r} has no 'structure'")
     replay_structure_(model, pruning["structure"])
     state = load_file(str(weights), device="cpu")
-    own = {k: list(v.shape) for k, v in model.state_dict().items()}
-    got = {k: list(v.shape) for k, v in state.items()}
-    if own != got:
-        bad = sorted(k for k in set(own) | set(got) if own.get(k) != got.get(k))[:3]
+    bad = shape_mismatch(state_shapes(model), state_shapes(state))
+    if bad:
         raise DiffPruneError(f"{str(weights)!r} does not match the recorded structure (e.g. {bad}); the folder is "
                              "inconsistent")
     model.load_state_dict(state, strict=True)
@@ -295,9 +297,7 @@ def _load_folder(folder: Path, device, dtype) -> LoadedModel:
         sched_dir = folder  # a flat repo keeps scheduler_config.json beside config.json
     scheduler = load_scheduler(sched_dir) if (sched_dir / "scheduler_config.json").is_file() else None
     if not (model_dir / CONFIG_NAME).is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise _pickle_refusal(f"{str(folder)!r} holds only {pickles}, which")
+        _refuse_pickles(folder)
         raise DiffPruneError(f"{str(folder)!r} is not a diffusers model or pipeline folder (no {CONFIG_NAME}, no "
                              f"{INDEX_NAME})")
     denoiser, pruning = _load_denoiser(model_dir, device, dtype)

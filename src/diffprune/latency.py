@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ._torch import eval_mode
 from .errors import require
 
 __all__ = ["MIN_REPEATS", "denoiser_latency", "measure", "peak_memory", "sampler_latency"]
@@ -92,10 +93,8 @@ def denoiser_latency(model, *, device, batch_sizes: Sequence[int] = (1, 16, 64),
     require(p.device.type == device.type, f"the model is on {p.device} but device={device}; move it first")
     adapter = adapter_for(model)
     shape = adapter.input_shape(model)
-    was_training = model.training
-    model.eval()
     out = {}
-    try:
+    with eval_mode(model):
         for b in batch_sizes:
             require(isinstance(b, int) and b >= 1, f"latency batch size {b!r} must be a positive integer")
             x = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0)).to(device, p.dtype)
@@ -105,8 +104,6 @@ def denoiser_latency(model, *, device, batch_sizes: Sequence[int] = (1, 16, 64),
             rec["batch_size"] = b
             rec["per_image_s"] = rec["median_s"] / b
             out[str(b)] = rec
-    finally:
-        model.train(was_training)
     return out
 
 

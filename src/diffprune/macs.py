@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ._torch import eval_mode
+
 __all__ = ["MacsReport", "count_params", "count_macs"]
 
 
@@ -52,14 +54,9 @@ def count_macs(model: nn.Module, example_inputs: dict | None = None, *, device=N
 
         example_inputs = adapter_for(model).example_inputs(model, 1, device)
     inputs = example_inputs
-    was_training = model.training
-    model.eval()
     counter = FlopCounterMode(display=False, depth=None, custom_mapping=_custom_mapping())
-    try:
-        with torch.no_grad(), counter:
-            model(**inputs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), counter:
+        model(**inputs)
     totals = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     total_flops = counter.get_total_flops()
     root = type(model).__name__

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._fs import cache_dir
+from ._torch import eval_mode
 from .errors import DiffPruneError, require
 from .registry import Registry
 
@@ -135,18 +136,11 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _to_grey(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 3:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x * w).sum(1, keepdim=True)
-    return x
-
-
 @EXTRACTORS.register("mnist-classifier")
 def _mnist_classifier(weights=None, cache=None) -> FeatureExtractor:
     """Penultimate (128-d) features of the shipped digit classifier; ``weights``: a classifier folder."""
-    from .classifier import WEIGHTS_NAME, load_classifier
-    from .data import to_model_range
+    from .classifier import CLASSIFIER_WEIGHTS, load_classifier
+    from .data import to_grey, to_model_range
 
     source = "mnist-classifier" if weights is None else str(weights)
     model = load_classifier(source)
@@ -155,9 +149,9 @@ def _mnist_classifier(weights=None, cache=None) -> FeatureExtractor:
     folder = shipped_model_path(source) or Path(source)
     dim = int(model.config.feature_dim)
     return FeatureExtractor(
-        name="mnist-classifier", module=model, dim=dim, weights_sha256=_sha256(folder / WEIGHTS_NAME),
+        name="mnist-classifier", module=model, dim=dim, weights_sha256=_sha256(folder / CLASSIFIER_WEIGHTS),
         preprocessing=f"uint8->[-1,1]; RGB->grey (BT.601); bilinear antialias resize to {model.input_size}",
-        transform=lambda x: _to_grey(to_model_range(x)),
+        transform=lambda x: to_grey(to_model_range(x)),
         forward=lambda m, x: m.features(x),
     )
 
@@ -234,16 +228,12 @@ def compute_features(extractor: FeatureExtractor, images: torch.Tensor, *, batch
     require(images.dtype == torch.uint8 and images.ndim == 4, f"images must be uint8 [N, C, H, W], got "
                                                                f"{images.dtype} {tuple(images.shape)}")
     module = extractor.module
-    was_training = module.training
-    module.eval()
     dev = torch.device(device) if device is not None else next(module.parameters()).device
     out = []
-    try:
+    with eval_mode(module):
         for i in range(0, len(images), batch_size):
             x = extractor.transform(images[i:i + batch_size].to(dev))
             out.append(extractor.forward(module, x).double().cpu())
-    finally:
-        module.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, extractor.dim))
 
 
@@ -377,18 +367,11 @@ def load_sample_folder(folder: str | os.PathLike) -> SampleSet:
             pngs[int(p.stem)] = p
     require(len(pngs) > 0, f"sample folder {str(folder)!r} has neither samples.npz with seeds nor PNGs named by "
                            "index (0.png, 1.png, ...); pass a folder written by diffprune sample")
-    recorded = _recorded_seeds(folder)
-    from PIL import Image
+    from .data import _stack_images, read_image
 
+    recorded = _recorded_seeds(folder)
     idx = sorted(pngs)
-    arrays = []
-    for i in idx:
-        with Image.open(pngs[i]) as im:
-            a = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)  # as data.load_folder does
-        arrays.append(a[:, :, None] if a.ndim == 2 else a)
-    shapes = {a.shape for a in arrays}
-    require(len(shapes) == 1, f"PNGs in {str(folder)!r} differ in shape {sorted(shapes)}")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    images = _stack_images([read_image(pngs[i]) for i in idx], [repr(str(pngs[i])) for i in idx])
     if isinstance(recorded, list):
         require(idx[-1] < len(recorded), f"{str(folder)!r}: PNG index {idx[-1]} but samples.json lists only "
                                          f"{len(recorded)} seeds")

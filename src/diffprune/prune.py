@@ -48,12 +48,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from ._torch import shape_mismatch, state_shapes
 from .adapters import ModelAdapter, adapter_for
 from .errors import DiffPruneError, require, require_int, require_seed
-from .importance import METHODS, TAYLOR_FORMS, get_method, reinitialize_
+from .importance import METHODS, TAYLOR_FORMS, get_method, setting_owners
 from .macs import count_macs
 from .seed import seed_everything
-from .timesteps import TIMESTEP_STRATEGIES, TimestepStrategy, make_strategy
+from .timesteps import STRATEGY_FIELDS, TimestepStrategy, make_strategy
 
 RATIO_MODES = ("paper", "uniform")
 DATA_FREE = "data-free"
@@ -70,11 +71,15 @@ class PruneConfig:
     Exactly one of ``ratio`` (fraction of channels to remove, in (0, 1)) and ``target_macs`` (fraction of the
     original MACs to keep, in (0, 1)) is given. ``ratio_mode`` defaults to "paper" for ``ratio`` and "uniform"
     for ``target_macs``; ``global_ranking`` defaults to True for ``target_macs`` in uniform mode (local steps are
-    often too coarse for the tolerance) and False otherwise. ``timesteps`` names the timestep strategy (default: the method's, "threshold" for
-    diff-pruning and "all" for taylor); ``thr``/``threshold_semantics`` configure "threshold", ``stride``
-    configures "strided", ``max_timesteps`` caps any of them. ``calib_batch`` images are used for calibration;
-    ``seed`` fixes the calibration noise, the image subset and random scores. ``data_free_steps``: DDIM steps used
-    to sample calibration images from the model itself (``calibration="data-free"``).
+    often too coarse for the tolerance) and False otherwise. ``seed`` fixes the calibration noise, the image subset
+    and random scores.
+
+    The remaining fields belong to the method (:data:`diffprune.importance.METHODS`): ``None`` takes the method's
+    default, and a field the method does not own is refused. Gradient methods own the calibration: ``calib_batch``
+    images, ``data_free_steps`` DDIM steps for ``calibration="data-free"``, the timestep strategy ``timesteps``
+    (default: "threshold" for diff-pruning, "all" for taylor) and that strategy's own fields, passed by name
+    (``thr``/``threshold_semantics`` for "threshold", ``stride`` for "strided", ``max_timesteps`` for any);
+    diff-pruning also owns ``taylor_form``.
     """
 
     method: str = "diff-pruning"
@@ -83,16 +88,17 @@ class PruneConfig:
     target_macs: float | None = None
     global_ranking: bool | None = None
     prune_heads: bool = False
-    thr: float = 0.05
-    threshold_semantics: str = "accumulate-trigger"
+    seed: int = 0
+    macs_tolerance: float = 0.02
+    # owned by the method (None: its default)
+    calib_batch: int | None = None
+    data_free_steps: int | None = None
     timesteps: str | None = None
+    thr: float | None = None
+    threshold_semantics: str | None = None
     stride: int | None = None
     max_timesteps: int | None = None
-    taylor_form: str = "abs"
-    calib_batch: int = 64
-    seed: int = 0
-    data_free_steps: int = 10
-    macs_tolerance: float = 0.02
+    taylor_form: str | None = None
 
     def __post_init__(self):
         method = get_method(self.method)  # unknown name -> error listing the choices
@@ -116,34 +122,35 @@ class PruneConfig:
                 "global ranking uses Torch-Pruning's semantics; pass ratio_mode='uniform' (--ratio-mode uniform)")
         require(not (self.prune_heads and mode == "paper"),
                 "prune_heads (drop whole attention heads) needs ratio_mode='uniform' (--ratio-mode uniform)")
-        require(isinstance(self.thr, (int, float)) and 0.0 <= self.thr < 1.0,
-                f"thr={self.thr!r} must be in [0, 1); 0 means all timesteps, the paper uses 0.05")
-        require(self.taylor_form in TAYLOR_FORMS,
-                f"unknown taylor_form {self.taylor_form!r}; choose from {list(TAYLOR_FORMS)}")
-        require(self.taylor_form == "abs" or self.method == "diff-pruning",
-                "taylor_form='squared' applies to method 'diff-pruning' only")
-        require_int("calib_batch", self.calib_batch, 1)
         require_seed("seed", self.seed)
-        require_int("data_free_steps", self.data_free_steps, 1)
         require(0.0 < self.macs_tolerance < 1.0, f"macs_tolerance={self.macs_tolerance!r} must be in (0, 1)")
-        if self.timesteps is not None:
-            TIMESTEP_STRATEGIES.get(self.timesteps)
+        for name, owners in setting_owners().items():  # the method's: fill its defaults, refuse others' settings
+            value = getattr(self, name)
+            if name not in method.settings:
+                require(value is None, f"{name}={value!r} does not apply to method {self.method!r}; it is a setting "
+                                       f"of {owners}")
+            elif value is None:
+                object.__setattr__(self, name, method.settings[name])
         if method.needs_gradients:
-            self.timestep_strategy()  # validates stride/max_timesteps against the strategy
+            require_int("calib_batch", self.calib_batch, 1)
+            require_int("data_free_steps", self.data_free_steps, 1)
+            strategy = self.timestep_strategy()  # validates its own fields; record the values it resolved
+            object.__setattr__(self, "timesteps", strategy.name)
+            for name in STRATEGY_FIELDS:
+                if hasattr(strategy, name):
+                    object.__setattr__(self, name, getattr(strategy, name))
+        if self.taylor_form is not None:
+            require(self.taylor_form in TAYLOR_FORMS,
+                    f"unknown taylor_form {self.taylor_form!r}; choose from {list(TAYLOR_FORMS)}")
 
     def timestep_strategy(self) -> TimestepStrategy | None:
-        """The timestep strategy of a gradient method (None for data-free criteria)."""
+        """The timestep strategy of a gradient method (None for data-free criteria): the strategy named by
+        ``timesteps`` (or the method's default) with the fields of this config that carry its field names."""
         method = get_method(self.method)
         if not method.needs_gradients:
             return None
-        name = self.timesteps or method.default_timesteps
-        params: dict[str, Any] = {"max_timesteps": self.max_timesteps}
-        if name == "threshold":
-            params.update(thr=float(self.thr), semantics=self.threshold_semantics)
-        if self.stride is not None:
-            require(name == "strided", f"stride={self.stride} applies to timesteps='strided', not {name!r}")
-            params["stride"] = self.stride
-        return make_strategy(name, **params)
+        return make_strategy(self.timesteps or method.default_timesteps,
+                             **{f: getattr(self, f) for f in STRATEGY_FIELDS})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -550,7 +557,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
             result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), cond=labels,
                                           progress=progress)
             calibration_record = {**desc, "noise_seed": config.seed, **result.to_dict()}
-        importance = method.make(config.taylor_form)
+        importance = method.make(config)
         search: list[dict] = []
         if config.target_macs is not None:
             ratio, search = _search_ratio(unet, adapter, config, importance, snapshot, before.macs, progress)
@@ -559,15 +566,14 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         history, heads, scores = _prune_once(unet, adapter, config, ratio, importance)
         unet.zero_grad(set_to_none=True)
         meta = adapter.finalize_(unet, snapshot, heads)
-        if method.reinit:
-            seed_everything(config.seed)
-            reinitialize_(unet)
+        if method.after_pruning is not None:
+            method.after_pruning(unet, config.seed)
             adapter.check(unet)
         after = count_macs(unet)
     structure = {
         "format": STRUCTURE_FORMAT, "adapter": adapter.name, "torch_pruning": TORCH_PRUNING_VERSION,
         "history": history, "meta": meta,
-        "shapes": {k: list(v.shape) for k, v in unet.state_dict().items()},
+        "shapes": state_shapes(unet),
     }
     return PruneReport(
         config=config.to_dict(), method=config.method, ratio=ratio, family=adapter.name,
@@ -624,10 +630,9 @@ def replay_structure_(unet: nn.Module, structure: dict) -> None:
         except (AttributeError, IndexError, KeyError) as e:
             raise DiffPruneError(f"the pruning record does not fit this base model ({e}); is config.json the right one?") from None
         adapter.restore_(unet, structure.get("meta", {}))
-    shapes = {k: list(v.shape) for k, v in unet.state_dict().items()}
     recorded = structure.get("shapes")
-    if recorded is not None and shapes != recorded:
-        bad = sorted(k for k in set(shapes) | set(recorded) if shapes.get(k) != recorded.get(k))[:3]
+    bad = shape_mismatch(state_shapes(unet), recorded) if recorded is not None else []
+    if bad:
         raise DiffPruneError(f"replayed pruning gives other shapes than recorded (e.g. {bad}); the record is corrupt")
 
 

@@ -7,7 +7,7 @@ Figures (matplotlib, Agg backend), each written only when its data exists:
 * ``timestep_loss.png``: the calibration loss per timestep recorded at pruning, with the threshold cutoff;
 * ``finetune_loss.png``: the fine-tuning loss (from the model folder's ``train_log.csv``);
 
-followed by the metrics table. :func:`layer_widths` and :func:`timestep_losses` are the only places that read
+followed by the metrics table. :func:`width_changes` and :func:`timestep_losses` are the only places that read
 ``pruning.json``'s layout.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-__all__ = ["layer_widths", "timestep_losses", "metrics_rows", "write_report"]
+__all__ = ["width_changes", "timestep_losses", "metrics_rows", "write_report"]
 
 FIGURES = {
     "samples": "samples.png",
@@ -33,7 +33,7 @@ FIGURES = {
 
 # --- pruning.json accessors ------------------------------------------------------------------------------------
 
-def layer_widths(pruning: dict | None) -> dict[str, tuple[int, int]]:
+def width_changes(pruning: dict | None) -> dict[str, tuple[int, int]]:
     """Output channels ``{layer name: (before, after)}`` of the layers pruning changed (``{}`` if none recorded).
 
     Reads ``pruning.json``'s ``base_widths`` / ``widths`` (``{name: [in, out]}`` of every Conv, Linear and
@@ -234,9 +234,9 @@ def _fmt(v, kind: str = "") -> str:
 
 def metrics_rows(m: dict) -> list[tuple[str, str, str]]:
     """``(metric, teacher, student)`` rows of the metrics table."""
-    cost = m.get("cost", {})
-    sc, tc = cost.get("student", {}), cost.get("teacher", {})
-    ext = (m.get("fid_detail") or {}).get("extractor", {}).get("extractor", "")
+    latency = m.get("latency", {})
+    sc, tc = latency.get("student", {}), latency.get("teacher", {})
+    ext = (m.get("fid_setup") or {}).get("extractor", {}).get("extractor", "")
     rows = [
         ("Parameters", _fmt(m.get("teacher_params"), "count"), _fmt(m.get("params"), "count")),
         ("MACs per UNet call (batch 1)", _fmt(m.get("teacher_macs"), "macs"), _fmt(m.get("macs"), "macs")),
@@ -270,7 +270,7 @@ def summary_rows(m: dict) -> list[tuple[str, str]]:
         ("Device / threads", f"{m.get('device')} / {m.get('threads')}"),
         ("Samples (seeds)", f"{m.get('seeds', {}).get('n')} (from {m.get('seeds', {}).get('first')})"),
     ]
-    lat = (m.get("cost", {}).get("student", {}).get("latency_sampler") or {})
+    lat = (m.get("latency", {}).get("student", {}).get("latency_sampler") or {})
     if lat.get("peak_memory_kind"):
         rows.append(("Peak memory (student run)", f"{lat['peak_memory_bytes'] / 2**20:.0f} MiB — "
                                                    f"{lat['peak_memory_kind']}"))
@@ -313,7 +313,7 @@ def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teache
     plot_samples(out / FIGURES["samples"], student_images[:k], None if teacher_images is None else teacher_images[:k],
                  list(seeds)[:k])
     written["samples"] = FIGURES["samples"]
-    widths = layer_widths(pruning)
+    widths = width_changes(pruning)
     if widths:
         plot_widths(out / FIGURES["widths"], widths)
         written["widths"] = FIGURES["widths"]

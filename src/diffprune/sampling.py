@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
+from ._torch import eval_mode
 from .errors import DiffPruneError, require
 
 SAMPLERS = ("ddim", "ddpm")
@@ -156,11 +157,9 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidanc
     sched.set_timesteps(num_inference_steps, skip=skip)
     shape = adapter.input_shape(model)
     dtype = next(model.parameters()).dtype
-    was_training = model.training
-    model.eval()
     out = []
     bar = tqdm(total=len(seeds) * len(sched.timesteps), desc="sampling", unit="step", disable=not progress)
-    try:
+    with eval_mode(model):
         for i in range(0, len(seeds), batch_size):
             chunk = seeds[i:i + batch_size]
             y = None if labels is None else labels[i:i + batch_size].to(device)
@@ -182,9 +181,7 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidanc
                                      "has diverged or damaged weights (check them with diffprune info), or the "
                                      "scheduler is misconfigured")
             out.append((x.clamp(-1, 1) if codec is None or decode else x).float().cpu())
-    finally:
-        bar.close()
-        model.train(was_training)
+    bar.close()
     return torch.cat(out)
 
 

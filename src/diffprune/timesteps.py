@@ -11,7 +11,7 @@ Registered names (API; they keep their meaning):
 
 ``threshold``
     Diff-Pruning's rule. Walk ``t = 0, 1, 2, ...``; keep ``L_max = max(L_0..L_t)``; stop at the first ``t`` with
-    ``L_t < thr * L_max`` (``thr = 0`` never stops: all timesteps). ``semantics="accumulate-trigger"`` (default,
+    ``L_t < thr * L_max`` (``thr = 0`` never stops: all timesteps). ``threshold_semantics="accumulate-trigger"`` (default,
     the diffusers reference script ``ddpm_prune.py``) accumulates the step that triggers the stop;
     ``"exclude-trigger"`` (the paper's experiment code) does not.
 ``all``
@@ -32,6 +32,7 @@ from .errors import DiffPruneError, require
 from .registry import Registry
 
 TIMESTEP_STRATEGIES: Registry[type] = Registry("timestep strategy")
+STRATEGY_FIELDS = ("thr", "threshold_semantics", "stride", "max_timesteps")  # every strategy's settings, by name
 
 THRESHOLD_SEMANTICS = ("accumulate-trigger", "exclude-trigger")
 
@@ -70,14 +71,14 @@ class ThresholdTimesteps(TimestepStrategy):
 
     name: ClassVar[str] = "threshold"
     thr: float = 0.05
-    semantics: str = "accumulate-trigger"
+    threshold_semantics: str = "accumulate-trigger"
     max_timesteps: int | None = None
 
     def __post_init__(self):
         require(isinstance(self.thr, (int, float)) and 0.0 <= self.thr < 1.0,
                 f"thr={self.thr!r} must be in [0, 1); 0 means all timesteps, the paper uses 0.05")
-        require(self.semantics in THRESHOLD_SEMANTICS,
-                f"unknown threshold semantics {self.semantics!r}; choose from {list(THRESHOLD_SEMANTICS)}")
+        require(self.threshold_semantics in THRESHOLD_SEMANTICS,
+                f"unknown threshold semantics {self.threshold_semantics!r}; choose from {list(THRESHOLD_SEMANTICS)}")
         _check_cap(self.max_timesteps)
 
     def plan(self, num_train_timesteps: int) -> list[tuple[int, float]]:
@@ -88,7 +89,7 @@ class ThresholdTimesteps(TimestepStrategy):
         triggered = self.thr > 0 and current < self.thr * max(float(x) for x in losses)
         if not triggered:
             return True, False
-        return self.semantics == "accumulate-trigger", True
+        return self.threshold_semantics == "accumulate-trigger", True
 
 
 @TIMESTEP_STRATEGIES.register("all")
@@ -133,12 +134,6 @@ def make_strategy(name: str, **params) -> TimestepStrategy:
     return cls(**{k: v for k, v in params.items() if k in fields and v is not None})
 
 
-def strategy_from_dict(d: dict) -> TimestepStrategy:
-    """Inverse of :meth:`TimestepStrategy.to_dict`."""
-    d = dict(d)
-    return make_strategy(d.pop("name"), **d)
-
-
 def walk(strategy: TimestepStrategy, losses: Sequence[float]) -> tuple[list[int], bool]:
     """Apply ``strategy.decide`` to a loss sequence (the losses of consecutive planned steps).
 
@@ -157,5 +152,5 @@ def walk(strategy: TimestepStrategy, losses: Sequence[float]) -> tuple[list[int]
 
 def threshold_cutoff(losses: Sequence[float], thr: float = 0.05, semantics: str = "accumulate-trigger") -> int:
     """How many leading timesteps ``t = 0, 1, ...`` the threshold rule accumulates for this loss sequence."""
-    kept, _ = walk(ThresholdTimesteps(thr=thr, semantics=semantics), losses)
+    kept, _ = walk(ThresholdTimesteps(thr=thr, threshold_semantics=semantics), losses)
     return len(kept)

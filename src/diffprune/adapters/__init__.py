@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .._torch import eval_mode
 from ..errors import DiffPruneError
 from ..registry import Registry
 
@@ -145,17 +146,15 @@ class ModelAdapter:
     def tracing(self, model: nn.Module) -> Iterator[nn.Module]:
         """Context in which the model can be traced by Torch-Pruning: eval mode, gradient checkpointing off
         (a checkpoint wrapper hides the layers inside it from the tracer)."""
-        was_training = model.training
         ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
         if ckpt:
             model.disable_gradient_checkpointing()
-        model.eval()
         try:
-            yield model
+            with eval_mode(model):
+                yield model
         finally:
             if ckpt:
                 model.enable_gradient_checkpointing()
-            model.train(was_training)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

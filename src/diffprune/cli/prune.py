@@ -34,9 +34,10 @@ def add_parser(sub) -> None:
                         "--ratio-mode uniform); default: global with --target-macs, local with --ratio")
     p.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads instead of shrinking head dims (needs --ratio-mode uniform)")
-    p.add_argument("--thr", type=float, default=0.05,
-                   help="diff-pruning threshold in [0, 1): stop at the first t with L_t < thr * max L (0 = all t)")
-    p.add_argument("--threshold-semantics", default="accumulate-trigger",
+    p.add_argument("--thr", type=float, default=None,
+                   help="threshold rule (diff-pruning's default timesteps) in [0, 1): stop at the first t with "
+                        "L_t < thr * max L (default 0.05; 0 = all t)")
+    p.add_argument("--threshold-semantics", default=None,
                    help="accumulate-trigger (default, diffusers reference: the stopping step is accumulated) or "
                         "exclude-trigger (the paper's experiment code)")
     p.add_argument("--timesteps", default=None,
@@ -45,10 +46,11 @@ def add_parser(sub) -> None:
     p.add_argument("--stride", type=int, default=None, help="every k-th timestep (with --timesteps strided)")
     p.add_argument("--max-timesteps", type=int, default=None,
                    help="cap on the number of calibration timesteps (the rule never fires on an untrained model)")
-    p.add_argument("--taylor-form", default="abs",
+    p.add_argument("--taylor-form", default=None,
                    help="diff-pruning score: abs (sum |w*g|, default) or squared (sum (w*g)^2, paper experiments)")
-    p.add_argument("--calib-batch", type=int, default=64, help="number of calibration images (default 64)")
-    p.add_argument("--data-free-steps", type=int, default=10,
+    p.add_argument("--calib-batch", type=int, default=None,
+                   help="number of calibration images, for gradient methods (default 64)")
+    p.add_argument("--data-free-steps", type=int, default=None,
                    help="DDIM steps used to sample calibration images with --data data-free (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise, image subset, random scores")
     p.add_argument("--out", default=None, help="output folder (new or empty unless --overwrite; not with --dry-run)")
@@ -93,15 +95,11 @@ def _ranking(value):
 
 
 def run(args) -> int:
-    import json
-
     import contextlib
 
     from .._fs import check_output_dir, output_lock
     from ..errors import require
-    from ..io import load_model, save_pruned
-    from ..prune import PruneConfig, chain_records, prune_
-    from ..sampling import default_scheduler
+    from ..prune import PruneConfig
 
     config = PruneConfig(
         method=args.method, ratio=args.ratio, ratio_mode=args.ratio_mode, target_macs=args.target_macs,
