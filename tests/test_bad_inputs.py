@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_model
 from diffusers import DDPMScheduler
 
 from diffprune.cli import main
@@ -19,11 +20,8 @@ from diffprune.prune import PruneConfig, prune_
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     r = tmp_path_factory.mktemp("bad")
-    torch.manual_seed(0)
-    unet = build_unet("tiny")
-    unet.save_pretrained(r / "model", safe_serialization=True)
     sched = DDPMScheduler(num_train_timesteps=10)
-    sched.save_pretrained(r / "model" / "scheduler")
+    unet = save_tiny_model(r / "model", sched)
     report = prune_(unet, PruneConfig(method="magnitude", ratio=0.5, ratio_mode="uniform"), progress=False)
     save_pruned(unet, r / "pruned", report.to_dict(), scheduler=sched)
     # a pruned folder whose recorded head counts disagree with its weights (8-wide q/k/v, "4 heads of 4")

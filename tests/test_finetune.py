@@ -1,10 +1,9 @@
 """`diffprune finetune` on a pruned tiny model: the loss falls and the result keeps the pruned format."""
 import pytest
-import torch
+from conftest import save_tiny_model
 
 from diffprune.cli import main
 from diffprune.io import load_model, save_pruned
-from diffprune.presets import build_unet
 from diffprune.prune import PruneConfig, prune_
 from diffprune.sampling import default_scheduler
 from diffprune.train import read_log
@@ -13,10 +12,7 @@ from diffprune.train import read_log
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    torch.manual_seed(0)
-    teacher = build_unet("tiny")
-    teacher.save_pretrained(root / "teacher", safe_serialization=True)
-    default_scheduler().save_pretrained(root / "teacher" / "scheduler")
+    teacher = save_tiny_model(root / "teacher")
     report = prune_(teacher, PruneConfig(method="magnitude", ratio=0.5, ratio_mode="uniform"), progress=False)
     save_pruned(teacher, root / "pruned", report.to_dict(), scheduler=default_scheduler())
     return root

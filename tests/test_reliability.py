@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import save_tiny_model
+
 from diffprune._fs import MARKER, output_lock
 from diffprune.cli import main
 from diffprune.data import load_data
@@ -28,10 +30,7 @@ def images():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
-    torch.manual_seed(0)
-    unet = build_unet("tiny")
-    unet.save_pretrained(root / "model", safe_serialization=True)
-    default_scheduler().save_pretrained(root / "model" / "scheduler")
+    save_tiny_model(root / "model")
     return root
 
 
@@ -154,7 +153,7 @@ def test_damaged_newest_checkpoint_falls_back_and_says_so(images, tmp_path, caps
     train(_unet(), default_scheduler(), images, cfg, tmp_path / "ref", progress=False)
 
     class Stop(Exception):
-        pass
+        """Stops the run after step 4, as a crash would."""
 
     def stop_at(step, loss):
         if step == 4:
@@ -294,9 +293,12 @@ def test_a_second_writer_gets_the_holders_pid(model_dir, tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+    from diffprune._fs import lock_path
+
     with output_lock(out):  # the kernel released the dead holder's lock: no stale lock to clean up
         with output_lock(out):  # re-entrant within one process
-            pass
+            assert lock_path(out).read_text() == str(os.getpid())
+    assert not lock_path(out).exists()  # released and removed
 
 
 # --- 8. durability: every file of a checkpoint is fsynced before the rename that publishes it ------------------------

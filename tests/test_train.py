@@ -43,7 +43,7 @@ def test_resume_is_exact(images, tmp_path):
     train(full, default_scheduler(), images, cfg, tmp_path / "a", progress=False)
 
     class Interrupt(Exception):
-        pass
+        """Stops the run at step 9, as a crash would."""
 
     def stop_at_9(step, loss):
         if step == 9:

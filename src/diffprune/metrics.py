@@ -26,7 +26,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ._fs import cache_dir
 from ._torch import eval_mode
