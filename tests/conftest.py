@@ -12,11 +12,11 @@ def _seed():
 
 def save_tiny_model(folder, scheduler=None, seed: int = 0):
     """A tiny UNet2DModel (preset "tiny", seeded) saved as a diffusers folder with its scheduler; returns the UNet."""
-    from diffprune.presets import build_unet
+    from diffprune.presets import build_model
     from diffprune.sampling import default_scheduler
 
     torch.manual_seed(seed)
-    unet = build_unet("tiny")
+    unet = build_model("tiny")
     unet.save_pretrained(folder, safe_serialization=True)
     (scheduler or default_scheduler()).save_pretrained(folder / "scheduler")
     return unet

@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 
 from diffprune.cli import main
 from diffprune.io import save_pruned
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 from diffprune.prune import PruneConfig, prune_
 
 
@@ -36,7 +36,7 @@ def root(tmp_path_factory):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(r / "imgs" / f"{i}.png")
     (r / "broken").mkdir()
     (r / "broken" / "a.png").write_bytes(b"not a png")
-    torch.save(build_unet("tiny").state_dict(), r / "unet.pth")
+    torch.save(build_model("tiny").state_dict(), r / "unet.pth")
     (r / "arch.json").write_text('{"block_out_channels": [8, 16],')  # truncated JSON
     (r / "odd.json").write_text(json.dumps({**_tiny(), "block_out_channels": [10, 16]}))
     run = {"model": str(r / "model"), "data": "mnist", "prune": {"method": "magnitude", "ratio": 0.3},

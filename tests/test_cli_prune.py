@@ -8,19 +8,19 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffprune.cli import main
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
-    build_unet("tiny").save_pretrained(root / "model", safe_serialization=True)
+    build_model("tiny").save_pretrained(root / "model", safe_serialization=True)
     DDPMScheduler(num_train_timesteps=10).save_pretrained(root / "model" / "scheduler")
     np.save(root / "big.npy", np.zeros((2, 1, 16, 16), dtype=np.uint8))
     np.save(root / "rgb.npy", np.zeros((2, 3, 8, 8), dtype=np.uint8))
     np.save(root / "ok.npy", np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8), dtype=np.uint8))
-    torch.save(build_unet("tiny").state_dict(), root / "unet.pth")
+    torch.save(build_model("tiny").state_dict(), root / "unet.pth")
     return root
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffprune.cli import main
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 from diffprune.sampling import default_scheduler, load_samples
 
 
@@ -11,7 +11,7 @@ from diffprune.sampling import default_scheduler, load_samples
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("m") / "tiny"
     torch.manual_seed(0)
-    build_unet("tiny").save_pretrained(folder, safe_serialization=True)
+    build_model("tiny").save_pretrained(folder, safe_serialization=True)
     default_scheduler().save_pretrained(folder / "scheduler")
     return folder
 

@@ -18,12 +18,12 @@ REQUIRED = ["fid", "fid_teacher", "ssim", "params", "teacher_params", "macs", "t
 def models(tmp_path_factory):
     """A tiny teacher and its diff-pruned student (ratio 0.5), saved as model folders."""
     from diffprune.io import save_pruned
-    from diffprune.presets import build_unet
+    from diffprune.presets import build_model
     from diffprune.prune import PruneConfig, prune_
     from diffprune.sampling import default_scheduler
 
     torch.manual_seed(0)
-    teacher = build_unet("tiny").eval()
+    teacher = build_model("tiny").eval()
     sched = default_scheduler()
     student = copy.deepcopy(teacher)
     rep = prune_(student, PruneConfig(method="diff-pruning", ratio=0.5, calib_batch=4, max_timesteps=4), "mnist",

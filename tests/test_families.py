@@ -271,6 +271,54 @@ def test_v_prediction_model_calibrates_against_v():
     assert not torch.allclose(got, grad(lambda tt: noise))
 
 
+def test_eval_checks_the_requested_classes(tmp_path):
+    """A class-conditional model's eval reports class accuracy (overall and per class) and draws the per-class
+    figures; an unconditional one has none."""
+    from diffprune.evaluate import EvalConfig, evaluate
+
+    torch.manual_seed(0)
+    build_unet_class(tmp_path / "m")
+    m = load_model(tmp_path / "m")
+    config = EvalConfig(n=20, steps=2, latency_batches=(), classifier="mnist-classifier", grid_count=8)
+    metrics = evaluate(m.denoiser, m.denoiser, config=config, out_dir=tmp_path / "ev", scheduler=m.scheduler)
+    detail = metrics["class_accuracy_detail"]
+    assert 0 <= metrics["class_accuracy"] <= 1 and metrics["class_accuracy"] == metrics["class_accuracy_teacher"]
+    assert len(detail["student"]["per_class"]) == 10 and detail["student"]["n"] == 20
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved["class_accuracy"] == metrics["class_accuracy"]
+    for name in ("class_accuracy.png", "class_grid.png"):
+        assert (tmp_path / "ev" / name).stat().st_size > 1000, name
+    build_ldm(tmp_path / "ldm")
+    u = load_model(tmp_path / "ldm")
+    plain = evaluate(u.denoiser, None, config=EvalConfig(n=2, steps=1, latency_batches=(), classifier="mnist-classifier"),
+                     out_dir=tmp_path / "ev2", scheduler=u.scheduler, codec=u.codec)
+    assert "class_accuracy" not in plain
+
+
+def test_train_a_latent_dit_from_scratch_writes_a_dit_pipeline(tmp_path, capsys):
+    """`train --config <DiT> --autoencoder <AutoencoderKL>`: latents of labelled data, a DiTPipeline folder out
+    (autoencoder copied, the data's class names as id2label), which diffprune loads and samples by class."""
+    torch.manual_seed(0)
+    AutoencoderKL(latent_channels=4, **_autoencoder_kwargs()).save_pretrained(tmp_path / "vae")
+    (tmp_path / "dit.json").write_text(json.dumps(dict(
+        _class_name="DiTTransformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        out_channels=4, num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)))
+    args = ["train", "--config", str(tmp_path / "dit.json"), "--autoencoder", str(tmp_path / "vae"), "--data", "mnist",
+            "--steps", "2", "--batch-size", "4", "--checkpoint-every", "2", "--out", str(tmp_path / "out"),
+            "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    m = load_model(tmp_path / "out")
+    assert m.pipeline.family.pipeline_class == "DiTPipeline" and m.class_names == [str(d) for d in range(10)]
+    assert (tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        tmp_path / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["train"]["label_dropout"] == 0.1
+    # balanced labels cover the 10 trained digits, not the 1,000-row label table
+    assert labels_for(m.denoiser, range(20), num_classes=len(m.class_names)).max() == 9
+    assert load_pipeline(tmp_path / "out").get_label_ids(["3"]) == [3]
+    assert main([*args[:-2], "--out", str(tmp_path / "o2"), "--autoencoder", str(tmp_path / "dit.json")]) == 2
+    assert "is not a diffusers model folder" in capsys.readouterr().err
+
+
 def test_run_config_accepts_a_latent_pipeline(tmp_path):
     """`diffprune run` on a DiT pipeline: prune -> finetune (labels, distillation) -> eval (decoded samples)."""
     from diffprune.pipeline import load_run_config, run_pipeline

@@ -8,14 +8,14 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from diffprune.errors import DiffPruneError
 from diffprune.io import load_model, load_pruned, save_pruned
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 from diffprune.prune import PruneConfig, prune_
 
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     torch.manual_seed(0)
-    unet = build_unet("tiny")
+    unet = build_model("tiny")
     sched = DDPMScheduler(num_train_timesteps=10)
     report = prune_(unet, PruneConfig(ratio=0.5, calib_batch=2, max_timesteps=3),
                     torch.rand(2, 1, 8, 8) * 2 - 1, scheduler=sched, progress=False)
@@ -84,12 +84,12 @@ def test_save_refuses_non_empty_folder_and_mismatched_record(pruned, tmp_path):
     with pytest.raises(DiffPruneError, match="not empty"):
         save_pruned(unet, out, report.to_dict())
     with pytest.raises(DiffPruneError, match="differ from the pruning record"):
-        save_pruned(build_unet("tiny"), tmp_path / "x", report.to_dict())
+        save_pruned(build_model("tiny"), tmp_path / "x", report.to_dict())
     assert not (tmp_path / "x").exists()
 
 
 def test_plain_diffusers_and_pipeline_folders_load_unpruned(tmp_path):
-    unet = build_unet("tiny")
+    unet = build_model("tiny")
     unet.save_pretrained(tmp_path / "model", safe_serialization=True)
     m = load_model(tmp_path / "model")
     assert m.pruning is None and m.scheduler is None
@@ -106,7 +106,7 @@ def test_pickles_and_missing_paths_are_refused(tmp_path):
     with pytest.raises(DiffPruneError, match="pickle checkpoint.*convert it to safetensors"):
         load_model(ckpt)
     folder = tmp_path / "binonly"
-    build_unet("tiny").save_pretrained(folder, safe_serialization=False)
+    build_model("tiny").save_pretrained(folder, safe_serialization=False)
     assert [p.suffix for p in folder.iterdir() if p.name.startswith("diffusion")] == [".bin"]
     with pytest.raises(DiffPruneError, match="pickle"):
         load_model(folder)

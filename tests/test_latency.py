@@ -7,7 +7,7 @@ import torch
 
 from diffprune.errors import DiffPruneError
 from diffprune.latency import measure, peak_memory, sampler_latency, denoiser_latency
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 from diffprune.sampling import default_scheduler
 
 
@@ -27,7 +27,7 @@ def test_fewer_than_ten_runs_are_refused():
 
 
 def test_unet_and_sampler_latency_on_a_tiny_unet():
-    unet = build_unet("tiny")
+    unet = build_model("tiny")
     rec = denoiser_latency(unet, device="cpu", batch_sizes=(1, 4), repeats=10, warmup=1)
     assert sorted(rec) == ["1", "4"]
     for b, r in rec.items():
@@ -42,7 +42,7 @@ def test_unet_and_sampler_latency_on_a_tiny_unet():
 
 def test_device_mismatch_is_an_error():
     with pytest.raises(DiffPruneError, match="move it first"):
-        denoiser_latency(build_unet("tiny"), device="meta", batch_sizes=(1,))
+        denoiser_latency(build_model("tiny"), device="meta", batch_sizes=(1,))
 
 
 def test_peak_memory_says_what_it_measured():

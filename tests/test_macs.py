@@ -2,11 +2,11 @@
 import torch
 
 from diffprune.macs import count_macs, count_params
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 
 
 def test_tiny_unet_macs_per_layer_by_hand():
-    unet = build_unet("tiny")  # 8x8, 1 channel, widths (8, 16), attention at 4x4 with 16 channels, 2 heads of 8
+    unet = build_model("tiny")  # 8x8, 1 channel, widths (8, 16), attention at 4x4 with 16 channels, 2 heads of 8
     r = count_macs(unet)
     assert r.params == count_params(unet) == sum(p.numel() for p in unet.parameters()) == 44969
     # conv_in: 3x3, 1 -> 8 channels over 8x8 positions
@@ -21,7 +21,7 @@ def test_tiny_unet_macs_per_layer_by_hand():
 
 
 def test_macs_are_batch_one_and_ignore_training_mode():
-    unet = build_unet("tiny").train()
+    unet = build_model("tiny").train()
     a = count_macs(unet).macs
     assert unet.training  # restored
     x = {"sample": torch.zeros(3, 1, 8, 8), "timestep": torch.ones(3, dtype=torch.long)}

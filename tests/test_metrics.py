@@ -241,3 +241,21 @@ def test_inception_loads_a_local_weights_file_without_download(tmp_path, monkeyp
     assert torch.equal(loaded[name], state["Conv2d_1a_3x3.conv.weight"])
     x = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
     assert compute_features(ex, x).shape == (2, 2048)
+
+
+def test_class_accuracy_on_real_digits_and_wrong_requests():
+    """Real test digits requested as their own class score as the classifier's accuracy; as another class, ~0."""
+    from diffprune.classifier import load_classifier
+    from diffprune.data import load_data
+    from diffprune.metrics import class_accuracy
+
+    data = load_data("mnist", resolution=16, channels=1, split="test", limit=300)
+    clf = load_classifier("mnist-classifier")
+    right = class_accuracy(data.images, data.labels, clf, num_classes=10)
+    assert right["accuracy"] >= 0.99 and right["confident_accuracy"] >= 0.95 and right["n"] == 300
+    assert len(right["per_class"]) == 10 and min(right["per_class"]) >= 0.9
+    wrong = class_accuracy(data.images, (data.labels + 1) % 10, clf, num_classes=10)
+    assert wrong["accuracy"] <= 0.02
+    only3 = class_accuracy(data.images[data.labels == 3], torch.full((int((data.labels == 3).sum()),), 3), clf,
+                           num_classes=10)
+    assert only3["per_class"][3] == only3["accuracy"] and only3["per_class"][0] is None

@@ -112,16 +112,16 @@ def test_stage_hashes_follow_the_content_behind_the_names(tmp_path, monkeypatch)
     import torch
 
     import diffprune.assets as assets
-    from diffprune.presets import build_unet
+    from diffprune.presets import build_model
 
     torch.manual_seed(0)
-    build_unet("tiny").save_pretrained(tmp_path / "m", safe_serialization=True)
+    build_model("tiny").save_pretrained(tmp_path / "m", safe_serialization=True)
     cfg = load_run_config(_with(None, model=str(tmp_path / "m")))
     h0 = stage_hashes(cfg)
     (tmp_path / "m" / "notes.txt").write_text("not a model file")
     assert stage_hashes(cfg) == h0
     torch.manual_seed(1)
-    build_unet("tiny").save_pretrained(tmp_path / "m", safe_serialization=True)
+    build_model("tiny").save_pretrained(tmp_path / "m", safe_serialization=True)
     h1 = stage_hashes(cfg)
     assert len({h0[s] for s in h0} & {h1[s] for s in h1}) == 0 and len(h1) == 3
 

@@ -7,7 +7,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from diffprune.errors import DiffPruneError
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 from diffprune.prune import DATA_FREE, PruneConfig, prune_
 
 MHA = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
@@ -18,7 +18,7 @@ MHA = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, blo
 @pytest.mark.parametrize("mode,expected", [("paper", 19.85e6), ("uniform", 13.95e6)])
 def test_cifar10_architecture_ratio_03(mode, expected):
     torch.manual_seed(0)
-    unet = build_unet("ddpm-cifar10-32")
+    unet = build_model("ddpm-cifar10-32")
     report = prune_(unet, PruneConfig(method="magnitude", ratio=0.3, ratio_mode=mode), progress=False)
     assert report.base_params == 35_746_307
     assert report.base_macs == 6_221_856_768
@@ -32,7 +32,7 @@ def test_cifar10_architecture_ratio_03(mode, expected):
 
 def test_target_macs_half_within_two_percent():
     torch.manual_seed(0)
-    unet = build_unet("mnist-16")
+    unet = build_model("mnist-16")
     cfg = PruneConfig(method="magnitude", target_macs=0.5)
     assert cfg.ratio_mode == "uniform" and cfg.global_ranking
     report = prune_(unet, cfg, progress=False)
@@ -43,7 +43,7 @@ def test_target_macs_half_within_two_percent():
 
 
 def test_target_macs_unreachable_locally_names_the_nearest_fraction():
-    unet = build_unet("mnist-16")
+    unet = build_model("mnist-16")
     with pytest.raises(DiffPruneError, match=r"cannot be reached within \+-2%: the nearest pruning keeps 0\.\d+"):
         prune_(unet, PruneConfig(method="magnitude", target_macs=0.5, global_ranking=False), progress=False)
     assert unet.conv_in.out_channels == 32  # the model is left untouched
@@ -96,7 +96,7 @@ def test_prune_heads_drops_whole_heads():
 
 def test_data_free_calibration_and_gradient_checkpointing_restored():
     torch.manual_seed(0)
-    unet = build_unet("tiny")
+    unet = build_model("tiny")
     unet.enable_gradient_checkpointing()
     report = prune_(unet, PruneConfig(ratio=0.5, calib_batch=3, max_timesteps=2, data_free_steps=2), DATA_FREE,
                     scheduler=DDPMScheduler(num_train_timesteps=20), progress=False)
@@ -108,7 +108,7 @@ def test_data_free_calibration_and_gradient_checkpointing_restored():
 
 
 def test_reinit_resets_weights_and_random_is_seeded():
-    a, b, c = (build_unet("tiny") for _ in range(3))
+    a, b, c = (build_model("tiny") for _ in range(3))
     b.load_state_dict(a.state_dict())
     c.load_state_dict(a.state_dict())
     prune_(a, PruneConfig(method="random", ratio=0.5, seed=1), progress=False)
@@ -120,7 +120,7 @@ def test_reinit_resets_weights_and_random_is_seeded():
 
 
 def test_wrong_calibration_shape_is_one_line_error():
-    unet = build_unet("tiny")
+    unet = build_model("tiny")
     for bad in (torch.zeros(2, 1, 16, 16), torch.zeros(2, 3, 8, 8)):
         with pytest.raises(DiffPruneError, match=r"model takes \[N, 1, 8, 8\]") as e:
             prune_(unet, PruneConfig(ratio=0.3, calib_batch=2), bad, scheduler=DDPMScheduler(), progress=False)

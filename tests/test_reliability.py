@@ -16,7 +16,7 @@ from diffprune.cli import main
 from diffprune.data import load_data
 from diffprune.errors import DiffPruneError
 from diffprune.io import save_pruned
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 from diffprune.prune import PruneConfig, prune_
 from diffprune.sampling import default_scheduler, sample
 from diffprune.train import TrainConfig, list_checkpoints, train, verify_checkpoint
@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory):
 
 def _unet():
     torch.manual_seed(0)
-    return build_unet("tiny")
+    return build_model("tiny")
 
 
 def _tree(folder):
@@ -193,7 +193,7 @@ def test_resume_refuses_other_data_model_teacher_and_accelerate_settings(images,
         train(_unet(), default_scheduler(), other, _cfg(steps=8), tmp_path, progress=False, resume=True)
     torch.manual_seed(5)
     with pytest.raises(DiffPruneError, match="--resume: the model differs"):
-        train(build_unet("tiny"), default_scheduler(), images, _cfg(steps=8), tmp_path, progress=False, resume=True)
+        train(build_model("tiny"), default_scheduler(), images, _cfg(steps=8), tmp_path, progress=False, resume=True)
     with pytest.raises(DiffPruneError, match="--resume: the teacher differs"):
         train(_unet(), default_scheduler(), images, _cfg(steps=8, kd_weight=0.5), tmp_path, progress=False,
               resume=True, teacher=_unet())

@@ -2,13 +2,13 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 from diffprune.sampling import QuadDDIMScheduler, default_scheduler, load_samples, sample, save_samples, skip_timesteps
 
 
 def _unet():
     torch.manual_seed(0)
-    return build_unet("tiny").eval()
+    return build_model("tiny").eval()
 
 
 def test_seed_invariance_across_batch_sizes():
@@ -73,7 +73,7 @@ def test_non_square_sample_size_comes_from_the_config():
     from diffprune.presets import PRESETS
 
     torch.manual_seed(0)
-    unet = build_unet({**PRESETS.get("tiny"), "sample_size": (8, 4)}).eval()
+    unet = build_model({**PRESETS.get("tiny"), "sample_size": (8, 4)}).eval()
     assert adapter_for(unet).input_shape(unet) == (1, 8, 4)
     assert sample(unet, default_scheduler(), seeds=[0, 1], num_inference_steps=2, progress=False).shape == (2, 1, 8, 4)
     assert count_macs(unet).per_layer["conv_in"] == 8 * 4 * 8 * 1 * 9  # 3x3, 1 -> 8 channels over 8x4 positions

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from diffprune.data import load_images
 from diffprune.errors import DiffPruneError
-from diffprune.presets import build_unet
+from diffprune.presets import build_model
 from diffprune.sampling import default_scheduler
 from diffprune.objective import denoising_loss
 from diffprune.train import TrainConfig, list_checkpoints, read_log, train
@@ -22,7 +22,7 @@ def images():
 
 def _unet(seed=0):
     torch.manual_seed(seed)
-    return build_unet("tiny")
+    return build_model("tiny")
 
 
 def test_loss_decreases(images, tmp_path):

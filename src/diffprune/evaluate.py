@@ -42,7 +42,10 @@ class EvalConfig:
 
     ``extractor=None`` picks :func:`default_extractor`; ``extractor_weights`` is the extractor's weights file or
     folder (``inception``: the ``pt_inception-2015-12-05`` file). ``ref_split``/``ref_count``: which reference
-    images (``None``: all of the split). ``latency_batches=()`` skips the latency measurement.
+    images (``None``: all of the split). ``latency_batches=()`` skips the latency measurement. ``guidance_scale``:
+    classifier-free guidance of class-conditional models. ``classifier``: the classifier that checks a
+    class-conditional model's samples show the requested class (default: ``mnist-classifier`` for ``mnist`` data;
+    none otherwise).
     """
 
     n: int = 1000
@@ -62,6 +65,7 @@ class EvalConfig:
     sampler_latency_batch: int = 16
     grid_count: int = 32
     guidance_scale: float = 1.0
+    classifier: str | None = None
 
     def __post_init__(self):
         require_int("n", self.n, 2)
@@ -92,11 +96,16 @@ class EvalConfig:
         return self.extractor or default_extractor(self.data)
 
     @property
+    def resolved_classifier(self) -> str | None:
+        return self.classifier or ("mnist-classifier" if self.data == "mnist" else None)
+
+    @property
     def seeds(self) -> list[int]:
         return list(range(self.seed, self.seed + self.n))
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "resolved_extractor": self.resolved_extractor}
+        return {**dataclasses.asdict(self), "resolved_extractor": self.resolved_extractor,
+                "resolved_classifier": self.resolved_classifier}
 
 
 @dataclass
@@ -135,13 +144,13 @@ def _as_sample_set(x) -> SampleSet | None:
     return load_sample_folder(x)
 
 
-def _generate(model, scheduler, config: EvalConfig, device, progress: bool, codec=None) -> SampleSet:
+def _generate(model, scheduler, config: EvalConfig, device, progress: bool, codec=None, labels=None) -> SampleSet:
     from .data import to_uint8
     from .sampling import sample
 
     images = sample(model, scheduler, seeds=config.seeds, num_inference_steps=config.steps, sampler="ddim", eta=0.0,
                     skip=config.skip, batch_size=config.batch_size, device=device, progress=progress, codec=codec,
-                    guidance_scale=config.guidance_scale)
+                    guidance_scale=config.guidance_scale, class_labels=labels)
     return SampleSet(seeds=config.seeds, images=to_uint8(images))
 
 
@@ -195,6 +204,24 @@ def _fid(config: EvalConfig, sets: dict[str, SampleSet], device, progress: bool)
     return out
 
 
+def _class_accuracy(config: EvalConfig, sets: dict[str, SampleSet], labels, class_names) -> dict:
+    """``class_accuracy`` (student), ``class_accuracy_teacher`` and their per-class detail, for a class-conditional
+    model with a classifier for its domain; ``{}`` otherwise."""
+    if labels is None or config.resolved_classifier is None:
+        return {}
+    from .classifier import load_classifier
+    from .metrics import class_accuracy
+
+    classifier = load_classifier(config.resolved_classifier)
+    n = len(class_names) if class_names else int(labels.max()) + 1
+    by_seed = dict(zip(config.seeds, labels.tolist()))
+    detail = {role: class_accuracy(s.images, torch.tensor([by_seed[x] for x in s.seeds]), classifier, num_classes=n)
+              for role, s in sets.items()}
+    return {"class_accuracy": detail["student"].pop("accuracy"),
+            "class_accuracy_teacher": detail["teacher"].pop("accuracy") if "teacher" in detail else None,
+            "class_accuracy_detail": {**detail, "classifier": config.resolved_classifier, "class_names": class_names}}
+
+
 def _versions() -> dict:
     """:func:`diffprune.train.run_info`'s versions plus the evaluation's own dependencies (None when absent)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -221,7 +248,7 @@ def _ratio(a, b):
 def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.PathLike, scheduler=None,
              student_samples=None, teacher_samples=None, pruning: dict | None = None,
              train_log: dict | None = None, device=None, overwrite: bool = False, progress: bool = False,
-             names: dict | None = None, inputs=(), codec=None) -> dict:
+             names: dict | None = None, inputs=(), codec=None, class_names: list[str] | None = None) -> dict:
     """Evaluate ``student`` (a UNet2DModel, or ``None`` with ``student_samples``) against ``teacher``.
 
     ``student_samples``/``teacher_samples``: a :class:`~diffprune.metrics.SampleSet` or a folder written by
@@ -231,7 +258,9 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     ``device``: where sampling, features and timing run; default the student's device (models are not moved).
     ``inputs``: paths ``out_dir`` must never be or contain (see :func:`diffprune._fs.check_output_dir`).
     ``codec``: a latent pipeline's autoencoder, shared by both models (samples are decoded with it; latency includes
-    the decoding). A class-conditional model samples seed ``s`` with class ``s mod num_classes``.
+    the decoding). A class-conditional model samples seed ``s`` with class ``s mod num_classes`` (``class_names``:
+    the classes it was trained on, ``LoadedModel.class_names``), and ``class_accuracy`` checks its samples with
+    ``config.resolved_classifier``.
     Returns the metrics dict also written to ``out_dir/metrics.json``.
     """
     from ._fs import atomic_dir, atomic_write_json, check_output_dir
@@ -255,9 +284,14 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     models = {"student": _Model("student", student, _as_sample_set(student_samples))}
     if teacher is not None or teacher_samples is not None:
         models["teacher"] = _Model("teacher", teacher, _as_sample_set(teacher_samples))
+    from .sampling import labels_for
+
+    conditional = next((m.unet for m in models.values() if m.unet is not None), None)
+    labels = None if conditional is None else labels_for(conditional, config.seeds,
+                                                         num_classes=len(class_names) if class_names else None)
     for m in models.values():
         if m.samples is None:
-            m.samples = _generate(m.unet, scheduler, config, device, progress, codec)
+            m.samples = _generate(m.unet, scheduler, config, device, progress, codec, labels)
     sets = {role: m.samples for role, m in models.items()}
 
     metrics: dict[str, Any] = {"config": config.to_dict(), "device": str(device), "threads": torch.get_num_threads(),
@@ -281,6 +315,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     metrics["fid_teacher"] = fid.pop("teacher", None)
     metrics["fid_student_vs_teacher"] = fid.pop("student_vs_teacher", None)
     metrics["fid_setup"] = fid
+    metrics.update(_class_accuracy(config, sets, labels, class_names))
 
     # Cost.
     for m in models.values():
@@ -311,7 +346,8 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
             save_samples(s.images, s.seeds, tmp / "samples" / role, meta)
         metrics["report"] = write_report(tmp, metrics, teacher_images=t_img, student_images=s_img if s_img is not None
                                          else sets["student"].images, seeds=common, pruning=pruning,
-                                         train_log=train_log, grid_count=config.grid_count)
+                                         train_log=train_log, grid_count=config.grid_count,
+                                         labels=None if labels is None else dict(zip(config.seeds, labels.tolist())))
         atomic_write_json(tmp / "metrics.json", _finite_or_none(metrics))
     return metrics
 

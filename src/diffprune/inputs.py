@@ -23,11 +23,13 @@ LATENT_FORMAT = 1  # bump when the way latents are computed changes
 class DenoiserData:
     """``x0``: images ``[N, C, H, W]`` (uint8, or float in [-1, 1]) for pixel models, float32 latents for latent
     ones; ``labels``: int64 ``[N]`` or None;
-    ``record``: where they came from (the data's record, plus the latent cache key)."""
+    ``record``: where they came from (the data's record, plus the latent cache key); ``class_names``: the name of
+    each label, when the source has them."""
 
     x0: torch.Tensor
     labels: torch.Tensor | None
     record: dict
+    class_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.x0)
@@ -102,7 +104,7 @@ def denoiser_data(model, data, *, codec=None, cache_dir=None, progress: bool = F
     if tuple(x0.shape[1:]) != expect:
         raise DiffPruneError(f"data {source!r} gives inputs of shape {tuple(x0.shape[1:])} but the model takes "
                              f"{expect}; the autoencoder and the denoiser do not fit")
-    return DenoiserData(x0, labels, record)
+    return DenoiserData(x0, labels, record, data.class_names if labels is not None else None)
 
 
 def load_denoiser_data(model, source, *, codec=None, split: str = "train", limit: int | None = None,

@@ -100,6 +100,14 @@ class LoadedModel:
 
         return adapter_for(self.denoiser)
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The names of the classes the model was trained on (a pipeline's label map, e.g. DiT's ``id2label``), in
+        label order; None when unknown. Sampling balances labels over these, not over the whole label table."""
+        key = None if self.pipeline is None else self.pipeline.family.label_map
+        labels = read_json(self.pipeline.folder / INDEX_NAME).get(key) if key else None
+        return [labels[k] for k in sorted(labels, key=int)] if labels else None
+
 
 def require_finite_weights(model: nn.Module, what: str) -> None:
     """Refuse a model with a NaN/inf parameter or buffer (it would give NaN samples, scores or metrics)."""
@@ -255,9 +263,7 @@ def _pipeline_family(folder: Path):
 
 
 def _load_pipeline_folder(folder: Path, device, dtype) -> LoadedModel:
-    import diffusers
-
-    from .adapters.pipelines import AUTOENCODER_CLASSES, LatentCodec
+    from .adapters.pipelines import load_codec
 
     family = _pipeline_family(folder)
     den_dir = folder / family.denoiser
@@ -267,16 +273,9 @@ def _load_pipeline_folder(folder: Path, device, dtype) -> LoadedModel:
     scheduler = load_scheduler(sched_dir) if (sched_dir / "scheduler_config.json").is_file() else None
     codec = None
     if family.autoencoder is not None:
-        ae_dir = folder / family.autoencoder
-        require((ae_dir / CONFIG_NAME).is_file(), f"pipeline {str(folder)!r} has no {family.autoencoder}/{CONFIG_NAME}")
-        name = read_json(ae_dir / CONFIG_NAME).get("_class_name")
-        require(name in AUTOENCODER_CLASSES, f"{str(ae_dir)!r} holds a {name!r}; supported autoencoders: "
-                                             f"{list(AUTOENCODER_CLASSES)}")
-        _check_weights(ae_dir)
-        autoencoder = getattr(diffusers, name).from_pretrained(ae_dir, use_safetensors=True)
+        codec = load_codec(folder / family.autoencoder)
         if device is not None or dtype is not None:
-            autoencoder.to(device=device, dtype=dtype)
-        codec = LatentCodec(autoencoder)
+            codec.autoencoder.to(device=device, dtype=dtype)
         codec.image_shape(denoiser_input_shape(denoiser))  # the components fit each other
     return LoadedModel(denoiser, scheduler, pruning, str(folder), codec=codec, pipeline=PipelineSource(folder, family))
 

@@ -33,7 +33,7 @@ from .errors import DiffPruneError, require
 from .registry import Registry
 
 __all__ = [
-    "EXTRACTORS", "FeatureExtractor", "FeatureStats", "SampleSet", "INCEPTION_WEIGHTS_NAME", "cache_dir",
+    "EXTRACTORS", "FeatureExtractor", "FeatureStats", "SampleSet", "INCEPTION_WEIGHTS_NAME", "cache_dir", "class_accuracy",
     "compute_features", "feature_statistics", "frechet_distance", "fid_from_features", "load_extractor",
     "load_sample_folder", "pair_by_seed", "paired_consistency", "reference_statistics",
     "resolve_inception_weights", "stats_cache_key",
@@ -234,6 +234,28 @@ def compute_features(extractor: FeatureExtractor, images: torch.Tensor, *, batch
             x = extractor.transform(images[i:i + batch_size].to(dev))
             out.append(extractor.forward(module, x).double().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, extractor.dim))
+
+
+# --- class-conditional models: does the sample show the class that was asked for? -----------------------------
+
+def class_accuracy(images: torch.Tensor, requested: torch.Tensor, classifier, *, num_classes: int,
+                   threshold: float = 0.9) -> dict:
+    """Agreement between requested and classified labels of uint8 images ``[N, C, H, W]``.
+
+    ``accuracy``: share classified as requested; ``confident_accuracy``: share classified as requested with
+    confidence >= ``threshold``; ``per_class``: accuracy of each requested class (None where it was not requested).
+    """
+    from .classifier import predict
+    from .data import to_grey, to_model_range
+
+    requested = torch.as_tensor(requested, dtype=torch.long)
+    require(len(requested) == len(images), f"{len(images)} images but {len(requested)} requested labels")
+    label, conf = predict(classifier, to_grey(to_model_range(images)))
+    ok = label == requested
+    per_class = [float(ok[requested == c].float().mean()) if bool((requested == c).any()) else None
+                 for c in range(num_classes)]
+    return {"accuracy": float(ok.float().mean()), "confident_accuracy": float((ok & (conf >= threshold)).float().mean()),
+            "per_class": per_class, "threshold": threshold, "n": len(images)}
 
 
 # --- reference statistics, cached ------------------------------------------------------------------------------

@@ -241,7 +241,8 @@ def _run_eval(config: RunConfig, run: Path, folder: Path, hashes: dict, *, devic
                 m.to(device)
     evaluate(student.denoiser, teacher.denoiser, config=config.eval, out_dir=folder, scheduler=student.scheduler,
              pruning=student.pruning, train_log=log, device=device, overwrite=True, progress=progress,
-             names={"student": "pruned + fine-tuned", "teacher": str(config.model)}, codec=student.codec)
+             names={"student": "pruned + fine-tuned", "teacher": str(config.model)}, codec=student.codec,
+             class_names=student.class_names)
 
 
 _STAGE_FUNCS = {"prune": _run_prune, "finetune": _run_finetune, "eval": _run_eval}

@@ -266,7 +266,8 @@ def _load_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def calibration_batch(model, source, *, batch_size: int, seed: int = 0, scheduler=None, codec=None,
                       split: str = "train", data_free_steps: int = 10, device=None, cache_dir=None,
-                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+                      num_classes: int | None = None, progress: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """The calibration batch: clean inputs ``x0`` in model range (images in [-1, 1], or latents for a latent
     model), each image's label for a class-conditional model (else None), and a JSON description of the source.
 
@@ -274,8 +275,8 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
     ``.safetensors`` file holding one (key ``images``, optional ``labels``); a folder of images, a bundled dataset
     name or a Hugging Face id (:func:`diffprune.data.load_data`, fitted to the model; class sub-folders give
     labels); or ``"data-free"``: inputs sampled from the model itself with ``data_free_steps`` DDIM steps (latents
-    for a latent model; class labels balanced by seed). When more than ``batch_size`` images are available a seeded
-    random subset is used.
+    for a latent model; class labels balanced by seed over ``num_classes``, default the model's label table). When
+    more than ``batch_size`` images are available a seeded random subset is used.
     """
     from .data import ImageData, content_sha256
     from .inputs import denoiser_data, pixel_shape
@@ -286,9 +287,9 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
         from .sampling import labels_for, sample
 
         seeds = list(range(seed, seed + batch_size))
-        x0 = sample(model, scheduler, seeds=seeds, num_inference_steps=data_free_steps, device=device,
-                    progress=progress, decode=False)
-        labels = labels_for(model, seeds)
+        labels = labels_for(model, seeds, num_classes=num_classes)
+        x0 = sample(model, scheduler, seeds=seeds, class_labels=labels, num_inference_steps=data_free_steps,
+                    device=device, progress=progress, decode=False)
         desc = {"source": DATA_FREE, "ddim_steps": data_free_steps, "sample_seeds": [seeds[0], seeds[-1]]}
         return x0.to(device), None if labels is None else labels.to(device), {**desc, "batch": len(seeds)}
     shape = pixel_shape(model, codec)
@@ -517,7 +518,7 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
 
 
 def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
-           split: str = "train", cache_dir=None, progress: bool = True) -> PruneReport:
+           split: str = "train", cache_dir=None, num_classes: int | None = None, progress: bool = True) -> PruneReport:
     """Prune the denoiser ``unet`` (any supported family) in place according to ``config``; returns a
     :class:`PruneReport`.
 
@@ -526,7 +527,8 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     its own label). ``scheduler``: the model's noise scheduler (``add_noise``, ``num_train_timesteps`` and the
     ``prediction_type`` the loss targets), required by gradient methods. ``codec``: a latent pipeline's
     autoencoder (:class:`~diffprune.adapters.pipelines.LatentCodec`): calibration images are encoded with it
-    (cached under ``cache_dir``). ``device``: where to run (default: where the model is; the model is moved there).
+    (cached under ``cache_dir``). ``num_classes``: the classes a conditional model was trained on, for data-free
+    calibration. ``device``: where to run (default: where the model is; the model is moved there).
     """
     require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}")
     from .io import require_finite_weights
@@ -552,7 +554,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
             x0, labels, desc = calibration_batch(
                 unet, calibration, batch_size=config.calib_batch, seed=config.seed, scheduler=scheduler, codec=codec,
                 split=split, data_free_steps=config.data_free_steps, device=device, cache_dir=cache_dir,
-                progress=progress)
+                num_classes=num_classes, progress=progress)
             noise = calibration_noise(x0.shape, config.seed, device=device)
             result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), cond=labels,
                                           progress=progress)
@@ -602,8 +604,9 @@ def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None,
     scheduler = resolve_scheduler(loaded.scheduler, prediction_type)
     if loaded.codec is not None and device is not None:
         loaded.codec.to(device)
+    names = loaded.class_names
     report = prune_(loaded.denoiser, config, calibration, scheduler=scheduler, codec=loaded.codec, device=device,
-                    split=split, cache_dir=cache_dir, progress=progress)
+                    split=split, cache_dir=cache_dir, num_classes=len(names) if names else None, progress=progress)
     record = {**report.to_dict(), "model_source": str(model), "model_revision": loaded.revision,
               "scheduler_source": "model" if loaded.scheduler is not None else
               f"default (DDPM, 1000 steps, linear, {scheduler.config.prediction_type})"}

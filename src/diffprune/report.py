@@ -28,6 +28,8 @@ FIGURES = {
     "widths": "channel_widths.png",
     "timesteps": "timestep_loss.png",
     "finetune": "finetune_loss.png",
+    "classes": "class_accuracy.png",
+    "class_grid": "class_grid.png",
 }
 
 
@@ -191,6 +193,59 @@ def plot_timestep_losses(path: Path, curve: TimestepCurve) -> None:
     plt.close(fig)
 
 
+def plot_class_accuracy(path: Path, detail: dict) -> None:
+    """Per-class accuracy bars, teacher beside student."""
+    plt = _plt()
+    roles = [r for r in ("teacher", "student") if r in detail]
+    n = len(detail[roles[0]]["per_class"])
+    names = detail.get("class_names") or [str(c) for c in range(n)]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * n + 2), 3.2))
+    width = 0.8 / len(roles)
+    for k, role in enumerate(roles):
+        acc = [np.nan if a is None else a for a in detail[role]["per_class"]]
+        ax.bar(np.arange(n) + (k - (len(roles) - 1) / 2) * width, acc, width, label=role,
+               color="#8aa1c1" if role == "teacher" else "#d9822b")
+    ax.set_xticks(np.arange(n), names[:n])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("classified as requested")
+    ax.set_title(f"Class accuracy per requested class ({detail.get('classifier')})", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_class_grid(path: Path, student: torch.Tensor, teacher: torch.Tensor | None, seeds: Sequence[int],
+                    labels: dict, class_names: list[str] | None, per_class: int = 6) -> None:
+    """One row per class: the first samples requested with that class, teacher (left) and student (right)."""
+    plt = _plt()
+    by_class: dict[int, list[int]] = {}
+    for i, s in enumerate(seeds):
+        by_class.setdefault(int(labels[s]), []).append(i)
+    classes = sorted(by_class)
+    rows = []
+    for c in classes:
+        idx = by_class[c][:per_class]
+        parts = ([teacher[idx]] if teacher is not None else []) + [student[idx]]
+        rows.append([_grid_array(p, per_class) for p in parts])
+    fig, axes = plt.subplots(len(classes), len(rows[0]), figsize=(2.2 * len(rows[0]) * per_class / 4,
+                                                                  0.9 * len(classes) + 0.6), squeeze=False)
+    for r, (c, row) in enumerate(zip(classes, rows)):
+        for k, g in enumerate(row):
+            ax = axes[r][k]
+            ax.imshow(g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.set_ylabel(class_names[c] if class_names and c < len(class_names) else str(c), rotation=0,
+                              labelpad=12, fontsize=9)
+            if r == 0:
+                ax.set_title("teacher" if teacher is not None and k == 0 else "student (pruned)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_finetune(path: Path, log: dict) -> None:
     plt = _plt()
     step, loss = np.asarray(log["step"]), np.asarray(log["loss"])
@@ -244,6 +299,9 @@ def metrics_rows(m: dict) -> list[tuple[str, str, str]]:
          _fmt(m.get("macs_per_image"), "macs")),
         (f"FID vs data ({ext or 'no data'})", _fmt(m.get("fid_teacher")), _fmt(m.get("fid"))),
     ]
+    if m.get("class_accuracy") is not None:
+        rows.append(("Class accuracy (classified as requested)", _fmt(m.get("class_accuracy_teacher")),
+                     _fmt(m.get("class_accuracy"))))
     for b, rec in (sc.get("latency_unet") or {}).items():
         trec = (tc.get("latency_unet") or {}).get(b, {})
         rows.append((f"UNet call latency, batch {b} (median)", _fmt(trec.get("median_s"), "s"),
@@ -294,6 +352,8 @@ CAPTIONS = {
     "widths": "Output channels of each pruned layer before and after pruning.",
     "timesteps": "Per-timestep calibration loss at pruning; importance is accumulated up to the cutoff.",
     "finetune": "Loss of the fine-tuning run that recovered the pruned model.",
+    "classes": "Share of samples the classifier assigns to the class that was asked for, per class.",
+    "class_grid": "One row per requested class, same seeds: teacher (left) and pruned student (right).",
 }
 
 CSS = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
@@ -304,8 +364,10 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;co
 
 def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teacher_images: torch.Tensor | None,
                  seeds: Sequence[int], pruning: dict | None = None, train_log: dict | None = None,
-                 grid_count: int = 32) -> dict[str, str]:
-    """Write the figures, ``report.md`` and ``report.html`` into ``out_dir``; returns ``{what: file name}``."""
+                 grid_count: int = 32, labels: dict | None = None) -> dict[str, str]:
+    """Write the figures, ``report.md`` and ``report.html`` into ``out_dir``; returns ``{what: file name}``.
+
+    ``labels``: seed -> requested class, for a class-conditional model (adds the per-class figures)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     k = min(grid_count, len(student_images))
@@ -324,6 +386,14 @@ def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teache
     if train_log and len(train_log.get("step", [])) >= 2:
         plot_finetune(out / FIGURES["finetune"], train_log)
         written["finetune"] = FIGURES["finetune"]
+    detail = metrics.get("class_accuracy_detail")
+    if detail:
+        plot_class_accuracy(out / FIGURES["classes"], detail)
+        written["classes"] = FIGURES["classes"]
+    if labels:
+        plot_class_grid(out / FIGURES["class_grid"], student_images, teacher_images, seeds, labels,
+                        (detail or {}).get("class_names"))
+        written["class_grid"] = FIGURES["class_grid"]
 
     names = metrics.get("names") or {}
     title = f"Diff-Pruning evaluation: {names.get('student', 'student')}" + (

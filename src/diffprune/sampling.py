@@ -92,11 +92,13 @@ class QuadDDIMScheduler(DDIMScheduler):
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
-def labels_for(model, seeds: Sequence[int], class_labels=None) -> torch.Tensor | None:
+def labels_for(model, seeds: Sequence[int], class_labels=None, num_classes: int | None = None) -> torch.Tensor | None:
     """The class label of each seed for a class-conditional model (None for an unconditional one).
 
     ``class_labels``: one label per seed, or a single label for all; None balances the classes by seed: seed ``s``
     draws class ``s mod num_classes``, so a seed always comes with the same label, whatever the batch or subset.
+    ``num_classes``: the classes the model was trained on (``LoadedModel.class_names``), when fewer than its label
+    table has rows (a 10-digit DiT with DiT-XL/2's 1,000-class table); default: the whole table.
     """
     from .adapters import adapter_for
 
@@ -105,7 +107,8 @@ def labels_for(model, seeds: Sequence[int], class_labels=None) -> torch.Tensor |
         require(class_labels is None, "this model is unconditional: it takes no class labels (drop --class-labels)")
         return None
     if class_labels is None:
-        return torch.tensor([int(s) % spec.num_classes for s in seeds], dtype=torch.long)
+        n = min(num_classes or spec.num_classes, spec.num_classes)
+        return torch.tensor([int(s) % n for s in seeds], dtype=torch.long)
     labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
     if labels.numel() == 1:
         labels = labels.expand(len(seeds)).clone()
@@ -128,13 +131,14 @@ def guided_prediction(adapter, model, x: torch.Tensor, t: torch.Tensor, labels, 
 @torch.no_grad()
 def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidance_scale: float = 1.0, codec=None,
            num_inference_steps: int = 50, sampler: str = "ddim", skip: str = "uniform", eta: float | None = None,
-           batch_size: int = 64, device=None, decode: bool = True, progress: bool = True) -> torch.Tensor:
+           batch_size: int = 64, device=None, decode: bool = True, num_classes: int | None = None,
+           progress: bool = True) -> torch.Tensor:
     """Generate ``len(seeds)`` images; returns float32 ``[N, C, H, W]`` in [-1, 1] on the CPU.
 
     ``sampler="ddim"`` is deterministic (eta 0 unless given). ``sampler="ddpm"`` is DDIM with eta 1, which over all
     T steps is exactly ancestral DDPM with the posterior variance (and its strided generalisation for fewer steps).
-    A class-conditional model takes ``class_labels`` (see :func:`labels_for`) and ``guidance_scale`` (classifier-free
-    guidance through the model's null label; 1 = none). ``codec``: a latent pipeline's autoencoder; the latents are
+    A class-conditional model takes ``class_labels`` (see :func:`labels_for`, with ``num_classes``) and
+    ``guidance_scale`` (classifier-free guidance through the model's null label; 1 = none). ``codec``: a latent pipeline's autoencoder; the latents are
     decoded into images unless ``decode=False``. ``device`` defaults to the model's device.
     """
     from .adapters import adapter_for
@@ -143,7 +147,7 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidanc
     require(batch_size >= 1, f"batch_size={batch_size} must be >= 1")
     adapter = adapter_for(model)
     seeds = [int(s) for s in seeds]
-    labels = labels_for(model, seeds, class_labels)
+    labels = labels_for(model, seeds, class_labels, num_classes)
     spec = adapter.conditioning(model)
     require(isinstance(guidance_scale, (int, float)) and guidance_scale >= 1.0,
             f"guidance_scale={guidance_scale!r} must be >= 1 (1 = no guidance)")

@@ -23,13 +23,16 @@ from ..registry import Registry
 @dataclass(frozen=True)
 class PipelineFamily:
     pipeline_class: str
+    adapter: str  # the model family of its denoiser
     denoiser: str  # component folder of the denoiser: "unet" or "transformer"
     autoencoder: str | None = None  # component folder of the autoencoder, for latent pipelines
+    label_map: str | None = None  # model_index.json key of the class names, for class-conditional pipelines
 
 
 PIPELINES: Registry[PipelineFamily] = Registry("pipeline")
-for _family in (PipelineFamily("DDPMPipeline", "unet"), PipelineFamily("DDIMPipeline", "unet"),
-                PipelineFamily("LDMPipeline", "unet", "vqvae"), PipelineFamily("DiTPipeline", "transformer", "vae")):
+for _family in (PipelineFamily("DDPMPipeline", "unet2d", "unet"), PipelineFamily("DDIMPipeline", "unet2d", "unet"),
+                PipelineFamily("LDMPipeline", "unet2d", "unet", "vqvae"),
+                PipelineFamily("DiTPipeline", "dit", "transformer", "vae", "id2label")):
     PIPELINES.register(_family.pipeline_class)(_family)
 
 AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
@@ -40,6 +43,63 @@ def pipeline_family(class_name: str | None, where: str) -> PipelineFamily:
         raise DiffPruneError(f"{where} is a {class_name!r}, which diffprune cannot prune; supported pipelines: "
                              f"{PIPELINES.names()} (their denoisers: {_denoiser_classes()})")
     return PIPELINES.get(class_name)
+
+
+def load_codec(folder) -> "LatentCodec":
+    """The :class:`LatentCodec` of a diffusers autoencoder folder (safetensors only; other classes refused)."""
+    from pathlib import Path
+
+    import diffusers
+
+    from .._fs import read_json
+    from ..io import CONFIG_NAME, _check_weights
+
+    folder = Path(folder)
+    require((folder / CONFIG_NAME).is_file(), f"autoencoder {str(folder)!r} is not a diffusers model folder (no "
+                                              f"{CONFIG_NAME})")
+    name = read_json(folder / CONFIG_NAME).get("_class_name")
+    require(name in AUTOENCODER_CLASSES, f"{str(folder)!r} holds a {name!r}; supported autoencoders: "
+                                         f"{list(AUTOENCODER_CLASSES)}")
+    _check_weights(folder)
+    return LatentCodec(getattr(diffusers, name).from_pretrained(folder, use_safetensors=True))
+
+
+def assemble_pipeline(folder, denoiser: nn.Module, autoencoder_dir, scheduler, class_names=None):
+    """Lay out a latent pipeline's fixed components in the new folder ``folder`` (model_index.json naming the
+    denoiser's pipeline class, the autoencoder copied from ``autoencoder_dir``, the scheduler, and the class names
+    where the pipeline keeps them, e.g. DiT's ``id2label``), for training a new denoiser into it; returns its
+    :class:`~diffprune.io.PipelineSource`."""
+    import shutil
+    from pathlib import Path
+
+    import diffusers
+
+    from .._fs import atomic_write_json
+    from ..io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, PipelineSource
+    from . import adapter_for
+
+    folder, autoencoder_dir = Path(folder), Path(autoencoder_dir)
+    codec = load_codec(autoencoder_dir)
+    ae_class = type(codec.autoencoder).__name__
+    adapter = adapter_for(denoiser)
+    families = [PIPELINES.get(n) for n in PIPELINES if PIPELINES.get(n).adapter == adapter.name
+                and PIPELINES.get(n).autoencoder is not None]
+    require(len(families) == 1, f"no latent pipeline holds a {type(denoiser).__name__}; latent pipelines: "
+                                f"{[n for n in PIPELINES if PIPELINES.get(n).autoencoder]}")
+    family = families[0]
+    ae = folder / family.autoencoder
+    ae.mkdir(parents=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copy2(autoencoder_dir / name, ae / name)
+    scheduler.save_pretrained(folder / "scheduler")
+    labels = {family.label_map: {str(i): n for i, n in enumerate(class_names)}} if family.label_map and class_names \
+        else {}
+    atomic_write_json(folder / INDEX_NAME, {
+        "_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
+        family.denoiser: ["diffusers", type(denoiser).__name__], family.autoencoder: ["diffusers", ae_class],
+        "scheduler": ["diffusers", type(scheduler).__name__], **labels})
+    codec.image_shape(adapter.input_shape(denoiser))  # the autoencoder's latents fit the denoiser
+    return PipelineSource(folder, family)
 
 
 def _denoiser_classes() -> list[str]:
@@ -106,7 +166,8 @@ class LatentCodec:
         return self
 
 
-__all__ = ["AUTOENCODER_CLASSES", "LatentCodec", "PIPELINES", "PipelineFamily", "pipeline_family", "stock_pipeline"]
+__all__ = ["AUTOENCODER_CLASSES", "LatentCodec", "PIPELINES", "PipelineFamily", "assemble_pipeline", "pipeline_family",
+           "stock_pipeline"]
 
 
 def stock_pipeline(loaded):

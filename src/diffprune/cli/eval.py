@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
                    help="batch of the full-sampler timing (per-image latency = median / batch)")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale,
                    help="classifier-free guidance scale for class-conditional models with a null label (1 = none)")
+    p.add_argument("--classifier", default=None,
+                   help="class-conditional models: the classifier that checks each sample shows the requested class "
+                        "(default: mnist-classifier for --data mnist)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for sampling and timing (default: torch's); recorded with every timing")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -108,18 +111,21 @@ def _eval(args, inputs) -> int:
         extractor_weights=args.inception_weights or args.extractor_weights, cache_dir=args.cache_dir,
         latency_batches=args.latency_batches, latency_repeats=args.latency_repeats,
         sampler_latency_batch=args.sampler_latency_batch, guidance_scale=args.guidance_scale,
+        classifier=args.classifier,
     )
     device = device_of(args)
-    student = teacher = scheduler = pruning = codec = None
+    student = teacher = scheduler = pruning = codec = class_names = None
     log: dict = {}
     if args.model is not None:
         loaded, log = load_for_eval(args.model)
         student, scheduler, pruning, codec = loaded.denoiser.to(device), loaded.scheduler, loaded.pruning, loaded.codec
+        class_names = loaded.class_names
     if args.teacher is not None:
         loaded, _ = load_for_eval(args.teacher)
         teacher = loaded.denoiser.to(device)
         scheduler = loaded.scheduler if scheduler is None else scheduler
         codec = loaded.codec if codec is None else codec
+        class_names = loaded.class_names if class_names is None else class_names
     if codec is not None:
         codec.to(device)
     if data is None:
@@ -128,7 +134,7 @@ def _eval(args, inputs) -> int:
                  student_samples=args.student_samples, teacher_samples=args.teacher_samples, pruning=pruning,
                  train_log=log, device=device, overwrite=args.overwrite, progress=True,
                  names={"student": args.model or args.student_samples, "teacher": args.teacher or args.teacher_samples},
-                 inputs=inputs, codec=codec)
+                 inputs=inputs, codec=codec, class_names=class_names)
 
     def f(v, spec=".4g"):
         return "n/a" if v is None else format(v, spec)

@@ -17,8 +17,6 @@ def add_parser(sub) -> None:
     add_training_flags(p)
     p.add_argument("--teacher", default=None, help="teacher model for output distillation (needs --kd-weight)")
     p.add_argument("--kd-weight", type=float, default=0.0, help="distillation weight a in [0, 1] (paper: 0.7)")
-    p.add_argument("--cache-dir", default=None,
-                   help="cache of encoded latents for latent pipelines (default: $DIFFPRUNE_CACHE or ~/.cache/diffprune)")
     add_prediction_type_flag(p)
     p.set_defaults(func=run)
 

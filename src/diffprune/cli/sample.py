@@ -60,12 +60,14 @@ def _sample(args) -> int:
     model = loaded.denoiser.to(device)
     codec = loaded.codec.to(device) if loaded.codec is not None else None
     seeds = list(range(args.seed, args.seed + args.n))
-    labels = labels_for(model, seeds, args.class_labels)
+    names = loaded.class_names
+    labels = labels_for(model, seeds, args.class_labels, len(names) if names else None)
     images = sample(model, scheduler, seeds=seeds, class_labels=labels, guidance_scale=args.guidance_scale,
                     codec=codec, num_inference_steps=args.steps, sampler=args.sampler, skip=args.skip,
                     batch_size=args.batch_size, device=device)
     meta = {"model": str(args.model), "steps": args.steps, "sampler": args.sampler, "skip": args.skip,
-            "guidance_scale": args.guidance_scale, "class_labels": None if labels is None else labels.tolist()}
+            "guidance_scale": args.guidance_scale, "class_labels": None if labels is None else labels.tolist(),
+            "class_names": names}
     with atomic_dir(args.out, overwrite=args.overwrite, kind="samples", inputs=(args.model,)) as tmp:
         save_samples(to_uint8(images), seeds, tmp, meta)
     print(f"wrote {args.n} images to {args.out} (grid: {args.out}/grid.png)")

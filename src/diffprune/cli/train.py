@@ -1,8 +1,14 @@
-"""``diffprune train``: train a UNet2DModel from scratch (a teacher, or the 'scratch' baseline)."""
+"""``diffprune train``: train a denoiser from scratch (a teacher, or the 'scratch' baseline).
+
+A pixel model is written as a model folder; with ``--autoencoder`` the denoiser learns the autoencoder's latents
+and the result is a pipeline folder (``DiTPipeline`` for a DiT, ``LDMPipeline`` for a UNet2DModel over a VQModel)
+holding the autoencoder, the scheduler and, for labelled data, the class names (``id2label``).
+"""
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -37,6 +43,8 @@ def add_training_flags(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--device", default=None, help="cpu forces the CPU; default: accelerate's choice (GPU when present; all GPUs under `accelerate launch`)")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache of encoded latents for latent pipelines (default: $DIFFPRUNE_CACHE or ~/.cache/diffprune)")
 
 
 def train_config_from_args(args, **extra):
@@ -53,11 +61,14 @@ def train_config_from_args(args, **extra):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a diffusion UNet from scratch (teacher or scratch baseline)",
+    p = sub.add_parser("train", help="train a denoiser from scratch (teacher or scratch baseline)",
                        description=__doc__)
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--preset", help="a named architecture (see diffprune.presets), e.g. mnist-16")
-    group.add_argument("--config", help="a JSON file of UNet2DModel config values")
+    group.add_argument("--preset", help="a named architecture (see diffprune.presets), e.g. mnist-16 or mnist-dit")
+    group.add_argument("--config", help="a JSON file of model config values (_class_name picks the class, default "
+                                        "UNet2DModel)")
+    p.add_argument("--autoencoder", default=None,
+                   help="a diffusers AutoencoderKL or VQModel folder: train on its latents and write a pipeline")
     add_training_flags(p)
     p.set_defaults(func=run)
 
@@ -65,7 +76,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..errors import DiffPruneError, require
     from ..inputs import load_denoiser_data
-    from ..presets import PRESETS, build_unet
+    from ..presets import PRESETS, build_model
     from ..sampling import default_scheduler
     from ..seed import seed_everything
     from ..train import make_accelerator, run_info, train
@@ -85,14 +96,23 @@ def run(args) -> int:
     else:
         arch = PRESETS.get(args.preset)
     seed_everything(config.seed)
-    unet = build_unet(dict(arch))
-    images = load_denoiser_data(unet, args.data)
-    info = run_info(command=" ".join(["diffprune"] + sys.argv[1:]), data=args.data, data_record=images.record,
-                    architecture=arch, num_images=len(images))
-    res = train(unet, default_scheduler(), images, config, args.out, resume=args.resume, overwrite=args.overwrite,
-                run_info=info, accelerator=make_accelerator(args.device), inputs=(args.data, args.config))
+    model = build_model(dict(arch))
+    scheduler = default_scheduler()
+    with tempfile.TemporaryDirectory(prefix="diffprune-pipeline-") as staging:
+        from ..adapters.pipelines import assemble_pipeline, load_codec
+
+        codec = load_codec(args.autoencoder) if args.autoencoder is not None else None
+        images = load_denoiser_data(model, args.data, codec=codec, cache_dir=args.cache_dir, progress=True)
+        pipeline = None if codec is None else assemble_pipeline(Path(staging) / "pipeline", model, args.autoencoder,
+                                                                scheduler, images.class_names)
+        info = run_info(command=" ".join(["diffprune"] + sys.argv[1:]), data=args.data, data_record=images.record,
+                        architecture=arch, autoencoder=args.autoencoder, num_images=len(images))
+        res = train(model, scheduler, images, config, args.out, resume=args.resume, overwrite=args.overwrite,
+                    run_info=info, accelerator=make_accelerator(args.device),
+                    inputs=(args.data, args.config, args.autoencoder), pipeline=pipeline, codec=codec)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         print(f"trained {res.steps} steps, final loss {res.final_loss:.4f} -> {res.out_dir}")
     return 0
+
