@@ -44,9 +44,52 @@ def test_target_macs_half_within_two_percent():
 
 def test_target_macs_unreachable_locally_names_the_nearest_fraction():
     unet = build_model("mnist-16")
-    with pytest.raises(DiffPruneError, match=r"cannot be reached within \+-2%: the nearest pruning keeps 0\.\d+"):
-        prune_(unet, PruneConfig(method="magnitude", target_macs=0.5, global_ranking=False), progress=False)
+    with pytest.raises(DiffPruneError, match=r"target_macs=0.3 is out of reach: pruning 90% of the channels still "
+                                             r"keeps 0\.8\d+ .*ask for 0\.8\d or more"):  # per-layer: GroupNorm steps
+        prune_(unet, PruneConfig(method="magnitude", target_macs=0.3, global_ranking=False), progress=False)
+    with pytest.raises(DiffPruneError, match=r"cannot be reached within \+-2%: the nearest pruning keeps 0\.\d+ .*"
+                                             r"try global ranking"):
+        prune_(unet, PruneConfig(method="magnitude", target_macs=0.95, global_ranking=False), progress=False)
     assert unet.conv_in.out_channels == 32  # the model is left untouched
+
+
+def test_global_ranking_macs_fall_monotonically_with_the_ratio():
+    """Under global ranking a group whose every channel scores below the threshold used to be left whole (MACs went
+    back *up* at deep cuts: 0.45 -> 0.35, 0.675 -> 0.16, 0.75 -> 0.73 on this model); each group now keeps its best
+    channel."""
+    from diffprune.adapters import adapter_for
+    from diffprune.importance import METHODS
+    from diffprune.macs import count_macs
+    from diffprune.prune import _prune_once
+
+    torch.manual_seed(0)
+    unet = build_model("mnist-16").eval()
+    adapter, base = adapter_for(unet), count_macs(unet).macs
+    cfg = PruneConfig(method="magnitude", target_macs=0.5)
+    fractions = []
+    for ratio in (0.3, 0.45, 0.6, 0.675, 0.75, 0.85):
+        twin = copy.deepcopy(unet)
+        with adapter.tracing(twin):
+            _, heads, _ = _prune_once(twin, adapter, cfg, ratio, METHODS.get("magnitude").make(cfg))
+            adapter.finalize_(twin, adapter.snapshot(unet), heads)
+        fractions.append(count_macs(twin).macs / base)
+    assert all(a > b for a, b in zip(fractions, fractions[1:])), fractions
+    assert fractions[-1] < 0.05
+
+
+@pytest.mark.parametrize("seed, target", [(0, 0.7), (0, 0.2), (1, 0.9), (1, 0.2)])
+def test_deep_and_shallow_targets_are_reachable(seed, target):
+    torch.manual_seed(seed)
+    report = prune_(build_model("mnist-16"), PruneConfig(method="magnitude", target_macs=target), progress=False)
+    assert abs(report.macs / report.base_macs / target - 1) <= 0.02
+
+
+def test_a_target_beyond_the_deepest_cut_fails_fast():
+    unet = build_model("tiny")
+    with pytest.raises(DiffPruneError, match=r"target_macs=0.01 is out of reach: pruning 90% of the channels still "
+                                             r"keeps 0\.1\d+ of the MACs .*ask for 0\.1\d or more"):
+        prune_(unet, PruneConfig(method="magnitude", target_macs=0.01), progress=False)
+    assert unet.conv_in.out_channels == 8  # the model is left untouched
 
 
 def _check_attention(unet, heads_expected=None):

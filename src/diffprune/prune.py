@@ -424,16 +424,74 @@ class PaperPruner(tp.pruner.BasePruner):
                 yield group
 
 
-class _RecordingImportance:
-    """Wraps an importance: records each group's scores under its root module name (``report.scores``)."""
+class GlobalPruner(tp.pruner.BasePruner):
+    """Torch-Pruning 1.6.1's global ranking ("uniform" mode with ``global_ranking``), with every group keeping at least
+    one position.
 
-    def __init__(self, importance, names: dict[int, str]):
-        self.importance, self.names, self.scores = importance, names, {}
+    As in Torch-Pruning, a group with ``k`` channel groups (GroupNorm groups, attention heads) is ranked by its
+    position scores averaged over the ``k`` chunks, the same positions go in every chunk, and ``ratio`` is the share
+    of all positions to remove, lowest scores first across groups. The difference: Torch-Pruning prunes every
+    position below one global threshold, and a group whose positions all fall below it would lose every channel,
+    which its dependency check refuses, so the group is left *whole*: the MACs then go back up at deeper cuts
+    (measured on the MNIST configuration: ratio 0.6 kept 0.08 of the MACs, 0.75 kept 0.73). Here each group keeps its
+    best position, the next-lowest positions elsewhere go instead, and the MACs fall monotonically with the ratio.
+    """
+
+    @torch.no_grad()
+    def _prune(self):
+        if self.current_step > self.iterative_steps:
+            return
+        records = []  # (module, pruning fn, position scores, channel groups, chunk size)
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types):
+            if not self._check_pruning_ratio(group):
+                continue
+            is_attn, _ = self._is_atten_group(group)
+            if is_attn:
+                group = self._downstream_node_as_root_if_attention(group)
+                if group is None:
+                    continue
+            imp = self.estimate_importance(group)
+            if imp is None:
+                continue
+            ch_groups = self._get_channel_groups(group)
+            imp = imp.detach().cpu()
+            size = len(imp) // ch_groups
+            position = imp.view(ch_groups, size).mean(dim=0) if ch_groups > 1 else imp
+            records.append((group[0].dep.target.module, group[0].dep.handler, position, ch_groups, size))
+        total = sum(len(r[2]) for r in records)
+        n_pruned = total - int(total * (1 - self.pruning_ratio))
+        ranked = sorted((float(score), r, p) for r, rec in enumerate(records) for p, score in enumerate(rec[2]))
+        left = [len(rec[2]) for rec in records]
+        chosen: list[list[int]] = [[] for _ in records]
+        for _, r, p in ranked:
+            if n_pruned <= 0:
+                break
+            if left[r] > 1:  # every group keeps at least one position
+                chosen[r].append(p)
+                left[r] -= 1
+                n_pruned -= 1
+        for (module, pruning_fn, _, ch_groups, size), positions in zip(records, chosen):
+            if positions:
+                idxs = sorted(p + g * size for g in range(ch_groups) for p in positions)
+                group = self.DG.get_pruning_group(module, pruning_fn, idxs)
+                if self.DG.check_pruning_group(group):
+                    yield group
+
+
+class _RecordingImportance:
+    """Wraps an importance: records each group's scores under its root module name (``report.scores``), or replays
+    scores recorded before (``cached``: the target-MACs search scores once and probes many ratios)."""
+
+    def __init__(self, importance, names: dict[int, str], cached: dict | None = None):
+        self.importance, self.names, self.cached = importance, names, cached
+        self.scores: dict[str, torch.Tensor] = {}
 
     def __call__(self, group):
-        imp = self.importance(group)
+        key = self.names.get(id(group[0].dep.target.module), "?")
+        imp = self.cached[key].clone() if self.cached is not None and key in self.cached else self.importance(group)
         if imp is not None:
-            self.scores[self.names.get(id(group[0].dep.target.module), "?")] = imp.detach().cpu().clone()
+            self.scores[key] = imp.detach().cpu().clone()
         return imp
 
 
@@ -452,11 +510,13 @@ def layer_widths(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
-def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance) -> tuple[list, dict, dict]:
-    """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores)."""
+def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance,
+                cached: dict | None = None) -> tuple[list, dict, dict]:
+    """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores).
+    ``cached``: scores recorded by an earlier call on the same unpruned model, used instead of ``importance``."""
     seed_everything(config.seed)  # random scores are reproducible
     names = {id(m): n for n, m in unet.named_modules()}
-    recorder = _RecordingImportance(importance, names)
+    recorder = _RecordingImportance(importance, names, cached)
     num_heads = adapter.num_heads(unet)
     kwargs: dict[str, Any] = dict(
         importance=recorder, pruning_ratio=float(ratio), global_pruning=config.global_ranking,
@@ -465,7 +525,8 @@ def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, 
     )
     if config.prune_heads:
         kwargs.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=float(ratio))
-    cls = PaperPruner if config.ratio_mode == "paper" else tp.pruner.BasePruner
+    cls = (PaperPruner if config.ratio_mode == "paper" else
+           GlobalPruner if config.global_ranking and not config.prune_heads else tp.pruner.BasePruner)
     pruner = cls(unet, adapter.example_inputs(unet), **kwargs)
     pruner.step()
     heads = {}
@@ -485,21 +546,39 @@ def _copy_with_grads(unet: nn.Module) -> nn.Module:
 
 
 def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int, progress: bool):
-    """Bisection on the ratio so that MACs land within ``macs_tolerance`` of ``target_macs * macs_before``."""
+    """Bisection on the ratio so that MACs land within ``macs_tolerance`` of ``target_macs * macs_before``.
+
+    The channel scores are computed once (on a copy holding the calibration gradients) and replayed by every probe,
+    so a probe is a copy, a prune and a MAC count. The deepest ratio is probed first: a target beyond it fails at once.
+    """
     target, tol = float(config.target_macs), float(config.macs_tolerance)
-    lo, hi = 0.0, _MAX_SEARCH_RATIO
     trials: list[dict] = []
+    cache: dict[str, torch.Tensor] = {}
+
+    def probe(ratio: float) -> float:
+        twin = _copy_with_grads(unet) if not cache else copy.deepcopy(unet)
+        with adapter.tracing(twin):
+            _, heads, scores = _prune_once(twin, adapter, config, ratio, importance, cached=cache or None)
+            adapter.finalize_(twin, snapshot, heads)
+        cache.update(scores)
+        rel = count_macs(twin).macs / macs_before
+        trials.append({"ratio": ratio, "macs_fraction": rel})
+        return rel
+
     bar = tqdm(range(16), desc="target-macs search", disable=not progress)
+    deepest = probe(_MAX_SEARCH_RATIO)
+    if deepest > target * (1 + tol):
+        ignored = sum(count_macs(unet).per_layer.get(n, 0) for n, m in unet.named_modules()
+                      if m in adapter.ignored_layers(unet))
+        raise DiffPruneError(
+            f"target_macs={target} is out of reach: pruning {_MAX_SEARCH_RATIO:.0%} of the channels still keeps "
+            f"{deepest:.4f} of the MACs (the layers that are never pruned do {ignored / macs_before:.1%} of them, and "
+            f"every group keeps at least one channel); ask for {deepest:.2f} or more")
+    lo, hi = 0.0, _MAX_SEARCH_RATIO
     for _ in bar:
         mid = (lo + hi) / 2
-        twin = _copy_with_grads(unet)
-        with adapter.tracing(twin):
-            history, heads, _ = _prune_once(twin, adapter, config, mid, importance)
-            adapter.finalize_(twin, snapshot, heads)
-        rel = count_macs(twin).macs / macs_before
-        trials.append({"ratio": mid, "macs_fraction": rel})
+        rel = probe(mid)
         bar.set_postfix(ratio=f"{mid:.4f}", macs=f"{rel:.4f}")
-        del twin
         if abs(rel / target - 1) <= tol / 4:
             break
         if rel > target:
@@ -509,7 +588,13 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     bar.close()
     best = min(trials, key=lambda r: abs(r["macs_fraction"] / target - 1))
     if abs(best["macs_fraction"] / target - 1) > tol:
-        hint = "" if config.global_ranking else "; try global ranking (--ranking global --ratio-mode uniform)"
+        above = min((r["macs_fraction"] for r in trials if r["macs_fraction"] > target), default=None)
+        below = max((r["macs_fraction"] for r in trials if r["macs_fraction"] < target), default=None)
+        steps = " and ".join(f"{v:.4f}" for v in (above, below) if v is not None)
+        hint = ("; per-layer steps are coarse: try global ranking (--ranking global --ratio-mode uniform)"
+                if not config.global_ranking else
+                "; channels coupled through GroupNorm groups and shared layers go together, so the MACs move in "
+                f"steps here: ask for one of {steps}, or widen --macs-tolerance (now {tol:.0%})")
         raise DiffPruneError(
             f"target_macs={target} cannot be reached within +-{tol:.0%}: the nearest pruning keeps "
             f"{best['macs_fraction']:.4f} of the MACs (ratio {best['ratio']:.4f}){hint}"
