@@ -35,7 +35,7 @@ BAD = {
     "thr-1": (["--ratio", "0.3", "--thr", "1.0", "--data", "{m}/ok.npy"], r"thr=1.0 must be in \[0, 1\)"),
     "thr-negative": (["--ratio", "0.3", "--thr", "-0.5", "--data", "{m}/ok.npy"], r"must be in \[0, 1\)"),
     "unknown-method": (["--ratio", "0.3", "--method", "l1"],
-                       r"unknown method 'l1'; choose from \['diff-pruning', 'magnitude', 'random', 'reinit', 'taylor'\]"),
+                       r"unknown method 'l1'; choose from \['depth', 'diff-pruning', 'magnitude', 'random', 'reinit', 'taylor'\]"),
     "wrong-size": (["--ratio", "0.3", "--data", "{m}/big.npy"], r"shape \(2, 1, 16, 16\) but the model takes \[N, 1, 8, 8\]"),
     "wrong-channels": (["--ratio", "0.3", "--data", "{m}/rgb.npy"], r"shape \(2, 3, 8, 8\) but the model takes"),
     "taylor-without-gradients": (["--ratio", "0.3", "--method", "taylor"], "needs calibration images"),

@@ -319,6 +319,35 @@ def test_train_a_latent_dit_from_scratch_writes_a_dit_pipeline(tmp_path, capsys)
     assert "is not a diffusers model folder" in capsys.readouterr().err
 
 
+def test_depth_pruning_removes_whole_dit_blocks_and_replays(tmp_path):
+    """--method depth: the lowest-scoring blocks (summed |w*g| of the calibration) go whole, never block 0; the
+    saved folder replays bitwise; a second pruning of it and a family without blocks are refused."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(latent_channels=4, **_autoencoder_kwargs())
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=50)).save_pretrained(
+        tmp_path / "dit", safe_serialization=True)
+    cfg = PruneConfig(method="depth", target_macs=0.5, calib_batch=4, max_timesteps=3, macs_tolerance=0.15)
+    loaded, report = prune_model(tmp_path / "dit", cfg, "mnist", cache_dir=tmp_path / "cache", progress=False)
+    removed = report.structure["meta"]["removed_blocks"]
+    scores = report.scores["blocks"]
+    assert len(removed) == 2 and 0 not in removed and len(loaded.denoiser.transformer_blocks) == 2
+    assert sorted(removed) == sorted(torch.argsort(scores[1:])[:2].add(1).tolist())  # lowest scores, block 0 kept
+    assert [r["blocks_removed"] for r in report.search] == [0, 1, 2, 3] and report.structure["history"] == []
+    save_pruned(loaded.denoiser, tmp_path / "p", loaded.pruning, scheduler=loaded.scheduler, pipeline=loaded.pipeline)
+    again = load_model(tmp_path / "p")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 9]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded.denoiser.eval()(x, t, y).sample, again.denoiser(x, t, y).sample)
+    with pytest.raises(DiffPruneError, match="was depth-pruned .* prune the original"):
+        prune_model(tmp_path / "p", PruneConfig(method="magnitude", ratio=0.3), progress=False)
+    build_ldm(tmp_path / "ldm")
+    with pytest.raises(DiffPruneError, match="removes whole blocks, which the unet2d adapter does not define"):
+        prune_model(tmp_path / "ldm", PruneConfig(method="depth", ratio=0.5, calib_batch=2, max_timesteps=1), "mnist",
+                    cache_dir=tmp_path / "cache", progress=False)
+
+
 def test_run_config_accepts_a_latent_pipeline(tmp_path):
     """`diffprune run` on a DiT pipeline: prune -> finetune (labels, distillation) -> eval (decoded samples)."""
     from diffprune.pipeline import load_run_config, run_pipeline

@@ -125,7 +125,7 @@ def test_a_method_owns_its_settings():
     assert PruneConfig(method="taylor", ratio=0.3).thr is None  # the "all" strategy has no threshold
     assert PruneConfig(method="magnitude", ratio=0.3).calib_batch is None
     with pytest.raises(DiffPruneError, match=r"thr=0.1 does not apply to method 'magnitude'; it is a setting of "
-                                             r"\['diff-pruning', 'taylor'\]"):
+                                             r"\['depth', 'diff-pruning', 'taylor'\]"):
         PruneConfig(method="magnitude", ratio=0.3, thr=0.1)
     with pytest.raises(DiffPruneError, match=r"taylor_form='squared' does not apply to method 'taylor'"):
         PruneConfig(method="taylor", ratio=0.3, taylor_form="squared")
@@ -139,6 +139,6 @@ def test_gradient_methods_need_calibration_data():
 
 
 def test_registry_names_and_unknown_method():
-    assert METHODS.names() == ["diff-pruning", "magnitude", "random", "reinit", "taylor"]
-    with pytest.raises(DiffPruneError, match=r"unknown method 'l1'; choose from \['diff-pruning'"):
+    assert METHODS.names() == ["depth", "diff-pruning", "magnitude", "random", "reinit", "taylor"]
+    with pytest.raises(DiffPruneError, match=r"unknown method 'l1'; choose from \['depth', 'diff-pruning'"):
         PruneConfig(method="l1", ratio=0.3)

@@ -51,7 +51,8 @@ class Method:
     method-specific field given to it is an error (``thr`` means nothing to ``magnitude``). ``needs``: the data a
     score needs (``"gradients"``: calibration images and a backward pass per timestep). ``default_timesteps``: the
     timestep strategy of a gradient method. ``after_pruning(model, seed)``: a step run on the pruned model (the
-    ``reinit`` baseline re-initialises it). ``factory(config)`` builds the Torch-Pruning importance.
+    ``reinit`` baseline re-initialises it). ``factory(config)`` builds the Torch-Pruning importance, or for a method
+    that ``removes="blocks"`` a block scorer ``(block) -> float`` (the lowest-scoring blocks go whole).
     """
 
     name: str
@@ -61,6 +62,7 @@ class Method:
     needs: tuple[str, ...] = ()
     default_timesteps: str | None = None
     after_pruning: Callable[[nn.Module, int], None] | None = None
+    removes: str = "channels"  # or "blocks" (depth pruning)
 
     @property
     def needs_gradients(self) -> bool:
@@ -152,6 +154,23 @@ def _diff_pruning(config):
            default_timesteps="all")
 def _taylor(config):
     return CheckedTaylorImportance(multivariable=True)
+
+
+def block_taylor_score(block: nn.Module) -> float:
+    """First-order Taylor score of a whole block: sum of |w * g| over its parameters (the calibration gradients)."""
+    total = 0.0
+    for p in block.parameters():
+        if p.grad is None:
+            raise DiffPruneError("depth scoring needs the calibration gradients but a block parameter has none; pass "
+                                 "calibration images (--data) or 'data-free'")
+        total += float((p.detach() * p.grad).abs().sum())
+    return total
+
+
+@_register("depth", "whole blocks removed, lowest summed |w*g| first (same calibration as diff-pruning)",
+           needs=("gradients",), settings=GRADIENT_SETTINGS, default_timesteps="threshold", removes="blocks")
+def _depth(config):
+    return block_taylor_score
 
 
 @_register("magnitude", "L2 norm of the weights")

@@ -602,6 +602,34 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     return best["ratio"], trials
 
 
+def _prune_blocks(model, adapter, config: PruneConfig, score, macs_before: int):
+    """Depth pruning: remove the lowest-scoring removable blocks, as many as ``ratio`` (a share of the blocks) or
+    ``target_macs`` asks; returns ``(ratio, search, replayable meta, {"blocks": scores})``."""
+    blocks = adapter.blocks(model)
+    require(blocks is not None, f"method {config.method!r} removes whole blocks, which the {adapter.name} adapter does "
+                                "not define; use a channel method (diff-pruning, taylor, magnitude, random)")
+    scores = torch.tensor([score(b) for b in blocks])
+    order = [i for i in torch.argsort(scores).tolist() if i not in adapter.fixed_blocks(model)]
+    trials: list[dict] = []
+    for k in range(len(order) + 1):
+        twin = copy.deepcopy(model)
+        adapter.remove_blocks_(twin, order[:k])
+        trials.append({"ratio": k / len(blocks), "blocks_removed": k, "macs_fraction": count_macs(twin).macs / macs_before})
+    if config.target_macs is not None:
+        best = min(trials, key=lambda r: abs(r["macs_fraction"] / config.target_macs - 1))
+        require(abs(best["macs_fraction"] / config.target_macs - 1) <= config.macs_tolerance,
+                f"target_macs={config.target_macs} cannot be reached within +-{config.macs_tolerance:.0%} by removing "
+                f"whole blocks: the nearest removes {best['blocks_removed']} of {len(blocks)} and keeps "
+                f"{best['macs_fraction']:.4f} of the MACs; ask for that, or widen --macs-tolerance")
+    else:
+        best = min(trials, key=lambda r: abs(r["ratio"] - config.ratio))
+    removed = sorted(order[:best["blocks_removed"]])
+    adapter.remove_blocks_(model, removed)
+    # the kept blocks are unchanged: their state, under their new names, is the replayable metadata
+    return best["ratio"], trials, {"removed_blocks": removed, **adapter.finalize_(model, adapter.snapshot(model))}, {
+        "blocks": scores}
+
+
 def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
            split: str = "train", cache_dir=None, num_classes: int | None = None, progress: bool = True) -> PruneReport:
     """Prune the denoiser ``unet`` (any supported family) in place according to ``config``; returns a
@@ -646,13 +674,17 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
             calibration_record = {**desc, "noise_seed": config.seed, **result.to_dict()}
         importance = method.make(config)
         search: list[dict] = []
-        if config.target_macs is not None:
-            ratio, search = _search_ratio(unet, adapter, config, importance, snapshot, before.macs, progress)
+        if method.removes == "blocks":
+            ratio, search, meta, scores = _prune_blocks(unet, adapter, config, importance, before.macs)
+            history = []
         else:
-            ratio = float(config.ratio)
-        history, heads, scores = _prune_once(unet, adapter, config, ratio, importance)
+            if config.target_macs is not None:
+                ratio, search = _search_ratio(unet, adapter, config, importance, snapshot, before.macs, progress)
+            else:
+                ratio = float(config.ratio)
+            history, heads, scores = _prune_once(unet, adapter, config, ratio, importance)
+            meta = adapter.finalize_(unet, snapshot, heads)
         unet.zero_grad(set_to_none=True)
-        meta = adapter.finalize_(unet, snapshot, heads)
         if method.after_pruning is not None:
             method.after_pruning(unet, config.seed)
             adapter.check(unet)
@@ -686,6 +718,8 @@ def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None,
     from .objective import resolve_scheduler
 
     loaded = load_model(model)
+    require(not (loaded.pruning or {}).get("structure", {}).get("meta", {}).get("removed_blocks"),
+            f"{str(model)!r} was depth-pruned (whole blocks removed); prune the original model instead")
     scheduler = resolve_scheduler(loaded.scheduler, prediction_type)
     if loaded.codec is not None and device is not None:
         loaded.codec.to(device)

@@ -116,6 +116,18 @@ class ModelAdapter:
         """Projection layer -> number of attention heads, for per-head-consistent pruning."""
         return {}
 
+    def blocks(self, model: nn.Module) -> list[nn.Module] | None:
+        """The blocks that depth pruning may remove whole (None: this family has none)."""
+        return None
+
+    def fixed_blocks(self, model: nn.Module) -> set[int]:
+        """Indices into :meth:`blocks` that must stay (e.g. a block whose layers others use)."""
+        return set()
+
+    def remove_blocks_(self, model: nn.Module, indices) -> None:
+        """Remove the blocks ``indices`` (into :meth:`blocks`) from ``model`` in place."""
+        raise NotImplementedError
+
     # --- consistency after pruning and at load ------------------------------------------------------------------
     def snapshot(self, model: nn.Module) -> dict:
         """State needed by :meth:`finalize_`, taken before pruning."""

@@ -17,8 +17,12 @@ Which widths a DiT loses, and why:
   (``TrainConfig.label_dropout``), so a run is reproducible and the teacher sees the same labels as the student.
 * A learned-variance model (``out_channels = 2 * in_channels``, DiT-XL/2) predicts noise in its first half: that is
   the prediction diffprune calibrates, trains and samples with (the variance half is left as it is).
+* Depth pruning (``--method depth``) removes whole blocks instead; block 0 always stays, because diffusers' DiT
+  feeds the final layer's modulation from block 0's timestep/label embedder.
 """
 from __future__ import annotations
+
+from torch import nn
 
 from . import ADAPTERS, Conditioning, ModelAdapter, _attention
 
@@ -52,6 +56,16 @@ class DiTAdapter(ModelAdapter):
     def num_heads(self, model):
         return _attention.num_heads(model)
 
+    def blocks(self, model):
+        return list(model.transformer_blocks)
+
+    def fixed_blocks(self, model):
+        return {0}  # the final layer's adaLN reads block 0's timestep/label embedder
+
+    def remove_blocks_(self, model, indices):
+        gone = set(int(i) for i in indices)
+        model.transformer_blocks = nn.ModuleList(b for i, b in enumerate(model.transformer_blocks) if i not in gone)
+
     def snapshot(self, model):
         return {"attention": _attention.snapshot(model)}
 
@@ -63,6 +77,8 @@ class DiTAdapter(ModelAdapter):
 
     def restore_(self, model, meta):
         with self.tracing(model):
+            if meta.get("removed_blocks"):  # depth pruning: the attention names below count the kept blocks
+                self.remove_blocks_(model, meta["removed_blocks"])
             _attention.write(model, meta.get("attention", {}), fold=None)
             self.check(model)
 

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
                         "shape, or 'data-free' (images sampled from the model itself)")
     p.add_argument("--split", default="train", help="dataset split used for --data (default: train)")
     p.add_argument("--method", default="diff-pruning",
-                   help="importance: diff-pruning (default), taylor, magnitude, random or reinit")
+                   help="importance: diff-pruning (default), taylor, magnitude, random, reinit, or depth (whole DiT blocks)")
     p.add_argument("--ratio", type=float, default=None, help="fraction of channels to remove, in (0, 1), e.g. 0.3")
     p.add_argument("--ratio-mode", default=None,
                    help="paper (default with --ratio: the Diff-Pruning repository's per-GroupNorm-group rule) or "
