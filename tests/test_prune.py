@@ -194,3 +194,25 @@ def test_config_round_trips_through_dict():
     assert PruneConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(DiffPruneError, match=r"unknown key PruneConfig.sparsity; allowed: \["):
         PruneConfig.from_dict({**cfg.to_dict(), "sparsity": 0.1})
+
+
+def test_batched_timesteps_give_the_same_scores_and_channels():
+    """timestep_batch=k walks k timesteps per forward/backward: the same losses, cutoff, scores (allclose) and kept
+    channels as the one-timestep walk, whichever chunk the threshold fires in."""
+    from diffprune.io import load_model
+
+    reports = {}
+    for k in (1, 3, 8):  # the shipped teacher: its loss falls with t, so the threshold rule fires
+        teacher = load_model("mnist-teacher")
+        reports[k] = prune_(teacher.denoiser, PruneConfig(ratio=0.5, calib_batch=4, thr=0.5, timestep_batch=k),
+                            "mnist", scheduler=teacher.scheduler, progress=False)
+    ref = reports[1]
+    assert ref.calibration["stopped_by"] == "threshold" and 3 < len(ref.calibration["accumulated"]) < 100
+    for k in (3, 8):
+        got = reports[k]
+        assert got.calibration["accumulated"] == ref.calibration["accumulated"]
+        torch.testing.assert_close(torch.tensor(got.calibration["losses"]["loss"]),
+                                   torch.tensor(ref.calibration["losses"]["loss"]), rtol=1e-5, atol=1e-7)
+        for name, score in ref.scores.items():
+            torch.testing.assert_close(got.scores[name], score, rtol=1e-4, atol=1e-6)
+        assert got.structure["history"] == ref.structure["history"]

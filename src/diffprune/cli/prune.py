@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
                    help="diff-pruning score: abs (sum |w*g|, default) or squared (sum (w*g)^2, paper experiments)")
     p.add_argument("--calib-batch", type=int, default=None,
                    help="number of calibration images, for gradient methods (default 64)")
+    p.add_argument("--timestep-batch", type=int, default=None,
+                   help="timesteps per calibration pass (default 1, the reference's walk): k > 1 gives the same "
+                        "scores from fewer, larger passes, with k times the memory")
     p.add_argument("--data-free-steps", type=int, default=None,
                    help="DDIM steps used to sample calibration images with --data data-free (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise, image subset, random scores")
@@ -107,6 +110,7 @@ def run(args) -> int:
         threshold_semantics=args.threshold_semantics, timesteps=args.timesteps, stride=args.stride,
         max_timesteps=args.max_timesteps, taylor_form=args.taylor_form, calib_batch=args.calib_batch,
         seed=args.seed, data_free_steps=args.data_free_steps, macs_tolerance=args.macs_tolerance,
+        timestep_batch=args.timestep_batch,
     )
     inputs = (args.model, args.data)
     if not args.dry_run:
