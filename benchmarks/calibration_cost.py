@@ -6,8 +6,7 @@ For each trained model (a shipped name; an untrained preset has a flat loss, so 
 reference), the same walk in batched chunks of timesteps (``--timestep-batch``: exact), and approximate walks over
 every k-th timestep (``--timesteps strided``, each loss weighted by k). Reported: calibration seconds, timesteps
 walked, and against the reference: Spearman rank correlation of all channel scores and the share of kept channels
-in common after pruning to 0.5x MACs. Calibration data: 32 bundled MNIST digits (the CIFAR configuration gets them
-as 3-channel 32x32). Writes benchmarks/results/calibration_cost.json and .md.
+in common after pruning to 0.5x MACs. Calibration data: 32 bundled MNIST digits. Writes benchmarks/results/calibration_cost.json and .md.
 """
 import argparse
 import copy
@@ -18,7 +17,6 @@ from pathlib import Path
 import torch
 
 from diffprune.io import load_model
-from diffprune.presets import PRESETS, build_model
 from diffprune.prune import PruneConfig, prune_
 from diffprune.sampling import default_scheduler
 
@@ -52,18 +50,14 @@ def kept(report) -> dict[str, set[int]]:
 
 rows = []
 for name in args.models:
-    if name in PRESETS:
-        torch.manual_seed(0)
-        base, scheduler = build_model(name), default_scheduler()
-    else:
-        loaded = load_model(name)
-        base, scheduler = loaded.denoiser, loaded.scheduler
+    loaded = load_model(name)
+    base, scheduler = loaded.denoiser, loaded.scheduler or default_scheduler()
     ref = None
     for label, extra in VARIANTS.items():
         model = copy.deepcopy(base)
         cfg = PruneConfig(method="diff-pruning", target_macs=0.5, calib_batch=32, **extra)
         t0 = time.time()
-        report = prune_(model, cfg, "mnist", scheduler=scheduler, progress=False)
+        report = prune_(model, cfg, "mnist", scheduler=scheduler, codec=loaded.codec, progress=False)
         total = time.time() - t0
         scores = torch.cat([report.scores[k].flatten() for k in sorted(report.scores)])
         row = {"model": name, "variant": label, "timesteps_walked": len(report.calibration["losses"]["t"]),
