@@ -216,3 +216,35 @@ def test_batched_timesteps_give_the_same_scores_and_channels():
         for name, score in ref.scores.items():
             torch.testing.assert_close(got.scores[name], score, rtol=1e-4, atol=1e-6)
         assert got.structure["history"] == ref.structure["history"]
+
+
+def test_latency_target_search_with_a_fake_timer(tmp_path, capsys):
+    """--target-latency: the ratio search aims at a measured time, here a deterministic stand-in (a fixed overhead
+    plus a time per MAC), so the search logic is tested apart from the noise of real timings."""
+    from diffprune.macs import count_macs
+
+    calls = []
+
+    def timer(model):
+        calls.append(1)
+        return 2e-3 + 1e-9 * count_macs(model).macs  # 2 ms of overhead that pruning cannot remove
+
+    torch.manual_seed(0)
+    unet = build_model("mnist-16")
+    base = timer(unet)
+    cfg = PruneConfig(method="magnitude", target_latency=0.7, latency_tolerance=0.05)
+    assert cfg.global_ranking and cfg.ratio_mode == "uniform"
+    report = prune_(unet, cfg, timer=timer, progress=False)
+    assert abs(report.latency["fraction"] / 0.7 - 1) <= 0.05
+    assert report.latency["s"] == pytest.approx(timer(unet)) and report.latency["base_s"] == pytest.approx(base)
+    assert all("latency_fraction" in t and "macs_fraction" in t for t in report.search)
+    assert report.macs / report.base_macs < 0.7  # the overhead does not shrink, so MACs fall further than latency
+    assert len(calls) == len(report.search) + 4  # every probe; in prune_ the teacher and the result; here base, result
+    with pytest.raises(DiffPruneError, match=r"target_latency=0.05 is out of reach: pruning 90% of the channels "
+                                             r"still keeps 0\.\d+ of the latency"):
+        prune_(build_model("mnist-16"), PruneConfig(method="magnitude", target_latency=0.05), timer=timer,
+               progress=False)
+    with pytest.raises(DiffPruneError, match="give exactly one of ratio .* target_latency"):
+        PruneConfig(method="magnitude", target_macs=0.5, target_latency=0.5)
+    with pytest.raises(DiffPruneError, match="latency_repeats=3 must be an integer >= 10"):
+        PruneConfig(method="magnitude", target_latency=0.5, latency_repeats=3)

@@ -57,6 +57,7 @@ from .seed import seed_everything
 from .timesteps import STRATEGY_FIELDS, TimestepStrategy, make_strategy
 
 RATIO_MODES = ("paper", "uniform")
+LATENCY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DATA_FREE = "data-free"
 STRUCTURE_FORMAT = "diffprune-structure/1"
 _MAX_SEARCH_RATIO = 0.9
@@ -87,10 +88,15 @@ class PruneConfig:
     ratio: float | None = None
     ratio_mode: str | None = None
     target_macs: float | None = None
+    target_latency: float | None = None
     global_ranking: bool | None = None
     prune_heads: bool = False
     seed: int = 0
     macs_tolerance: float = 0.02
+    latency_batch: int = 16
+    latency_dtype: str = "float32"
+    latency_tolerance: float = 0.05
+    latency_repeats: int = 10
     # owned by the method (None: its default)
     calib_batch: int | None = None
     data_free_steps: int | None = None
@@ -104,8 +110,19 @@ class PruneConfig:
 
     def __post_init__(self):
         method = get_method(self.method)  # unknown name -> error listing the choices
-        require((self.ratio is None) != (self.target_macs is None),
-                "give exactly one of ratio (e.g. --ratio 0.3) and target_macs (e.g. --target-macs 0.5)")
+        require(sum(v is not None for v in (self.ratio, self.target_macs, self.target_latency)) == 1,
+                "give exactly one of ratio (e.g. --ratio 0.3), target_macs (e.g. --target-macs 0.5) and "
+                "target_latency (e.g. --target-latency 0.6)")
+        if self.target_latency is not None:
+            require(isinstance(self.target_latency, (int, float)) and 0.0 < self.target_latency < 1.0,
+                    f"target_latency={self.target_latency!r} must be in (0, 1), the fraction of the measured latency "
+                    "to keep; e.g. 0.6")
+            require(self.latency_dtype in LATENCY_DTYPES,
+                    f"latency_dtype={self.latency_dtype!r} is unknown; choose from {list(LATENCY_DTYPES)}")
+        require_int("latency_batch", self.latency_batch, 1)
+        require_int("latency_repeats", self.latency_repeats, 10)
+        require(0.0 < self.latency_tolerance < 1.0,
+                f"latency_tolerance={self.latency_tolerance!r} must be in (0, 1), e.g. 0.05")
         if self.ratio is not None:
             require(isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0,
                     f"ratio={self.ratio!r} must be in (0, 1); pass e.g. --ratio 0.3")
@@ -118,8 +135,8 @@ class PruneConfig:
             object.__setattr__(self, "ratio_mode", mode)
         require(mode in RATIO_MODES, f"unknown ratio_mode {mode!r}; choose from {list(RATIO_MODES)}")
         if self.global_ranking is None:
-            # target MACs: cross-layer ranking gives the fine steps needed to land within the tolerance
-            object.__setattr__(self, "global_ranking", self.target_macs is not None and mode == "uniform")
+            # a target (MACs, latency): cross-layer ranking gives the fine steps needed to land within the tolerance
+            object.__setattr__(self, "global_ranking", self.ratio is None and mode == "uniform")
         require(not (self.global_ranking and mode == "paper"),
                 "global ranking uses Torch-Pruning's semantics; pass ratio_mode='uniform' (--ratio-mode uniform)")
         require(not (self.prune_heads and mode == "paper"),
@@ -207,6 +224,7 @@ class PruneReport:
     base_macs_per_layer: dict[str, int] = field(default_factory=dict)
     macs_per_layer: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    latency: dict | None = None
     scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -566,13 +584,49 @@ def _copy_with_grads(unet: nn.Module) -> nn.Module:
     return twin
 
 
-def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int, progress: bool):
-    """Bisection on the ratio so that MACs land within ``macs_tolerance`` of ``target_macs * macs_before``.
+@dataclass(frozen=True)
+class _Target:
+    """What the ratio search aims at: ``measure(pruned copy)`` -> fraction of the original, within ``tolerance``."""
+
+    name: str  # "macs" | "latency"
+    value: float
+    tolerance: float
+    measure: Any
+    flag: str
+
+
+def _macs_target(config: PruneConfig, macs_before: int) -> _Target:
+    return _Target("macs", float(config.target_macs), float(config.macs_tolerance),
+                   lambda m: count_macs(m).macs / macs_before, "--macs-tolerance")
+
+
+def latency_timer(config: PruneConfig, device):
+    """``timer(model) -> seconds``: the median of ``latency_repeats`` denoiser calls at ``latency_batch``, in
+    ``latency_dtype``, on ``device``, after warm-up (as :mod:`diffprune.latency` measures)."""
+    from .latency import denoiser_latency
+
+    dtype = LATENCY_DTYPES[config.latency_dtype]
+
+    def timer(model) -> float:
+        timed = copy.deepcopy(model).to(device=device, dtype=dtype)
+        rec = denoiser_latency(timed, device=device, batch_sizes=(config.latency_batch,),
+                               repeats=config.latency_repeats)
+        return rec[str(config.latency_batch)]["median_s"]
+
+    return timer
+
+
+def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int, progress: bool,
+                  target: _Target | None = None):
+    """Bisection on the ratio so that ``target.measure`` (default: the MAC fraction) lands within the tolerance.
 
     The channel scores are computed once (on a copy holding the calibration gradients) and replayed by every probe,
-    so a probe is a copy, a prune and a MAC count. The deepest ratio is probed first: a target beyond it fails at once.
+    so a probe is a copy, a prune and a measurement. The deepest ratio is probed first: a target beyond it fails at
+    once. Every probe also records its MAC fraction.
     """
-    target, tol = float(config.target_macs), float(config.macs_tolerance)
+    target = target or _macs_target(config, macs_before)
+    key = f"{target.name}_fraction"
+    tol = target.tolerance
     trials: list[dict] = []
     cache: dict[str, torch.Tensor] = {}
 
@@ -582,44 +636,45 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
             _, heads, scores = _prune_once(twin, adapter, config, ratio, importance, cached=cache or None)
             adapter.finalize_(twin, snapshot, heads)
         cache.update(scores)
-        rel = count_macs(twin).macs / macs_before
-        trials.append({"ratio": ratio, "macs_fraction": rel})
+        rel = target.measure(twin)
+        trials.append({"ratio": ratio, key: rel, "macs_fraction": count_macs(twin).macs / macs_before})
         return rel
 
-    bar = tqdm(range(16), desc="target-macs search", disable=not progress)
+    bar = tqdm(range(16), desc=f"target-{target.name} search", disable=not progress)
     deepest = probe(_MAX_SEARCH_RATIO)
-    if deepest > target * (1 + tol):
+    if deepest > target.value * (1 + tol):
         ignored = sum(count_macs(unet).per_layer.get(n, 0) for n, m in unet.named_modules()
                       if m in adapter.ignored_layers(unet))
         raise DiffPruneError(
-            f"target_macs={target} is out of reach: pruning {_MAX_SEARCH_RATIO:.0%} of the channels still keeps "
-            f"{deepest:.4f} of the MACs (the layers that are never pruned do {ignored / macs_before:.1%} of them, and "
-            f"every group keeps at least one channel); ask for {deepest:.2f} or more")
+            f"target_{target.name}={target.value} is out of reach: pruning {_MAX_SEARCH_RATIO:.0%} of the channels "
+            f"still keeps {deepest:.4f} of the {'MACs' if target.name == 'macs' else target.name} (the "
+            f"layers that are never pruned do {ignored / macs_before:.1%} of the MACs, and every group keeps at least "
+            f"one channel); ask for {deepest:.2f} or more")
     lo, hi = 0.0, _MAX_SEARCH_RATIO
     for _ in bar:
         mid = (lo + hi) / 2
         rel = probe(mid)
-        bar.set_postfix(ratio=f"{mid:.4f}", macs=f"{rel:.4f}")
-        if abs(rel / target - 1) <= tol / 4:
+        bar.set_postfix(ratio=f"{mid:.4f}", **{target.name: f"{rel:.4f}"})
+        if abs(rel / target.value - 1) <= tol / 4:
             break
-        if rel > target:
+        if rel > target.value:
             lo = mid
         else:
             hi = mid
     bar.close()
-    best = min(trials, key=lambda r: abs(r["macs_fraction"] / target - 1))
-    if abs(best["macs_fraction"] / target - 1) > tol:
-        above = min((r["macs_fraction"] for r in trials if r["macs_fraction"] > target), default=None)
-        below = max((r["macs_fraction"] for r in trials if r["macs_fraction"] < target), default=None)
+    best = min(trials, key=lambda r: abs(r[key] / target.value - 1))
+    if abs(best[key] / target.value - 1) > tol:
+        above = min((r[key] for r in trials if r[key] > target.value), default=None)
+        below = max((r[key] for r in trials if r[key] < target.value), default=None)
         steps = " and ".join(f"{v:.4f}" for v in (above, below) if v is not None)
         hint = ("; per-layer steps are coarse: try global ranking (--ranking global --ratio-mode uniform)"
                 if not config.global_ranking else
-                "; channels coupled through GroupNorm groups and shared layers go together, so the MACs move in "
-                f"steps here: ask for one of {steps}, or widen --macs-tolerance (now {tol:.0%})")
+                "; channels coupled through GroupNorm groups and shared layers go together, so the cost moves in "
+                f"steps here: ask for one of {steps}, or widen {target.flag} (now {tol:.0%})")
         raise DiffPruneError(
-            f"target_macs={target} cannot be reached within +-{tol:.0%}: the nearest pruning keeps "
-            f"{best['macs_fraction']:.4f} of the MACs (ratio {best['ratio']:.4f}){hint}"
-        )
+            f"target_{target.name}={target.value} cannot be reached within +-{tol:.0%}: the nearest pruning keeps "
+            f"{best[key]:.4f} of the {'MACs' if target.name == 'macs' else target.name} (ratio {best['ratio']:.4f})"
+            f"{hint}")
     return best["ratio"], trials
 
 
@@ -652,7 +707,8 @@ def _prune_blocks(model, adapter, config: PruneConfig, score, macs_before: int):
 
 
 def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
-           split: str = "train", cache_dir=None, num_classes: int | None = None, progress: bool = True) -> PruneReport:
+           split: str = "train", cache_dir=None, num_classes: int | None = None, timer=None,
+           progress: bool = True) -> PruneReport:
     """Prune the denoiser ``unet`` (any supported family) in place according to ``config``; returns a
     :class:`PruneReport`.
 
@@ -662,7 +718,9 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     ``prediction_type`` the loss targets), required by gradient methods. ``codec``: a latent pipeline's
     autoencoder (:class:`~diffprune.adapters.pipelines.LatentCodec`): calibration images are encoded with it
     (cached under ``cache_dir``). ``num_classes``: the classes a conditional model was trained on, for data-free
-    calibration. ``device``: where to run (default: where the model is; the model is moved there).
+    calibration. ``device``: where to run (default: where the model is; the model is moved there); a
+    ``target_latency`` is timed there. ``timer(model) -> seconds``: replaces the latency measurement (tests, or a
+    timer of your own, e.g. of a whole pipeline call).
     """
     require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}")
     from .io import require_finite_weights
@@ -674,7 +732,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     if device is not None:
         unet.to(device)
     device = next(unet.parameters()).device
-    calibration_record = None
+    calibration_record = latency = None
     with adapter.tracing(unet):
         before = count_macs(unet)
         widths_before = layer_widths(unet)
@@ -701,6 +759,13 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         else:
             if config.target_macs is not None:
                 ratio, search = _search_ratio(unet, adapter, config, importance, snapshot, before.macs, progress)
+            elif config.target_latency is not None:
+                timer = timer or latency_timer(config, device)
+                base_s = timer(unet)
+                target = _Target("latency", float(config.target_latency), float(config.latency_tolerance),
+                                 lambda m: timer(m) / base_s, "--latency-tolerance")
+                ratio, search = _search_ratio(unet, adapter, config, importance, snapshot, before.macs, progress,
+                                              target)
             else:
                 ratio = float(config.ratio)
             history, heads, scores = _prune_once(unet, adapter, config, ratio, importance)
@@ -710,6 +775,11 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
             method.after_pruning(unet, config.seed)
             adapter.check(unet)
         after = count_macs(unet)
+        if config.target_latency is not None:  # the pruned model itself, timed as the probes were
+            achieved = timer(unet)
+            latency = {"base_s": base_s, "s": achieved, "fraction": achieved / base_s, "batch": config.latency_batch,
+                       "dtype": config.latency_dtype, "device": str(device), "threads": torch.get_num_threads(),
+                       "repeats": config.latency_repeats}
     structure = {
         "format": STRUCTURE_FORMAT, "adapter": adapter.name, "torch_pruning": TORCH_PRUNING_VERSION,
         "history": history, "meta": meta,
@@ -721,7 +791,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         structure=structure, calibration=calibration_record, search=search,
         base_widths=widths_before, widths=layer_widths(unet),
         base_macs_per_layer=before.per_layer, macs_per_layer=after.per_layer,
-        seconds=round(time.time() - t0, 3), scores=scores,
+        seconds=round(time.time() - t0, 3), scores=scores, latency=latency,
     )
 
 

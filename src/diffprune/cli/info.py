@@ -41,6 +41,8 @@ def summarize(name_or_path: str) -> dict:
         "ratio": rec.get("ratio"),
         "ratio_mode": cfg.get("ratio_mode"),
         "target_macs": cfg.get("target_macs"),
+        "target_latency": cfg.get("target_latency"),
+        "latency": rec.get("latency"),
         "seed": cfg.get("seed"),
         "thr": cfg.get("thr") if rec.get("method") == "diff-pruning" else None,
         "cutoff_t": calibration.get("cutoff_t"),
@@ -76,6 +78,10 @@ def run(args) -> int:
         print("not pruned")
     for line in summary_lines(info):
         print(line)
+    if info["latency"]:
+        lat = info["latency"]
+        print(f"latency: {lat['base_s'] * 1e3:.2f} -> {lat['s'] * 1e3:.2f} ms per call ({lat['fraction']:.1%}; batch "
+              f"{lat['batch']}, {lat['dtype']}, {lat['device']}, {lat['threads']} threads, when pruned)")
     if info["scheduler"]:
         print(f"scheduler: {info['scheduler']}")
     return 0

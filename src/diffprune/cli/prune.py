@@ -29,6 +29,17 @@ def add_parser(sub) -> None:
                         "--macs-tolerance (instead of --ratio)")
     p.add_argument("--macs-tolerance", type=float, default=0.02,
                    help="relative tolerance for --target-macs (default 0.02 = +-2%%)")
+    p.add_argument("--target-latency", type=float, default=None,
+                   help="keep this fraction of the measured latency of one denoiser call, in (0, 1), timed on --device "
+                        "at --latency-batch in --latency-dtype (instead of --ratio / --target-macs)")
+    p.add_argument("--latency-batch", type=int, default=16, help="batch size of the latency target (default 16)")
+    p.add_argument("--latency-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype the latency target is timed in (default float32)")
+    p.add_argument("--latency-tolerance", type=float, default=0.05,
+                   help="relative tolerance for --target-latency (default 0.05 = +-5%%: timings on a shared "
+                        "machine vary by a few percent)")
+    p.add_argument("--latency-repeats", type=int, default=10,
+                   help="timed runs per probe, after warm-up; the median counts (>= 10)")
     p.add_argument("--ranking", default=None,
                    help="local (per layer) or global (across layers, Torch-Pruning's global pruning; needs "
                         "--ratio-mode uniform); default: global with --target-macs, local with --ratio")
@@ -110,7 +121,9 @@ def run(args) -> int:
         threshold_semantics=args.threshold_semantics, timesteps=args.timesteps, stride=args.stride,
         max_timesteps=args.max_timesteps, taylor_form=args.taylor_form, calib_batch=args.calib_batch,
         seed=args.seed, data_free_steps=args.data_free_steps, macs_tolerance=args.macs_tolerance,
-        timestep_batch=args.timestep_batch,
+        timestep_batch=args.timestep_batch, target_latency=args.target_latency, latency_batch=args.latency_batch,
+        latency_dtype=args.latency_dtype, latency_tolerance=args.latency_tolerance,
+        latency_repeats=args.latency_repeats,
     )
     inputs = (args.model, args.data)
     if not args.dry_run:
@@ -138,6 +151,11 @@ def _prune(args, config, inputs) -> int:
     if config.target_macs is not None:
         print(f"target MACs {config.target_macs:.3f}: ratio {report.ratio:.4f} ({config.ratio_mode} mode) keeps "
               f"{report.macs / report.base_macs:.4f}")
+    if report.latency is not None:
+        lat = report.latency
+        print(f"target latency {config.target_latency:.3f}: ratio {report.ratio:.4f} keeps {lat['fraction']:.4f} "
+              f"({lat['base_s'] * 1e3:.2f} -> {lat['s'] * 1e3:.2f} ms per call at batch {lat['batch']}, "
+              f"{lat['dtype']}, {lat['device']}, {lat['threads']} threads)")
     for line in summary_lines(record):
         print(line)
     if args.json:
