@@ -410,23 +410,20 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
 
 # ---- pruning ----------------------------------------------------------------------------------------------------
 
-class PaperPruner(tp.pruner.BasePruner):
-    """Torch-Pruning 1.6.1 pruner with the Diff-Pruning repository's local selection rule ("paper" mode).
+class _SelectingPruner(tp.pruner.BasePruner):
+    """Torch-Pruning 1.6.1's pruner with diffprune's own channel selection (subclasses: :meth:`_select`).
 
-    For each group: ``n_pruned = current - int(initial * (1 - ratio))``; with ``k`` channel groups (GroupNorm
-    groups or attention heads) the channels form ``k`` contiguous chunks and each chunk drops its own
-    ``n_pruned // k`` lowest-scoring channels; otherwise the ``n_pruned`` lowest-scoring channels go.
-    All groups are scored on the unpruned model before any is pruned (the repository's old Torch-Pruning scored
-    each group after pruning the previous ones, an ordering artefact that does not change the architecture).
-    Everything else (dependency graph, importance, pruning functions, history) is Torch-Pruning's.
+    All groups are scored on the unpruned model first (as Torch-Pruning 1.6.1 does), then the selection picks the
+    channels of every group, then the groups are pruned. Everything else (dependency graph, importance, pruning
+    functions, history) is Torch-Pruning's. Groups are disjoint channel sets, so earlier prunes do not shift later
+    groups' indices.
     """
 
     @torch.no_grad()
     def _prune(self):
         if self.current_step > self.iterative_steps:
             return
-        # 1. Score every group on the unpruned model (as Torch-Pruning 1.6.1 does) and choose its channels.
-        selections = []
+        records = []  # (module, pruning fn, scores, channel groups, current channels, initial channels)
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types):
             if not self._check_pruning_ratio(group):
@@ -436,34 +433,52 @@ class PaperPruner(tp.pruner.BasePruner):
                 group = self._downstream_node_as_root_if_attention(group)
                 if group is None:
                     continue
-            module, pruning_fn = group[0].dep.target.module, group[0].dep.handler
-            ch_groups = self._get_channel_groups(group)
             imp = self.estimate_importance(group)
             if imp is None:
                 continue
-            imp = imp.detach().cpu()
+            module, pruning_fn = group[0].dep.target.module, group[0].dep.handler
             is_out = self.DG.is_out_channel_pruning_fn(pruning_fn)
             current = (self.DG.get_out_channels if is_out else self.DG.get_in_channels)(module)
             initial = (self.layer_init_out_ch if is_out else self.layer_init_in_ch)[module]
+            records.append((module, pruning_fn, imp.detach().cpu(), self._get_channel_groups(group), current,
+                            initial))
+        for (module, pruning_fn, *_), idxs in zip(records, self._select(records)):
+            if len(idxs) > 0:
+                group = self.DG.get_pruning_group(module, pruning_fn, sorted(int(i) for i in idxs))
+                if self.DG.check_pruning_group(group):
+                    yield group
+
+    def _select(self, records) -> list:
+        """The channel indices to prune in each record's group."""
+        raise NotImplementedError
+
+
+class PaperPruner(_SelectingPruner):
+    """The Diff-Pruning repository's local selection rule ("paper" mode).
+
+    For each group: ``n_pruned = current - int(initial * (1 - ratio))``; with ``k`` channel groups (GroupNorm
+    groups or attention heads) the channels form ``k`` contiguous chunks and each chunk drops its own
+    ``n_pruned // k`` lowest-scoring channels; otherwise the ``n_pruned`` lowest-scoring channels go.
+    All groups are scored on the unpruned model before any is pruned (the repository's old Torch-Pruning scored
+    each group after pruning the previous ones, an ordering artefact that does not change the architecture).
+    """
+
+    def _select(self, records):
+        out = []
+        for module, _, imp, ch_groups, current, initial in records:
             n_pruned = current - int(initial * (1 - self.get_target_pruning_ratio(module)))
             if n_pruned <= 0:
-                continue
-            if ch_groups > 1:
+                out.append([])
+            elif ch_groups > 1:
                 size, per = current // ch_groups, n_pruned // ch_groups
-                idxs = torch.cat([torch.argsort(imp[g * size:(g + 1) * size])[:per] + g * size
-                                  for g in range(ch_groups)])
+                out.append(torch.cat([torch.argsort(imp[g * size:(g + 1) * size])[:per] + g * size
+                                      for g in range(ch_groups)]).tolist())
             else:
-                idxs = torch.argsort(imp)[:n_pruned]
-            if len(idxs) > 0:
-                selections.append((module, pruning_fn, idxs.tolist()))
-        # 2. Prune. Groups are disjoint channel sets, so earlier prunes do not shift later groups' indices.
-        for module, pruning_fn, idxs in selections:
-            group = self.DG.get_pruning_group(module, pruning_fn, idxs)
-            if self.DG.check_pruning_group(group):
-                yield group
+                out.append(torch.argsort(imp)[:n_pruned].tolist())
+        return out
 
 
-class GlobalPruner(tp.pruner.BasePruner):
+class GlobalPruner(_SelectingPruner):
     """Torch-Pruning 1.6.1's global ranking ("uniform" mode with ``global_ranking``), with every group keeping at least
     one position.
 
@@ -476,46 +491,22 @@ class GlobalPruner(tp.pruner.BasePruner):
     best position, the next-lowest positions elsewhere go instead, and the MACs fall monotonically with the ratio.
     """
 
-    @torch.no_grad()
-    def _prune(self):
-        if self.current_step > self.iterative_steps:
-            return
-        records = []  # (module, pruning fn, position scores, channel groups, chunk size)
-        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
-                                            root_module_types=self.root_module_types):
-            if not self._check_pruning_ratio(group):
-                continue
-            is_attn, _ = self._is_atten_group(group)
-            if is_attn:
-                group = self._downstream_node_as_root_if_attention(group)
-                if group is None:
-                    continue
-            imp = self.estimate_importance(group)
-            if imp is None:
-                continue
-            ch_groups = self._get_channel_groups(group)
-            imp = imp.detach().cpu()
-            size = len(imp) // ch_groups
-            position = imp.view(ch_groups, size).mean(dim=0) if ch_groups > 1 else imp
-            records.append((group[0].dep.target.module, group[0].dep.handler, position, ch_groups, size))
-        total = sum(len(r[2]) for r in records)
+    def _select(self, records):
+        positions = [imp.view(k, -1).mean(dim=0) if k > 1 else imp for _, _, imp, k, _, _ in records]
+        total = sum(len(p) for p in positions)
         n_pruned = total - int(total * (1 - self.pruning_ratio))
-        ranked = sorted((float(score), r, p) for r, rec in enumerate(records) for p, score in enumerate(rec[2]))
-        left = [len(rec[2]) for rec in records]
+        ranked = sorted((float(score), r, i) for r, pos in enumerate(positions) for i, score in enumerate(pos))
+        left = [len(p) for p in positions]
         chosen: list[list[int]] = [[] for _ in records]
-        for _, r, p in ranked:
+        for _, r, i in ranked:
             if n_pruned <= 0:
                 break
             if left[r] > 1:  # every group keeps at least one position
-                chosen[r].append(p)
+                chosen[r].append(i)
                 left[r] -= 1
                 n_pruned -= 1
-        for (module, pruning_fn, _, ch_groups, size), positions in zip(records, chosen):
-            if positions:
-                idxs = sorted(p + g * size for g in range(ch_groups) for p in positions)
-                group = self.DG.get_pruning_group(module, pruning_fn, idxs)
-                if self.DG.check_pruning_group(group):
-                    yield group
+        return [[i + g * len(pos) for g in range(rec[3]) for i in picked]
+                for rec, pos, picked in zip(records, positions, chosen)]
 
 
 class _RecordingImportance:

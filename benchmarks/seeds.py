@@ -1,0 +1,160 @@
+"""Compare pruning arms over several seeds: mean ± std, 95% intervals, and paired differences to a reference arm.
+
+    python benchmarks/seeds.py --config demo --arms diff-pruning taylor magnitude random reinit --seeds 0 1 2
+    python benchmarks/seeds.py --config demo --arms thr=0 thr=0.02 thr=0.05 thr=0.1 thr=0.2 --name thr-ablation
+    python benchmarks/seeds.py --config demo-dit --arms diff-pruning taylor magnitude random depth
+
+An arm is a method name (``magnitude``) or ``key=value`` overrides of the prune section (``thr=0.02``; several joined
+by ``,``). Every (arm, seed) runs the demo pipeline of ``--config`` (a shipped demo config: same MAC target,
+fine-tuning budget and evaluation for every arm; the seed sets the calibration subset and noise, the data order and
+the evaluation seeds) in its own run folder under ``--work``: a killed benchmark resumes, and finished stages are
+skipped by their hashes. With ``--pruned-ssim`` each pruned model is also compared with the teacher before any
+fine-tuning. Per metric: mean ± std over seeds, a 95% t-interval, and for each arm the per-seed paired difference
+to the first arm with its 95% interval and a paired t-test (with 3 seeds only large effects can show). Writes
+benchmarks/results/<name>.json and .md.
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy import stats
+
+from diffprune.cli.demo import DEMOS, config_path
+from diffprune.importance import METHODS, setting_owners
+from diffprune.pipeline import load_run_config, run_pipeline
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--config", default="demo", choices=sorted(DEMOS.values()))
+p.add_argument("--arms", nargs="+", required=True)
+p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
+p.add_argument("--n", type=int, default=None, help="evaluation samples (default: the config's)")
+p.add_argument("--pruned-ssim", action="store_true", help="also measure SSIM to the teacher right after pruning")
+p.add_argument("--name", default=None, help="results name (default: <config>-arms)")
+p.add_argument("--work", default="benchmarks/runs")
+args = p.parse_args()
+name = args.name or f"{args.config}-arms"
+base = yaml.safe_load(Path(config_path(False, next(k for k, v in DEMOS.items() if v == args.config))).read_text())
+
+
+def arm_config(arm: str, seed: int) -> dict:
+    raw = json.loads(json.dumps(base))
+    if "=" in arm:
+        for item in arm.split(","):
+            key, value = item.split("=", 1)
+            raw["prune"][key] = yaml.safe_load(value)
+    else:
+        raw["prune"]["method"] = arm
+    method = METHODS.get(raw["prune"]["method"])
+    for key in [k for k in raw["prune"] if k in setting_owners() and k not in method.settings]:
+        raw["prune"].pop(key)  # a setting this method does not take (thr, calib_batch, ...)
+    if args.steps is not None:
+        raw["finetune"]["steps"] = args.steps
+    if args.n is not None:
+        raw["eval"]["n"] = args.n
+    raw["seed"] = seed
+    return raw
+
+
+def pruned_ssim(run: Path, cfg) -> float:
+    """SSIM of the pruned (not fine-tuned) model to the teacher, same seeds and sampler as the evaluation."""
+    from diffprune.evaluate import EvalConfig, evaluate, load_for_eval
+
+    out = run / "pruned-ssim"
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())["ssim"]
+    student, _ = load_for_eval(run / "prune" / "model")
+    teacher, _ = load_for_eval(cfg.model)
+    ev = EvalConfig(n=cfg.eval.n, steps=cfg.eval.steps, seed=cfg.eval.seed, latency_batches=(),
+                    guidance_scale=cfg.eval.guidance_scale)
+    return evaluate(student.denoiser, teacher.denoiser, config=ev, out_dir=out, scheduler=student.scheduler,
+                    codec=student.codec, class_names=student.class_names)["ssim"]
+
+
+METRICS = {"fid": "FID (student)", "ssim": "SSIM to teacher", "class_accuracy": "class accuracy",
+           "speedup": "measured speedup", "calibration_timesteps": "calibration timesteps",
+           "prune_seconds": "prune stage (s)", "pruned_ssim": "SSIM before fine-tuning"}
+results = []
+for arm in args.arms:
+    for seed in args.seeds:
+        run = Path(args.work) / name / f"{arm.replace('=', '-').replace(',', '_')}" / f"seed-{seed}"
+        cfg = load_run_config(arm_config(arm, seed))
+        t0 = time.time()
+        m = run_pipeline(cfg, run, device="cpu", progress=False)
+        pruning = json.loads((run / "prune" / "model" / "pruning.json").read_text())
+        row = {"arm": arm, "seed": seed, "fid": m["fid"], "fid_teacher": m["fid_teacher"], "ssim": m["ssim"],
+               "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
+               "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"],
+               "calibration_timesteps": len((pruning.get("calibration") or {}).get("accumulated", [])) or None,
+               "prune_seconds": json.loads((run / "prune" / "stage.json").read_text())["seconds"],
+               "seconds": round(time.time() - t0, 1)}
+        if args.pruned_ssim:
+            row["pruned_ssim"] = pruned_ssim(run, cfg)
+        results.append(row)
+        print(row, flush=True)
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """mean, std, 95% t-interval half-width."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+summary = {}
+reference = args.arms[0]
+for arm in args.arms:
+    summary[arm] = {}
+    for key in METRICS:
+        vals = [r[key] for r in results if r["arm"] == arm and r.get(key) is not None]
+        if not vals:
+            continue
+        mean, std, half = interval(vals)
+        entry = {"mean": mean, "std": std, "ci95": half, "n": len(vals)}
+        if arm != reference:
+            pairs = [(r[key], q[key]) for r in results if r["arm"] == arm and r.get(key) is not None
+                     for q in results if q["arm"] == reference and q["seed"] == r["seed"] and q.get(key) is not None]
+            if len(pairs) >= 2:
+                diff = [a - b for a, b in pairs]
+                dm, _, dh = interval(diff)
+                test = stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs])
+                entry.update(diff_vs_reference=dm, diff_ci95=dh, p_paired=float(test.pvalue),
+                             significant=bool(test.pvalue < 0.05))
+        summary[arm][key] = entry
+
+command = (f"python benchmarks/seeds.py --config {args.config} --arms {' '.join(args.arms)} --seeds "
+           f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}" if args.steps else "")
+           + (f" --n {args.n}" if args.n else "") + (" --pruned-ssim" if args.pruned_ssim else "")
+           + (f" --name {args.name}" if args.name else ""))
+out = Path("benchmarks/results") / name
+out.parent.mkdir(parents=True, exist_ok=True)
+out.with_suffix(".json").write_text(json.dumps({"command": command, "reference": reference, "rows": results,
+                                                "summary": summary}, indent=2) + "\n")
+keys = [k for k in METRICS if any(k in summary[a] for a in args.arms)]
+lines = [f"# {name}: {len(args.seeds)} seeds per arm\n", f"`{command}`\n",
+         "Mean ± std over seeds [95% t-interval]. Below: each arm minus the reference arm "
+         f"(`{reference}`), paired by seed, with its 95% interval and paired t-test p.\n",
+         "| arm | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
+for arm in args.arms:
+    cells = []
+    for k in keys:
+        e = summary[arm].get(k)
+        cells.append("—" if e is None else f"{e['mean']:.3f} ± {e['std']:.3f} [±{e['ci95']:.3f}]")
+    lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+lines += ["", f"| arm − {reference} | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
+for arm in args.arms[1:]:
+    cells = []
+    for k in keys:
+        e = summary[arm].get(k, {})
+        cells.append("—" if "diff_vs_reference" not in e else
+                     f"{e['diff_vs_reference']:+.3f} [±{e['diff_ci95']:.3f}] p={e['p_paired']:.2f}"
+                     + (" *" if e["significant"] else ""))
+    lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+lines += ["", "* p < 0.05 (paired t-test over seeds)."]
+out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
