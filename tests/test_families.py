@@ -312,6 +312,11 @@ def test_train_a_latent_dit_from_scratch_writes_a_dit_pipeline(tmp_path, capsys)
     assert (tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         tmp_path / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert json.loads((tmp_path / "out" / "train_config.json").read_text())["train"]["label_dropout"] == 0.1
+    # latents are not clipped to [-1, 1] while sampling, by the pipeline's scheduler nor by diffprune's sampler
+    assert json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())["clip_sample"] is False
+    latents = sample(m.denoiser, m.scheduler, seeds=range(4), codec=m.codec, decode=False, num_inference_steps=3,
+                     progress=False)
+    assert latents.abs().max() > 1.5
     # balanced labels cover the 10 trained digits, not the 1,000-row label table
     assert labels_for(m.denoiser, range(20), num_classes=len(m.class_names)).max() == 9
     assert load_pipeline(tmp_path / "out").get_label_ids(["3"]) == [3]

@@ -310,7 +310,7 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
         seeds = list(range(seed, seed + batch_size))
         labels = labels_for(model, seeds, num_classes=num_classes)
         x0 = sample(model, scheduler, seeds=seeds, class_labels=labels, num_inference_steps=data_free_steps,
-                    device=device, progress=progress, decode=False)
+                    device=device, progress=progress, codec=codec, decode=False)
         desc = {"source": DATA_FREE, "ddim_steps": data_free_steps, "sample_seeds": [seeds[0], seeds[-1]]}
         return x0.to(device), None if labels is None else labels.to(device), {**desc, "batch": len(seeds)}
     shape = pixel_shape(model, codec)

@@ -19,10 +19,12 @@ SAMPLERS = ("ddim", "ddpm")
 SKIPS = ("uniform", "quad")
 
 
-def default_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
-    """The DDPM training schedule diffprune uses when a model ships none: 1000 steps, linear betas."""
+def default_scheduler(prediction_type: str = "epsilon", clip_sample: bool = True) -> DDPMScheduler:
+    """The DDPM training schedule diffprune uses when a model ships none: 1000 steps, linear betas. ``clip_sample``
+    clips predicted images to [-1, 1] while sampling: right for pixels, wrong for latents (a latent pipeline gets
+    ``clip_sample=False``)."""
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                         prediction_type=prediction_type)
+                         prediction_type=prediction_type, clip_sample=clip_sample)
 
 
 def skip_timesteps(num_train_timesteps: int, num_inference_steps: int, skip: str) -> np.ndarray:
@@ -138,8 +140,10 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidanc
     ``sampler="ddim"`` is deterministic (eta 0 unless given). ``sampler="ddpm"`` is DDIM with eta 1, which over all
     T steps is exactly ancestral DDPM with the posterior variance (and its strided generalisation for fewer steps).
     A class-conditional model takes ``class_labels`` (see :func:`labels_for`, with ``num_classes``) and
-    ``guidance_scale`` (classifier-free guidance through the model's null label; 1 = none). ``codec``: a latent pipeline's autoencoder; the latents are
-    decoded into images unless ``decode=False``. ``device`` defaults to the model's device.
+    ``guidance_scale`` (classifier-free guidance through the model's null label; 1 = none). ``codec``: a latent
+    pipeline's autoencoder; the latents are decoded into images unless ``decode=False``, and predicted latents are
+    never clipped to [-1, 1] (a scheduler's ``clip_sample`` is meant for pixels; latents range wider). ``device``
+    defaults to the model's device.
     """
     from .adapters import adapter_for
 
@@ -157,7 +161,7 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidanc
                 "this model has none: use --guidance-scale 1")
     eta = (0.0 if sampler == "ddim" else 1.0) if eta is None else float(eta)
     device = device if device is not None else next(model.parameters()).device
-    sched = QuadDDIMScheduler.from_config(scheduler.config)
+    sched = QuadDDIMScheduler.from_config(scheduler.config, **({"clip_sample": False} if codec is not None else {}))
     sched.set_timesteps(num_inference_steps, skip=skip)
     shape = adapter.input_shape(model)
     dtype = next(model.parameters()).dtype

@@ -97,7 +97,7 @@ def run(args) -> int:
         arch = PRESETS.get(args.preset)
     seed_everything(config.seed)
     model = build_model(dict(arch))
-    scheduler = default_scheduler()
+    scheduler = default_scheduler(clip_sample=args.autoencoder is None)  # latents are not clipped to [-1, 1]
     with tempfile.TemporaryDirectory(prefix="diffprune-pipeline-") as staging:
         from ..adapters.pipelines import assemble_pipeline, load_codec
 
