@@ -1,11 +1,14 @@
-"""Copy a finished `diffprune train` run into the shipped teacher folder, then refresh the manifest.
+"""Copy a finished `diffprune train` run into a shipped model folder, then refresh the manifest.
 
     python tools/export_teacher.py runs/teacher [--out src/diffprune/assets/mnist-teacher]
+    python tools/export_teacher.py runs/mnist-dit --out src/diffprune/assets/mnist-dit
 
-Copies the final (EMA) model, its scheduler, and the run's record (train_config.json with the exact command,
-train_log.csv, train_summary.json, the last sample grid). Checkpoints and raw weights stay behind.
+Copies the final (EMA) model — a model folder with its scheduler, or a pipeline folder (model_index.json and every
+component it names) — and the run's record (train_config.json with the exact command, train_log.csv,
+train_summary.json, the last sample grid). Checkpoints and raw weights stay behind.
 """
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -22,10 +25,18 @@ if not (run / "train_summary.json").is_file():
 if out.exists():
     shutil.rmtree(out)
 out.mkdir(parents=True)
-for name in ("config.json", "diffusion_pytorch_model.safetensors", "train_config.json", "train_log.csv",
-             "train_summary.json"):
+if (run / "model_index.json").is_file():  # a pipeline: the index and its components
+    index = json.loads((run / "model_index.json").read_text())
+    shutil.copy2(run / "model_index.json", out / "model_index.json")
+    for name, value in index.items():
+        if isinstance(value, list) and (run / name).is_dir():
+            shutil.copytree(run / name, out / name)
+else:
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy2(run / name, out / name)
+    shutil.copytree(run / "scheduler", out / "scheduler")
+for name in ("train_config.json", "train_log.csv", "train_summary.json"):
     shutil.copy2(run / name, out / name)
-shutil.copytree(run / "scheduler", out / "scheduler")
 grids = sorted((run / "samples").glob("*.png"))
 if grids:
     shutil.copy2(grids[-1], out / "samples.png")

@@ -12,7 +12,7 @@ from ._fs import read_json
 from .data import bundled_path
 from .errors import DiffPruneError
 
-SHIPPED_MODELS = {"mnist-teacher": "mnist-teacher", "mnist-classifier": "mnist-classifier"}
+SHIPPED_MODELS = {"mnist-teacher": "mnist-teacher", "mnist-dit": "mnist-dit", "mnist-classifier": "mnist-classifier"}
 
 
 def sha256_file(path: str | Path) -> str:

@@ -31,7 +31,7 @@ def summarize(name_or_path: str) -> dict:
         "pipeline": loaded.pipeline.family.pipeline_class if loaded.pipeline is not None else None,
         "latent": loaded.codec is not None,
         "conditioning": None if spec is None else {"kind": spec.kind, "num_classes": spec.num_classes,
-                                                   "null_label": spec.null_label},
+                                                   "null_label": spec.null_label, "class_names": loaded.class_names},
         "pruned": loaded.pruning is not None,
         "method": rec.get("method"),
         "params": macs.params,
@@ -69,7 +69,10 @@ def run(args) -> int:
     if info["conditioning"]:
         cond = info["conditioning"]
         null = f", null class {cond['null_label']} (guidance)" if cond["null_label"] is not None else ""
-        print(f"conditioning: {cond['num_classes']} classes{null}")
+        names = cond["class_names"]
+        trained = f"{len(names)} trained classes ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}) in " \
+            if names else ""
+        print(f"conditioning: {trained}{cond['num_classes']} class labels{null}")
     if info["pruned"]:
         extra = f", thr {info['thr']}, cutoff t={info['cutoff_t']}" if info["thr"] is not None else ""
         how = f"ratio {info['ratio']:.4f} ({info['ratio_mode']})" if info["ratio"] is not None else ""
