@@ -35,6 +35,8 @@ p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (defau
 p.add_argument("--n", type=int, default=None, help="evaluation samples (default: the config's)")
 p.add_argument("--pruned-ssim", action="store_true", help="also measure SSIM to the teacher right after pruning")
 p.add_argument("--name", default=None, help="results name (default: <config>-arms)")
+p.add_argument("--runs", default=None, help="run folders under --work (default: the results name); two benchmarks "
+                                            "that share an arm share its finished runs")
 p.add_argument("--work", default="benchmarks/runs")
 args = p.parse_args()
 name = args.name or f"{args.config}-arms"
@@ -81,7 +83,7 @@ METRICS = {"fid": "FID (student)", "ssim": "SSIM to teacher", "class_accuracy": 
 results = []
 for arm in args.arms:
     for seed in args.seeds:
-        run = Path(args.work) / name / f"{arm.replace('=', '-').replace(',', '_')}" / f"seed-{seed}"
+        run = Path(args.work) / (args.runs or name) / f"{arm.replace('=', '-').replace(',', '_')}" / f"seed-{seed}"
         cfg = load_run_config(arm_config(arm, seed))
         t0 = time.time()
         m = run_pipeline(cfg, run, device="cpu", progress=False)
@@ -130,7 +132,7 @@ for arm in args.arms:
 command = (f"python benchmarks/seeds.py --config {args.config} --arms {' '.join(args.arms)} --seeds "
            f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}" if args.steps else "")
            + (f" --n {args.n}" if args.n else "") + (" --pruned-ssim" if args.pruned_ssim else "")
-           + (f" --name {args.name}" if args.name else ""))
+           + (f" --name {args.name}" if args.name else "") + (f" --runs {args.runs}" if args.runs else ""))
 out = Path("benchmarks/results") / name
 out.parent.mkdir(parents=True, exist_ok=True)
 out.with_suffix(".json").write_text(json.dumps({"command": command, "reference": reference, "rows": results,
