@@ -25,6 +25,7 @@ from scipy import stats
 
 from diffprune.cli.demo import DEMOS, config_path
 from diffprune.importance import METHODS, setting_owners
+from diffprune.timesteps import STRATEGY_FIELDS, TIMESTEP_STRATEGIES
 from diffprune.pipeline import load_run_config, run_pipeline
 
 p = argparse.ArgumentParser(description=__doc__)
@@ -54,6 +55,11 @@ def arm_config(arm: str, seed: int) -> dict:
     method = METHODS.get(raw["prune"]["method"])
     for key in [k for k in raw["prune"] if k in setting_owners() and k not in method.settings]:
         raw["prune"].pop(key)  # a setting this method does not take (thr, calib_batch, ...)
+    strategy = raw["prune"].get("timesteps") or method.default_timesteps
+    if strategy is not None:  # e.g. taylor walks all timesteps: the config's thr is not its setting
+        taken = set(TIMESTEP_STRATEGIES.get(strategy).__dataclass_fields__)
+        for key in [k for k in raw["prune"] if k in STRATEGY_FIELDS and k not in taken]:
+            raw["prune"].pop(key)
     if args.steps is not None:
         raw["finetune"]["steps"] = args.steps
     if args.n is not None:
@@ -87,7 +93,8 @@ for arm in args.arms:
         cfg = load_run_config(arm_config(arm, seed))
         t0 = time.time()
         m = run_pipeline(cfg, run, device="cpu", progress=False)
-        pruning = json.loads((run / "prune" / "model" / "pruning.json").read_text())
+        # a bare model keeps pruning.json beside its weights, a pipeline in its denoiser's folder
+        pruning = json.loads(next((run / "prune" / "model").glob("**/pruning.json")).read_text())
         row = {"arm": arm, "seed": seed, "fid": m["fid"], "fid_teacher": m["fid_teacher"], "ssim": m["ssim"],
                "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
                "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"],

@@ -2,7 +2,8 @@
 
 :func:`load_data` returns an :class:`ImageData`: ``uint8`` images ``[N, C, H, W]`` already fitted to the model's
 resolution and channel count (both come from the model config, never from a name), class labels when the source
-has them (MNIST and digits do; a folder of class sub-folders does; a hub dataset with a ``label`` column does), and a
+has them (MNIST and digits do; a folder of class sub-folders does; a hub dataset with a ``label`` column does),
+captions when it has them (a folder's ``metadata.jsonl``, a hub dataset's ``text``/``caption``/``prompt`` column), and a
 record of what was read (source, split, hub revision, content sha256). :func:`to_model_range` maps images to
 ``[-1, 1]``.
 Fitting rule: equal sizes pass; a square image a few pixels smaller is padded with background (MNIST 28 -> 32);
@@ -11,6 +12,7 @@ anything else is centre-cropped to a square and resized with antialiasing (MNIST
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,16 +33,18 @@ DATASETS: Registry[Callable[[str], tuple]] = Registry("dataset")
 
 @dataclass(frozen=True)
 class ImageData:
-    """Images (uint8 ``[N, C, H, W]``), their class labels (int64 ``[N]``, or None) and where they came from.
+    """Images (uint8 ``[N, C, H, W]``), their class labels (int64 ``[N]``, or None), their captions (one string per
+    image, or None) and where they came from.
 
     ``record``: JSON-able description (``source``, ``split``, ``count``, ``revision`` for hub ids, ``sha256`` of
-    the fitted images and labels) that outputs keep and resumed runs compare.
+    the fitted images, labels and captions) that outputs keep and resumed runs compare.
     """
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
     class_names: list[str] | None = None
     record: dict = field(default_factory=dict)
+    captions: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -50,10 +54,12 @@ class ImageData:
         return None if self.labels is None else len(self.class_names or []) or int(self.labels.max()) + 1
 
 
-def content_sha256(images: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+def content_sha256(images: torch.Tensor, labels: torch.Tensor | None = None, captions=None) -> str:
     h = hashlib.sha256(images.contiguous().numpy().tobytes())
     if labels is not None:
         h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
+    if captions is not None:
+        h.update(json.dumps(list(captions)).encode())
     return h.hexdigest()
 
 
@@ -144,9 +150,45 @@ def _digits(split: str) -> tuple:
     return x[part], y[part], [str(k) for k in range(10)]
 
 
+CAPTIONS_FILE = "metadata.jsonl"
+CAPTION_COLUMNS = ("text", "caption", "prompt")
+
+
+def read_captions(folder: Path, files: list[Path]) -> tuple[str, ...] | None:
+    """The caption of each file from ``folder/metadata.jsonl`` (one JSON object per line with ``file_name``, relative
+    to ``folder``, and ``text``: the Hugging Face ``imagefolder`` convention); None without that file. Every image
+    must have exactly one caption."""
+    path = folder / CAPTIONS_FILE
+    if not path.is_file():
+        return None
+    captions: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DiffPruneError(f"{str(path)!r} line {n} is not JSON ({e.msg}); write one object per line, e.g. "
+                                 '{"file_name": "0001.png", "text": "a photo of a cat"}') from None
+        column = next((k for k in CAPTION_COLUMNS if k in row), None) if isinstance(row, dict) else None
+        require(column is not None and "file_name" in row,
+                f"{str(path)!r} line {n} has no 'file_name' and 'text'; write one object per line, e.g. "
+                '{"file_name": "0001.png", "text": "a photo of a cat"}')
+        require(row["file_name"] not in captions, f"{str(path)!r} line {n}: {row['file_name']!r} is captioned twice")
+        captions[row["file_name"]] = str(row[column])
+    names = [p.relative_to(folder).as_posix() for p in files]
+    missing = [n for n in names if n not in captions]
+    if missing:
+        raise DiffPruneError(f"{len(missing)} of {len(names)} images in {str(folder)!r} have no caption in "
+                             f"{CAPTIONS_FILE} (e.g. {missing[0]!r}); caption every image or remove the uncaptioned "
+                             "ones")
+    return tuple(captions[n] for n in names)
+
+
 def load_folder(folder: Path) -> tuple:
     """Every image below ``folder``; labelled by class sub-folder when every image sits in one (``root/cat/x.png``),
-    as torchvision's ``ImageFolder`` (classes in sorted order)."""
+    as torchvision's ``ImageFolder`` (classes in sorted order); captioned by ``metadata.jsonl`` when the folder has
+    one (:func:`read_captions`). Returns ``(images, labels, classes, captions)``."""
     from PIL import UnidentifiedImageError
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -158,12 +200,13 @@ def load_folder(folder: Path) -> tuple:
         except (UnidentifiedImageError, OSError) as e:
             raise DiffPruneError(f"cannot read image {str(p)!r} ({e}); remove or replace the file") from None
     images = _stack_images(arrays, [repr(str(p)) for p in files])
+    captions = read_captions(folder, files)
     parts = [p.relative_to(folder).parts for p in files]
     if all(len(q) == 2 for q in parts) and len({q[0] for q in parts}) >= 2:
         classes = sorted({q[0] for q in parts})
         index = {c: i for i, c in enumerate(classes)}
-        return images, torch.tensor([index[q[0]] for q in parts], dtype=torch.long), classes
-    return images, None, None
+        return images, torch.tensor([index[q[0]] for q in parts], dtype=torch.long), classes, captions
+    return images, None, None, captions
 
 
 def _hf_dataset(name: str, split: str) -> tuple:
@@ -185,7 +228,9 @@ def _hf_dataset(name: str, split: str) -> tuple:
     if label_key is not None:
         labels = torch.tensor(ds[label_key], dtype=torch.long)
         classes = getattr(ds.features[label_key], "names", None)
-    return images, labels, classes, revision
+    text_key = next((k for k in CAPTION_COLUMNS if k in ds.column_names), None)
+    captions = None if text_key is None else tuple(str(t) for t in ds[text_key])
+    return images, labels, classes, captions, revision
 
 
 def hub_dataset_revision(name: str) -> str | None:
@@ -226,15 +271,15 @@ def load_data(source: str | os.PathLike, *, resolution: int, channels: int, spli
     require(name.strip() != "", f"data {name!r} is empty; pass an image folder, one of {DATASETS.names()} or a "
                                 "Hugging Face dataset id (owner/name)")
     path = Path(source)
-    revision = None
+    revision = captions = None
     if path.is_dir():
-        x, y, classes = load_folder(path)
+        x, y, classes, captions = load_folder(path)
     elif name in DATASETS:
         x, y, classes = DATASETS.get(name)(split)
     elif path.exists():
         raise DiffPruneError(f"data {name!r} is a file; pass a folder of images or one of {DATASETS.names()}")
     elif is_hub_id(name):
-        x, y, classes, revision = _hf_dataset(name, split)
+        x, y, classes, captions, revision = _hf_dataset(name, split)
     elif "/" in name or os.sep in name or name.startswith((".", "~")):  # a local path, never a hub id
         raise DiffPruneError(missing_path_message("data", name))
     else:
@@ -243,10 +288,12 @@ def load_data(source: str | os.PathLike, *, resolution: int, channels: int, spli
         )
     if limit is not None:
         x, y = x[:limit], (None if y is None else y[:limit])
+        captions = None if captions is None else captions[:limit]
     x = fit_images(x, resolution, channels)
     record = {"source": name, "split": split, "count": len(x), "resolution": resolution, "channels": channels,
-              "labelled": y is not None, "revision": revision, "sha256": content_sha256(x, y)}
-    return ImageData(x, y, classes, record)
+              "labelled": y is not None, "captioned": captions is not None, "revision": revision,
+              "sha256": content_sha256(x, y, captions)}
+    return ImageData(x, y, classes, record, captions)
 
 
 def load_images(source: str | os.PathLike, *, resolution: int, channels: int, split: str = "train",

@@ -66,6 +66,7 @@ class EvalConfig:
     grid_count: int = 32
     guidance_scale: float = 1.0
     classifier: str | None = None
+    prompts: tuple[str, ...] | None = None
 
     def __post_init__(self):
         require_int("n", self.n, 2)
@@ -84,6 +85,9 @@ class EvalConfig:
 
         require(self.skip in SKIPS, f"unknown skip {self.skip!r}; choose from {list(SKIPS)}")
         object.__setattr__(self, "latency_batches", tuple(self.latency_batches))
+        if self.prompts is not None:
+            object.__setattr__(self, "prompts", tuple(str(p) for p in self.prompts))
+            require(len(self.prompts) >= 1, "prompts=() is empty; give at least one prompt, or None")
         require(all(isinstance(b, int) and b >= 1 for b in self.latency_batches),
                 f"latency_batches={self.latency_batches!r} must be positive integers, e.g. (1, 16, 64)")
         if self.extractor is not None:
@@ -144,13 +148,16 @@ def _as_sample_set(x) -> SampleSet | None:
     return load_sample_folder(x)
 
 
-def _generate(model, scheduler, config: EvalConfig, device, progress: bool, codec=None, labels=None) -> SampleSet:
+def _generate(model, scheduler, config: EvalConfig, device, progress: bool, codec=None, labels=None,
+              context=None) -> SampleSet:
     from .data import to_uint8
     from .sampling import sample
 
+    prompt, negative = context if context is not None else (None, None)
     images = sample(model, scheduler, seeds=config.seeds, num_inference_steps=config.steps, sampler="ddim", eta=0.0,
                     skip=config.skip, batch_size=config.batch_size, device=device, progress=progress, codec=codec,
-                    guidance_scale=config.guidance_scale, class_labels=labels)
+                    guidance_scale=config.guidance_scale, class_labels=labels, prompt_embeds=prompt,
+                    negative_prompt_embeds=negative)
     return SampleSet(seeds=config.seeds, images=to_uint8(images))
 
 
@@ -248,7 +255,8 @@ def _ratio(a, b):
 def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.PathLike, scheduler=None,
              student_samples=None, teacher_samples=None, pruning: dict | None = None,
              train_log: dict | None = None, device=None, overwrite: bool = False, progress: bool = False,
-             names: dict | None = None, inputs=(), codec=None, class_names: list[str] | None = None) -> dict:
+             names: dict | None = None, inputs=(), codec=None, class_names: list[str] | None = None,
+             text_encoder=None) -> dict:
     """Evaluate ``student`` (a UNet2DModel, or ``None`` with ``student_samples``) against ``teacher``.
 
     ``student_samples``/``teacher_samples``: a :class:`~diffprune.metrics.SampleSet` or a folder written by
@@ -260,7 +268,8 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     ``codec``: a latent pipeline's autoencoder, shared by both models (samples are decoded with it; latency includes
     the decoding). A class-conditional model samples seed ``s`` with class ``s mod num_classes`` (``class_names``:
     the classes it was trained on, ``LoadedModel.class_names``), and ``class_accuracy`` checks its samples with
-    ``config.resolved_classifier``.
+    ``config.resolved_classifier``. A text-to-image model samples seed ``s`` from ``config.prompts[s mod P]``,
+    encoded with ``text_encoder`` (the pipeline's; guidance against the empty prompt).
     Returns the metrics dict also written to ``out_dir/metrics.json``.
     """
     from ._fs import atomic_dir, atomic_write_json, check_output_dir
@@ -284,14 +293,23 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     models = {"student": _Model("student", student, _as_sample_set(student_samples))}
     if teacher is not None or teacher_samples is not None:
         models["teacher"] = _Model("teacher", teacher, _as_sample_set(teacher_samples))
-    from .sampling import labels_for
+    from .adapters import adapter_for
+    from .sampling import labels_for, prompts_for
 
     conditional = next((m.unet for m in models.values() if m.unet is not None), None)
-    labels = None if conditional is None else labels_for(conditional, config.seeds,
-                                                         num_classes=len(class_names) if class_names else None)
+    spec = None if conditional is None else adapter_for(conditional).conditioning(conditional)
+    labels = context = None
+    if spec is not None and spec.kind == "text":
+        require(text_encoder is not None and config.prompts,
+                "a text-to-image model is evaluated on prompts: pass config.prompts and the pipeline's text_encoder "
+                "(CLI: --prompt-file FILE)")
+        context = (text_encoder.encode(prompts_for(config.seeds, config.prompts)),
+                   text_encoder.null() if config.guidance_scale != 1 else None)
+    elif conditional is not None:
+        labels = labels_for(conditional, config.seeds, num_classes=len(class_names) if class_names else None)
     for m in models.values():
         if m.samples is None:
-            m.samples = _generate(m.unet, scheduler, config, device, progress, codec, labels)
+            m.samples = _generate(m.unet, scheduler, config, device, progress, codec, labels, context)
     sets = {role: m.samples for role, m in models.items()}
 
     metrics: dict[str, Any] = {"config": config.to_dict(), "device": str(device), "threads": torch.get_num_threads(),

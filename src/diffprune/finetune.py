@@ -15,7 +15,8 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainCon
     """Fine-tune the model at ``model`` (a bare model or a pipeline, pruned or not) on ``data``.
 
     For a latent pipeline the images are encoded once with its autoencoder (cached under ``cache_dir``); a
-    class-conditional model trains on each image's label. The result (EMA weights) keeps the pruned format, and a
+    class-conditional model trains on each image's label, a text-to-image pipeline on each image's caption
+    (encoded once with its text encoder, cached). The result (EMA weights) keeps the pruned format, and a
     pipeline stays a pipeline. ``prediction_type``: what the model predicts, for a model without a scheduler.
     """
     from .inputs import load_denoiser_data
@@ -26,7 +27,8 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainCon
     loaded = load_model(model)
     scheduler = resolve_scheduler(loaded.scheduler, prediction_type)
     denoiser = loaded.denoiser
-    prepared = load_denoiser_data(denoiser, data, codec=loaded.codec, cache_dir=cache_dir, progress=progress)
+    prepared = load_denoiser_data(denoiser, data, codec=loaded.codec, text_encoder=loaded.text_encoder,
+                                  cache_dir=cache_dir, progress=progress)
     teacher_model = None
     if teacher is not None:
         teacher_model = load_model(teacher).denoiser

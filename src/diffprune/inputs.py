@@ -1,9 +1,11 @@
 """What a denoiser is calibrated and trained on: its clean inputs ``x0`` (images, or their latents for a latent
-pipeline) and, for a conditional model, each image's own label.
+pipeline) and, for a conditional model, each image's own conditioning: its label, or its caption's text-encoder
+context for a text-to-image model.
 
 Latents are encoded once with the pipeline's autoencoder and cached on disk (safetensors) under a key made of the
 autoencoder's identity (class, config, weights) and the data's content hash, so a changed autoencoder or changed
-data never reuses stale latents.
+data never reuses stale latents. Captions are encoded once the same way (:meth:`TextEncoder.encode_cached
+<diffprune.adapters.pipelines.TextEncoder.encode_cached>`), keyed by the tokenizer and text encoder.
 """
 from __future__ import annotations
 
@@ -22,25 +24,27 @@ LATENT_FORMAT = 1  # bump when the way latents are computed changes
 @dataclass(frozen=True)
 class DenoiserData:
     """``x0``: images ``[N, C, H, W]`` (uint8, or float in [-1, 1]) for pixel models, float32 latents for latent
-    ones; ``labels``: int64 ``[N]`` or None;
-    ``record``: where they came from (the data's record, plus the latent cache key); ``class_names``: the name of
-    each label, when the source has them."""
+    ones; ``cond``: each row's conditioning (int64 labels ``[N]``, float32 text context ``[N, L, D]``) or None;
+    ``null_cond``: the unconditional conditioning ``[1, ...]`` (a null label, the empty prompt's context) when the
+    model has one, for classifier-free guidance; ``record``: where they came from (the data's record, plus the
+    latent and text cache keys); ``class_names``: the name of each label, when the source has them."""
 
     x0: torch.Tensor
-    labels: torch.Tensor | None
+    cond: torch.Tensor | None
     record: dict
     class_names: list[str] | None = None
+    null_cond: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.x0)
 
     def batch(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Clean inputs in model range (``[-1, 1]`` images or latents) and labels of the rows ``idx``."""
+        """Clean inputs in model range (``[-1, 1]`` images or latents) and conditioning of the rows ``idx``."""
         from .data import to_model_range
 
         x = self.x0[idx]
         x = to_model_range(x) if x.dtype == torch.uint8 else x.float()
-        return x.to(device), (None if self.labels is None else self.labels[idx].to(device))
+        return x.to(device), (None if self.cond is None else self.cond[idx].to(device))
 
 
 def pixel_shape(model, codec=None) -> tuple[int, int, int]:
@@ -79,22 +83,34 @@ def encode_cached(codec, images: torch.Tensor, data_sha256: str, *, cache_dir=No
     return z, key
 
 
-def denoiser_data(model, data, *, codec=None, cache_dir=None, progress: bool = False) -> DenoiserData:
-    """The model's clean inputs for :class:`~diffprune.data.ImageData` ``data`` (labels checked for a conditional
-    model, images encoded for a latent one)."""
+def denoiser_data(model, data, *, codec=None, text_encoder=None, cache_dir=None,
+                  progress: bool = False) -> DenoiserData:
+    """The model's clean inputs for :class:`~diffprune.data.ImageData` ``data`` (labels checked for a
+    class-conditional model, captions encoded with ``text_encoder`` for a text-to-image one, images encoded with
+    ``codec`` for a latent one)."""
     from .adapters import adapter_for
 
     adapter = adapter_for(model)
     spec = adapter.conditioning(model)
     source = data.record.get("source", "the data")
-    labels = None
-    if spec is not None:
+    record = dict(data.record)
+    cond = null = None
+    if spec is not None and spec.kind == "text":
+        require(text_encoder is not None, "a text-conditioned model needs its pipeline's text encoder to encode "
+                                          "captions; load the whole pipeline folder, not the bare UNet")
+        require(data.captions is not None,
+                f"the model is text-conditioned but data {source!r} has no captions; caption it: a folder with "
+                "metadata.jsonl (one {\"file_name\": ..., \"text\": ...} per image), or a dataset with a 'text' column")
+        text_encoder.check_fits(spec)
+        cond, record["text_cache_key"] = text_encoder.encode_cached(data.captions, cache_dir=cache_dir,
+                                                                    progress=progress)
+        null = text_encoder.null()
+    elif spec is not None:
         require(data.labels is not None,
                 f"the model is class-conditional ({spec.num_classes} classes) but data {source!r} has no labels; "
                 "label it: a folder with one sub-folder per class (root/<class>/image.png, classes in sorted order), "
                 "a dataset with a 'label' column, or pass --data data-free")
-        labels = spec.check_labels(data.labels, f"class labels of {source!r}")
-    record = dict(data.record)
+        cond, null = spec.check_labels(data.labels, f"class labels of {source!r}"), spec.null()
     if codec is not None:
         x0, key = encode_cached(codec, data.images, data.record["sha256"], cache_dir=cache_dir, progress=progress)
         record["latent_cache_key"] = key
@@ -104,18 +120,19 @@ def denoiser_data(model, data, *, codec=None, cache_dir=None, progress: bool = F
     if tuple(x0.shape[1:]) != expect:
         raise DiffPruneError(f"data {source!r} gives inputs of shape {tuple(x0.shape[1:])} but the model takes "
                              f"{expect}; the autoencoder and the denoiser do not fit")
-    return DenoiserData(x0, labels, record, data.class_names if labels is not None else None)
+    names = data.class_names if spec is not None and spec.kind == "class" else None
+    return DenoiserData(x0, cond, record, names, null)
 
 
-def load_denoiser_data(model, source, *, codec=None, split: str = "train", limit: int | None = None,
-                       cache_dir=None, progress: bool = False) -> DenoiserData:
+def load_denoiser_data(model, source, *, codec=None, text_encoder=None, split: str = "train",
+                       limit: int | None = None, cache_dir=None, progress: bool = False) -> DenoiserData:
     """Load ``source`` (see :func:`diffprune.data.load_data`) fitted to what the model (and autoencoder) take."""
     from .data import load_data
 
     c, h, w = pixel_shape(model, codec)
     require(h == w, f"the model takes {h}x{w} inputs; diffprune's data loaders make square images")
     data = load_data(source, resolution=h, channels=c, split=split, limit=limit)
-    return denoiser_data(model, data, codec=codec, cache_dir=cache_dir, progress=progress)
+    return denoiser_data(model, data, codec=codec, text_encoder=text_encoder, cache_dir=cache_dir, progress=progress)
 
 
 __all__ = ["DenoiserData", "denoiser_data", "encode_cached", "load_denoiser_data", "pixel_shape"]

@@ -42,7 +42,8 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
 # the files that define a model (bare, or a pipeline's components): all a hub id fetches (never pickles), and what
 # a run's stage hashes fingerprint
 MODEL_FILE_PATTERNS = [CONFIG_NAME, PRUNING_NAME, WEIGHTS_NAME, INDEX_NAME, "scheduler_config.json",
-                       f"*/{CONFIG_NAME}", f"*/{PRUNING_NAME}", f"*/{WEIGHTS_NAME}", "*/scheduler_config.json"]
+                       f"*/{CONFIG_NAME}", f"*/{PRUNING_NAME}", f"*/{WEIGHTS_NAME}", "*/scheduler_config.json",
+                       "*/model.safetensors", "tokenizer/*", "feature_extractor/*"]  # text encoders (transformers)
 
 
 def model_files(folder: str | os.PathLike) -> list[Path]:
@@ -79,7 +80,7 @@ class PipelineSource:
 class LoadedModel:
     """A model as :func:`load_model` found it: the denoiser, its scheduler (or None), its pruning record (None when
     unpruned), where it came from (for a hub id, also the commit it resolved to), and for a pipeline its latent
-    codec (latent pipelines) and source folder."""
+    codec (latent pipelines), text encoder (text-to-image pipelines) and source folder."""
 
     denoiser: nn.Module
     scheduler: object | None
@@ -88,6 +89,7 @@ class LoadedModel:
     revision: str | None = None
     codec: object | None = None  # adapters.pipelines.LatentCodec
     pipeline: PipelineSource | None = None
+    text_encoder: object | None = None  # adapters.pipelines.TextEncoder
 
     @property
     def unet(self) -> nn.Module:
@@ -263,7 +265,7 @@ def _pipeline_family(folder: Path):
 
 
 def _load_pipeline_folder(folder: Path, device, dtype) -> LoadedModel:
-    from .adapters.pipelines import load_codec
+    from .adapters.pipelines import load_codec, load_text_encoder
 
     family = _pipeline_family(folder)
     den_dir = folder / family.denoiser
@@ -277,7 +279,16 @@ def _load_pipeline_folder(folder: Path, device, dtype) -> LoadedModel:
         if device is not None or dtype is not None:
             codec.autoencoder.to(device=device, dtype=dtype)
         codec.image_shape(denoiser_input_shape(denoiser))  # the components fit each other
-    return LoadedModel(denoiser, scheduler, pruning, str(folder), codec=codec, pipeline=PipelineSource(folder, family))
+    text = None
+    if family.text_encoder is not None:
+        text = load_text_encoder(folder, family)
+        if device is not None or dtype is not None:
+            text.text_encoder.to(device=device, dtype=dtype)
+        from .adapters import adapter_for
+
+        text.check_fits(adapter_for(denoiser).conditioning(denoiser))
+    return LoadedModel(denoiser, scheduler, pruning, str(folder), codec=codec, pipeline=PipelineSource(folder, family),
+                       text_encoder=text)
 
 
 def denoiser_input_shape(model: nn.Module) -> tuple[int, int, int]:

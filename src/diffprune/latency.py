@@ -110,13 +110,18 @@ def denoiser_latency(model, *, device, batch_sizes: Sequence[int] = (1, 16, 64),
 def sampler_latency(model, scheduler, *, device, steps: int, batch_size: int = 16, repeats: int = MIN_REPEATS,
                     warmup: int = 1, skip: str = "uniform", codec=None, guidance_scale: float = 1.0) -> dict:
     """Latency of the full DDIM sampler (``steps`` steps, η = 0, decoding included) on a batch; ``per_image_s`` =
-    median / batch."""
+    median / batch. A text model runs on an all-zero context of its ``context_length`` (the text encoder, called
+    once per prompt, is not the denoiser's cost)."""
+    from .adapters import adapter_for
     from .sampling import sample
 
     seeds = list(range(batch_size))
+    spec = adapter_for(model).conditioning(model)
+    context = spec.example(1) if spec is not None and spec.kind == "text" else None
     rec = measure(lambda: sample(model, scheduler, seeds=seeds, num_inference_steps=steps, sampler="ddim",
                                  skip=skip, batch_size=batch_size, device=device, progress=False, codec=codec,
-                                 guidance_scale=guidance_scale),
+                                 guidance_scale=guidance_scale, prompt_embeds=context,
+                                 negative_prompt_embeds=context),
                   device=device, repeats=repeats, warmup=warmup)
     rec.update(batch_size=batch_size, steps=steps, per_image_s=rec["median_s"] / batch_size)
     return rec

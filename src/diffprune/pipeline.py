@@ -236,13 +236,13 @@ def _run_eval(config: RunConfig, run: Path, folder: Path, hashes: dict, *, devic
     student, log = load_for_eval(run / "finetune" / "model")
     teacher, _ = load_for_eval(config.model)
     if device:
-        for m in (student.denoiser, teacher.denoiser, student.codec):
+        for m in (student.denoiser, teacher.denoiser, student.codec, student.text_encoder):
             if m is not None:
                 m.to(device)
     evaluate(student.denoiser, teacher.denoiser, config=config.eval, out_dir=folder, scheduler=student.scheduler,
              pruning=student.pruning, train_log=log, device=device, overwrite=True, progress=progress,
              names={"student": "pruned + fine-tuned", "teacher": str(config.model)}, codec=student.codec,
-             class_names=student.class_names)
+             class_names=student.class_names, text_encoder=student.text_encoder)
 
 
 _STAGE_FUNCS = {"prune": _run_prune, "finetune": _run_finetune, "eval": _run_eval}

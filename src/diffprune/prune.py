@@ -5,7 +5,7 @@ Diff-Pruning, exactly (``method="diff-pruning"``):
 1. One calibration batch ``x0`` (``calib_batch`` images in [-1, 1], or their latents for a latent pipeline; with
    each image's label for a class-conditional model) and one fixed noise
    ``eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))`` (drawn on the CPU).
-2. For ``t = 0, 1, 2, ...``: ``x_t = scheduler.add_noise(x0, eps, t)``, ``L_t = mse(f(x_t, t, labels), target)``
+2. For ``t = 0, 1, 2, ...``: ``x_t = scheduler.add_noise(x0, eps, t)``, ``L_t = mse(f(x_t, t, cond), target)``
    (the model called through its adapter; the target is ``eps``, ``v`` or ``x0`` as the scheduler's
    ``prediction_type`` says, :mod:`diffprune.objective`), ``L_t.backward()`` **without zeroing gradients**, until
    the timestep strategy stops (by default the threshold rule ``L_t < thr * max(L_0..L_t)``, see
@@ -287,17 +287,19 @@ def _load_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def calibration_batch(model, source, *, batch_size: int, seed: int = 0, scheduler=None, codec=None,
                       split: str = "train", data_free_steps: int = 10, device=None, cache_dir=None,
-                      num_classes: int | None = None, progress: bool = False
+                      num_classes: int | None = None, text_encoder=None, prompts=None, progress: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """The calibration batch: clean inputs ``x0`` in model range (images in [-1, 1], or latents for a latent
-    model), each image's label for a class-conditional model (else None), and a JSON description of the source.
+    model), each image's conditioning (its label for a class-conditional model, its caption's context for a
+    text-conditioned one, encoded with ``text_encoder``; else None), and a JSON description of the source.
 
     ``source``: a tensor ``[N, C, H, W]`` (float in [-1, 1] or uint8) of exactly the image shape; a ``.npy`` or
     ``.safetensors`` file holding one (key ``images``, optional ``labels``); a folder of images, a bundled dataset
     name or a Hugging Face id (:func:`diffprune.data.load_data`, fitted to the model; class sub-folders give
     labels); or ``"data-free"``: inputs sampled from the model itself with ``data_free_steps`` DDIM steps (latents
-    for a latent model; class labels balanced by seed over ``num_classes``, default the model's label table). When
-    more than ``batch_size`` images are available a seeded random subset is used.
+    for a latent model; class labels balanced by seed over ``num_classes``, default the model's label table; for a
+    text model, seed ``s`` is generated from ``prompts[s mod len(prompts)]``, without guidance). When more than
+    ``batch_size`` images are available a seeded random subset is used.
     """
     from .data import ImageData, content_sha256
     from .inputs import denoiser_data, pixel_shape
@@ -305,16 +307,26 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
     device = device if device is not None else next(model.parameters()).device
     if isinstance(source, str) and source == DATA_FREE:
         require(scheduler is not None, "data-free calibration samples from the model and needs its noise scheduler")
-        from .sampling import labels_for, sample
+        from .sampling import labels_for, prompts_for, sample
 
         seeds = list(range(seed, seed + batch_size))
-        labels = labels_for(model, seeds, num_classes=num_classes)
-        x0 = sample(model, scheduler, seeds=seeds, class_labels=labels, num_inference_steps=data_free_steps,
-                    device=device, progress=progress, codec=codec, decode=False)
         desc = {"source": DATA_FREE, "ddim_steps": data_free_steps, "sample_seeds": [seeds[0], seeds[-1]]}
-        return x0.to(device), None if labels is None else labels.to(device), {**desc, "batch": len(seeds)}
+        spec = adapter_for(model).conditioning(model)
+        labels = context = None
+        if spec is not None and spec.kind == "text":
+            require(text_encoder is not None and prompts,
+                    "data-free calibration of a text model generates its inputs from prompts: pass the pipeline's "
+                    "text encoder and prompts (CLI: --prompt-file FILE, one prompt per line)")
+            context = text_encoder.encode(prompts_for(seeds, prompts))
+            desc["prompts"] = len(prompts)
+        else:
+            labels = labels_for(model, seeds, num_classes=num_classes)
+        x0 = sample(model, scheduler, seeds=seeds, class_labels=labels, prompt_embeds=context,
+                    num_inference_steps=data_free_steps, device=device, progress=progress, codec=codec, decode=False)
+        cond = labels if context is None else context
+        return x0.to(device), None if cond is None else cond.to(device), {**desc, "batch": len(seeds)}
     shape = pixel_shape(model, codec)
-    labels = None
+    labels = captions = None
     if isinstance(source, torch.Tensor):
         images, desc = _check_tensor(source, shape, "calibration images"), {"source": "tensor"}
     elif isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix in (".npy",
@@ -327,16 +339,18 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
 
         require(shape[1] == shape[2], f"the model takes {shape[1]}x{shape[2]} images; pass a tensor of that shape")
         data = load_data(source, resolution=shape[1], channels=shape[0], split=split)
-        images, labels, desc = data.images, data.labels, {"source": str(source), "split": split,
-                                                          "revision": data.record.get("revision")}
+        images, labels, captions = data.images, data.labels, data.captions
+        desc = {"source": str(source), "split": split, "revision": data.record.get("revision")}
     else:
         raise DiffPruneError(f"calibration must be a tensor, a path/dataset name or {DATA_FREE!r}, got {type(source).__name__}")
     if images.shape[0] > batch_size:
         idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:batch_size]
         images, labels = images[idx], (None if labels is None else labels[idx])
+        captions = None if captions is None else tuple(captions[i] for i in idx.tolist())
         desc["subset_seed"] = int(seed)
-    data = ImageData(images, labels, None, {"source": desc["source"], "sha256": content_sha256(images, labels)})
-    prepared = denoiser_data(model, data, codec=codec, cache_dir=cache_dir)
+    data = ImageData(images, labels, None, {"source": desc["source"], "sha256": content_sha256(images, labels,
+                                                                                             captions)}, captions)
+    prepared = denoiser_data(model, data, codec=codec, text_encoder=text_encoder, cache_dir=cache_dir)
     x0, y = prepared.batch(torch.arange(len(prepared)), device=device)
     desc["batch"] = int(x0.shape[0])
     return x0, y, desc
@@ -379,7 +393,8 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
         k = len(chunk)
         tt = torch.tensor([t for t, _ in chunk], device=x0.device).repeat_interleave(B)
         xx0, nn_ = x0.repeat(k, *([1] * (x0.ndim - 1))), noise.repeat(k, *([1] * (x0.ndim - 1)))
-        pred = adapter.forward(model, scheduler.add_noise(xx0, nn_, tt), tt, None if cond is None else cond.repeat(k))
+        cc = None if cond is None else cond.repeat(k, *[1] * (cond.dim() - 1))
+        pred = adapter.forward(model, scheduler.add_noise(xx0, nn_, tt), tt, cc)
         per_t = (pred - prediction_target(scheduler, xx0, nn_, tt)).pow(2).flatten(1).mean(1).view(k, B).mean(1)
         total = None
         for (t, weight), loss in zip(chunk, per_t):
@@ -698,8 +713,8 @@ def _prune_blocks(model, adapter, config: PruneConfig, score, macs_before: int):
 
 
 def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
-           split: str = "train", cache_dir=None, num_classes: int | None = None, timer=None,
-           progress: bool = True) -> PruneReport:
+           split: str = "train", cache_dir=None, num_classes: int | None = None, text_encoder=None, prompts=None,
+           timer=None, progress: bool = True) -> PruneReport:
     """Prune the denoiser ``unet`` (any supported family) in place according to ``config``; returns a
     :class:`PruneReport`.
 
@@ -709,7 +724,8 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     ``prediction_type`` the loss targets), required by gradient methods. ``codec``: a latent pipeline's
     autoencoder (:class:`~diffprune.adapters.pipelines.LatentCodec`): calibration images are encoded with it
     (cached under ``cache_dir``). ``num_classes``: the classes a conditional model was trained on, for data-free
-    calibration. ``device``: where to run (default: where the model is; the model is moved there); a
+    calibration. ``text_encoder`` (a text-to-image pipeline's :class:`~diffprune.adapters.pipelines.TextEncoder`):
+    encodes the calibration captions, or the ``prompts`` of data-free calibration. ``device``: where to run (default: where the model is; the model is moved there); a
     ``target_latency`` is timed there. ``timer(model) -> seconds``: replaces the latency measurement (tests, or a
     timer of your own, e.g. of a whole pipeline call).
     """
@@ -734,12 +750,12 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
                     f"tensor, an image folder or dataset name, or {DATA_FREE!r} (CLI: --data DIR_OR_NAME)")
             require(scheduler is not None,
                     f"method {config.method!r} needs the model's noise scheduler (scheduler=...) to add noise")
-            x0, labels, desc = calibration_batch(
+            x0, cond, desc = calibration_batch(
                 unet, calibration, batch_size=config.calib_batch, seed=config.seed, scheduler=scheduler, codec=codec,
                 split=split, data_free_steps=config.data_free_steps, device=device, cache_dir=cache_dir,
-                num_classes=num_classes, progress=progress)
+                num_classes=num_classes, text_encoder=text_encoder, prompts=prompts, progress=progress)
             noise = calibration_noise(x0.shape, config.seed, device=device)
-            result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), cond=labels,
+            result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), cond=cond,
                                           timestep_batch=config.timestep_batch, progress=progress)
             calibration_record = {**desc, "noise_seed": config.seed, **result.to_dict()}
         importance = method.make(config)
@@ -787,11 +803,13 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
 
 
 def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None, *, device=None,
-                split: str = "train", cache_dir=None, prediction_type: str | None = None, progress: bool = True):
+                split: str = "train", cache_dir=None, prediction_type: str | None = None, prompts=None,
+                progress: bool = True):
     """Load ``model`` (a shipped name, a folder — bare model or pipeline, pruned or not — or a hub id) and prune its
     denoiser in place; returns ``(loaded, report)`` with ``loaded.pruning`` set to the record to save (chained
     onto the previous one for a model pruned again) and ``loaded.scheduler`` to the scheduler used.
     ``prediction_type``: what the model predicts, for a model without a scheduler (checked against one it has).
+    ``prompts``: for a text-to-image pipeline calibrated ``"data-free"``, the prompts its inputs are generated from.
 
     Save it with ``save_pruned(loaded.denoiser, out, loaded.pruning, scheduler=loaded.scheduler,
     pipeline=loaded.pipeline)``.
@@ -803,11 +821,13 @@ def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None,
     require(not (loaded.pruning or {}).get("structure", {}).get("meta", {}).get("removed_blocks"),
             f"{str(model)!r} was depth-pruned (whole blocks removed); prune the original model instead")
     scheduler = resolve_scheduler(loaded.scheduler, prediction_type)
-    if loaded.codec is not None and device is not None:
-        loaded.codec.to(device)
+    for part in (loaded.codec, loaded.text_encoder):
+        if part is not None and device is not None:
+            part.to(device)
     names = loaded.class_names
     report = prune_(loaded.denoiser, config, calibration, scheduler=scheduler, codec=loaded.codec, device=device,
-                    split=split, cache_dir=cache_dir, num_classes=len(names) if names else None, progress=progress)
+                    split=split, cache_dir=cache_dir, num_classes=len(names) if names else None,
+                    text_encoder=loaded.text_encoder, prompts=prompts, progress=progress)
     record = {**report.to_dict(), "model_source": str(model), "model_revision": loaded.revision,
               "scheduler_source": "model" if loaded.scheduler is not None else
               f"default (DDPM, 1000 steps, linear, {scheduler.config.prediction_type})"}

@@ -119,31 +119,65 @@ def labels_for(model, seeds: Sequence[int], class_labels=None, num_classes: int 
     return spec.check_labels(labels)
 
 
-def guided_prediction(adapter, model, x: torch.Tensor, t: torch.Tensor, labels, guidance_scale: float,
-                      null_label: int | None) -> torch.Tensor:
-    """The model's prediction, with classifier-free guidance ``u + s (c - u)`` when ``guidance_scale != 1``."""
-    if labels is None or guidance_scale == 1.0:
-        return adapter.forward(model, x, t, labels)
+def prompts_for(seeds: Sequence[int], prompts: Sequence[str]) -> list[str]:
+    """The prompt of each seed: seed ``s`` takes ``prompts[s mod len(prompts)]`` (the rule labels follow), so a seed
+    always comes with the same prompt, whatever the batch or subset."""
+    require(len(prompts) >= 1, "no prompts given; pass at least one (--prompt TEXT or --prompt-file FILE)")
+    return [str(prompts[int(s) % len(prompts)]) for s in seeds]
+
+
+def conditioning_for(model, seeds: Sequence[int], class_labels=None, prompt_embeds=None,
+                     num_classes: int | None = None) -> torch.Tensor | None:
+    """Each seed's conditioning: class labels (:func:`labels_for`) for a class-conditional model, the context
+    ``prompt_embeds`` (``[N, L, D]``, or ``[1, L, D]`` for all) for a text-conditioned one, None for an
+    unconditional one."""
+    from .adapters import adapter_for
+
+    spec = adapter_for(model).conditioning(model)
+    if spec is None or spec.kind != "text":
+        require(prompt_embeds is None, "this model is not text-conditioned: it takes no prompt (drop --prompt)")
+        return labels_for(model, seeds, class_labels, num_classes)
+    require(class_labels is None, "this model is text-conditioned: it takes a prompt, not class labels")
+    require(prompt_embeds is not None, "this model is text-conditioned: pass prompt_embeds (TextEncoder.encode"
+                                       "(prompts); CLI: --prompt TEXT or --prompt-file FILE)")
+    return _per_seed(spec.check_context(torch.as_tensor(prompt_embeds).float(), "prompt_embeds"), len(seeds),
+                     "prompt_embeds")
+
+
+def _per_seed(cond: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    require(len(cond) in (1, n), f"{len(cond)} {what} for {n} seeds; give one, or one per image")
+    return cond.expand(n, *cond.shape[1:]) if len(cond) == 1 else cond
+
+
+def guided_prediction(adapter, model, x: torch.Tensor, t: torch.Tensor, cond, guidance_scale: float,
+                      null_cond: torch.Tensor | None) -> torch.Tensor:
+    """The model's prediction, with classifier-free guidance ``u + s (c - u)`` when ``guidance_scale != 1``
+    (``null_cond``: the unconditional conditioning, one per input or ``[1, ...]``)."""
+    if cond is None or guidance_scale == 1.0:
+        return adapter.forward(model, x, t, cond)
     both = adapter.forward(model, torch.cat([x, x]), torch.cat([t, t]),
-                           torch.cat([labels, torch.full_like(labels, null_label)]))
-    cond, uncond = both.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+                           torch.cat([cond, null_cond.to(cond.device, cond.dtype).expand_as(cond)]))
+    c, u = both.chunk(2)
+    return u + guidance_scale * (c - u)
 
 
 @torch.no_grad()
-def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidance_scale: float = 1.0, codec=None,
-           num_inference_steps: int = 50, sampler: str = "ddim", skip: str = "uniform", eta: float | None = None,
-           batch_size: int = 64, device=None, decode: bool = True, num_classes: int | None = None,
-           progress: bool = True) -> torch.Tensor:
+def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_embeds=None,
+           negative_prompt_embeds=None, guidance_scale: float = 1.0, codec=None, num_inference_steps: int = 50,
+           sampler: str = "ddim", skip: str = "uniform", eta: float | None = None, batch_size: int = 64,
+           device=None, decode: bool = True, num_classes: int | None = None, progress: bool = True) -> torch.Tensor:
     """Generate ``len(seeds)`` images; returns float32 ``[N, C, H, W]`` in [-1, 1] on the CPU.
 
     ``sampler="ddim"`` is deterministic (eta 0 unless given). ``sampler="ddpm"`` is DDIM with eta 1, which over all
     T steps is exactly ancestral DDPM with the posterior variance (and its strided generalisation for fewer steps).
-    A class-conditional model takes ``class_labels`` (see :func:`labels_for`, with ``num_classes``) and
-    ``guidance_scale`` (classifier-free guidance through the model's null label; 1 = none). ``codec``: a latent
-    pipeline's autoencoder; the latents are decoded into images unless ``decode=False``, and predicted latents are
-    never clipped to [-1, 1] (a scheduler's ``clip_sample`` is meant for pixels; latents range wider). ``device``
-    defaults to the model's device.
+    A class-conditional model takes ``class_labels`` (see :func:`labels_for`, with ``num_classes``); a
+    text-conditioned one ``prompt_embeds`` (its text encoder's context, one per seed or one for all; see
+    :func:`prompts_for` and :class:`~diffprune.adapters.pipelines.TextEncoder`). ``guidance_scale``:
+    classifier-free guidance (1 = none) through the model's null label, or for a text model the
+    ``negative_prompt_embeds`` (the empty prompt's context, ``TextEncoder.null()``, for plain guidance), as
+    diffusers names them. ``codec``: a latent pipeline's autoencoder; the latents are decoded into images unless
+    ``decode=False``, and predicted latents are never clipped to [-1, 1] (a scheduler's ``clip_sample`` is meant
+    for pixels; latents range wider). ``device`` defaults to the model's device.
     """
     from .adapters import adapter_for
 
@@ -151,14 +185,23 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidanc
     require(batch_size >= 1, f"batch_size={batch_size} must be >= 1")
     adapter = adapter_for(model)
     seeds = [int(s) for s in seeds]
-    labels = labels_for(model, seeds, class_labels, num_classes)
+    conds = conditioning_for(model, seeds, class_labels, prompt_embeds, num_classes)
     spec = adapter.conditioning(model)
     require(isinstance(guidance_scale, (int, float)) and guidance_scale >= 1.0,
             f"guidance_scale={guidance_scale!r} must be >= 1 (1 = no guidance)")
+    null = None
+    if spec is not None and spec.kind == "text":
+        if negative_prompt_embeds is not None:
+            null = _per_seed(spec.check_context(torch.as_tensor(negative_prompt_embeds).float(),
+                                                "negative_prompt_embeds"), len(seeds), "negative_prompt_embeds")
+        require(guidance_scale == 1.0 or null is not None,
+                "classifier-free guidance of a text model needs negative_prompt_embeds (the empty prompt's: "
+                "TextEncoder.null()); or use guidance_scale 1")
+    elif spec is not None and spec.null() is not None:
+        null = spec.null().expand(len(seeds))
     if guidance_scale != 1.0:
-        require(spec is not None and spec.null_label is not None,
-                "classifier-free guidance needs a class-conditional model with a null label (e.g. a DiT); "
-                "this model has none: use --guidance-scale 1")
+        require(null is not None, "classifier-free guidance needs a conditional model with a null label (e.g. a "
+                                  "DiT) or a text model; this model has none: use --guidance-scale 1")
     eta = (0.0 if sampler == "ddim" else 1.0) if eta is None else float(eta)
     device = device if device is not None else next(model.parameters()).device
     sched = QuadDDIMScheduler.from_config(scheduler.config, **({"clip_sample": False} if codec is not None else {}))
@@ -170,12 +213,14 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, guidanc
     with eval_mode(model):
         for i in range(0, len(seeds), batch_size):
             chunk = seeds[i:i + batch_size]
-            y = None if labels is None else labels[i:i + batch_size].to(device)
+            y = None if conds is None else conds[i:i + batch_size].to(
+                device=device, dtype=dtype if conds.is_floating_point() else None)
+            y_null = None if null is None else null[i:i + batch_size]
             gens = [torch.Generator().manual_seed(s) for s in chunk]
             x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
             for t in sched.timesteps:
                 pred = guided_prediction(adapter, model, x, t.to(device).expand(len(chunk)), y, guidance_scale,
-                                         None if spec is None else spec.null_label)
+                                         y_null)
                 noise = None
                 if eta > 0:
                     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)

@@ -48,8 +48,9 @@ class TrainConfig:
     over the last ~10% of the steps. The paper's constant 0.9999 suits 100K-step runs; over a 2K-step run it would
     leave the EMA weights ~82% the pruned initialisation (0.9999^2000). The first update copies the weights; from then on the decay is constant.
     ``batch_size`` is per process; ``kd_weight`` > 0 needs a teacher (loss = a·‖f_T − f_S‖² + (1 − a)·‖target − f_S‖²,
-    :mod:`diffprune.objective`). ``label_dropout``: for a class-conditional model with a null label (a DiT), the share
-    of labels replaced by the null label so that classifier-free guidance keeps working (None: 0.1, DiT's recipe).
+    :mod:`diffprune.objective`). ``label_dropout``: for a conditional model with an unconditional input (a DiT's null label,
+    a text model's empty prompt), the share of labels or captions replaced by it so that classifier-free guidance
+    keeps working (None: 0.1, DiT's and Stable Diffusion's recipe).
     ``lr_schedule``: "constant" (the paper's), or "linear" / "cosine" decay to 0 at ``steps``, starting at
     ``lr_decay_start`` (or the end of warm-up, if later). A constant-lr run can be resumed into a decay phase with
     ``lr_decay_start`` >= its last step: resuming only refuses changes to the learning rate of steps already done.
@@ -431,13 +432,11 @@ def train(unet, scheduler, images, config: TrainConfig, out_dir: str | os.PathLi
     adapter = adapter_for(unet)
     data = _as_denoiser_data(unet, images)
     prediction_type(scheduler)  # a supported one
-    spec = adapter.conditioning(unet)
     if config.label_dropout is None:
-        config = dataclasses.replace(config, label_dropout=0.1 if spec is not None and spec.null_label is not None
-                                     else 0.0)
-    require(config.label_dropout == 0 or (spec is not None and spec.null_label is not None),
-            f"label_dropout={config.label_dropout} needs a class-conditional model with a null label (e.g. a DiT); "
-            "pass --label-dropout 0")
+        config = dataclasses.replace(config, label_dropout=0.1 if data.null_cond is not None else 0.0)
+    require(config.label_dropout == 0 or data.null_cond is not None,
+            f"label_dropout={config.label_dropout} needs a conditional model with an unconditional input (a DiT's "
+            "null label, a text model's empty prompt); pass --label-dropout 0")
     require(config.kd_weight == 0 or teacher is not None, f"kd_weight={config.kd_weight} needs a teacher (--teacher DIR)")
     if teacher is not None and config.kd_weight == 0:
         raise DiffPruneError("a teacher was given but kd_weight=0; pass --kd-weight (paper: 0.7) or drop --teacher")
@@ -456,12 +455,11 @@ def train(unet, scheduler, images, config: TrainConfig, out_dir: str | os.PathLi
         return _train_locked(unet, scheduler, data, config, out, acc=acc, identity=identity, teacher=teacher,
                              pruning=pruning, resume=resume, overwrite=overwrite, run_info=run_info or {},
                              progress=progress, inputs=inputs, on_step=on_step, mark=mark_output,
-                             adapter=adapter, null_label=None if spec is None else spec.null_label,
-                             pipeline=pipeline, codec=codec)
+                             adapter=adapter, pipeline=pipeline, codec=codec)
 
 
 def _train_locked(unet, scheduler, data, config: TrainConfig, out: Path, *, acc, identity, teacher, pruning,
-                  resume, overwrite, run_info, progress, inputs, on_step, mark, adapter, null_label, pipeline,
+                  resume, overwrite, run_info, progress, inputs, on_step, mark, adapter, pipeline,
                   codec) -> TrainResult:
     from .objective import loss_at
 
@@ -530,14 +528,15 @@ def _train_locked(unet, scheduler, data, config: TrainConfig, out: Path, *, acc,
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
         idx = order.indices(step * B * world + rank * B, B)
-        x0, labels = data.batch(idx, acc.device)
+        x0, cond = data.batch(idx, acc.device)
         noise = torch.randn(x0.shape, generator=gen).to(acc.device)
         t = (antithetic_timesteps(B, T, gen) if config.antithetic else torch.randint(0, T, (B,), generator=gen))
         t = t.to(acc.device)
-        if labels is not None and config.label_dropout > 0:  # for classifier-free guidance; teacher sees the same
+        if cond is not None and config.label_dropout > 0:  # for classifier-free guidance; teacher sees the same
             drop = (torch.rand(B, generator=gen) < config.label_dropout).to(acc.device)
-            labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-        loss = loss_at(adapter, model, scheduler, x0, noise, t, labels, teacher=teacher, kd_weight=config.kd_weight)
+            null = data.null_cond.to(acc.device, cond.dtype).expand_as(cond)
+            cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), null, cond)
+        loss = loss_at(adapter, model, scheduler, x0, noise, t, cond, teacher=teacher, kd_weight=config.kd_weight)
         finite = torch.isfinite(loss.detach()).reshape(1).float()
         if world > 1:  # every process must stop together, or the others hang in the next all-reduce
             finite = acc.gather(finite)
@@ -565,7 +564,7 @@ def _train_locked(unet, scheduler, data, config: TrainConfig, out: Path, *, acc,
             t0, window = time.time(), []
         if main and config.sample_every and done % config.sample_every == 0:
             _save_sample_grid(raw, ema, scheduler, out / "samples" / f"{CHECKPOINT_PREFIX}{done:07d}.png",
-                              config.sample_steps, codec)
+                              config.sample_steps, codec, data)
         if done % config.checkpoint_every == 0 or done == config.steps:
             acc.wait_for_everyone()
             # never publish diverged weights as a "good" checkpoint (the loss was checked before this step's update)
@@ -623,11 +622,19 @@ def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None, pipeline=N
         fsync_path(folder)
 
 
-def _save_sample_grid(raw, ema, scheduler, path: Path, steps: int, codec=None) -> None:
+def _save_sample_grid(raw, ema, scheduler, path: Path, steps: int, codec=None, data=None) -> None:
+    """36 samples; a text model draws seed i with the caption of training image i (mod the data)."""
     from .sampling import image_grid, sample
 
-    imgs = sample(ema_copy(raw, ema), scheduler, seeds=range(36), num_inference_steps=steps, progress=False,
-                  codec=codec)
+    from .adapters import adapter_for
+
+    model = ema_copy(raw, ema)
+    spec = adapter_for(model).conditioning(model)
+    context = None
+    if spec is not None and spec.kind == "text":
+        context = data.cond[torch.arange(36) % len(data)]
+    imgs = sample(model, scheduler, seeds=range(36), num_inference_steps=steps, progress=False, codec=codec,
+                  prompt_embeds=context)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(to_uint8(imgs), nrow=6).save(path)
 

@@ -5,7 +5,7 @@ package:
 
 * **calling the model**: :meth:`ModelAdapter.forward` turns ``(x_t, t, cond)`` into the model's prediction, shaped
   like ``x_t`` (a learned-variance head's extra channels are dropped); ``cond`` is the conditioning tensor (class
-  labels ``[N]`` for class-conditional models) or None. :meth:`ModelAdapter.conditioning` says what the model takes
+  labels ``[N]``, or text-encoder hidden states ``[N, L, D]``) or None. :meth:`ModelAdapter.conditioning` says what the model takes
   (:class:`Conditioning`), :meth:`ModelAdapter.input_shape` the shape of ``x_t``, and
   :meth:`ModelAdapter.example_inputs` one call's keyword inputs, conditioning included, for tracing and MAC
   counting. What the prediction *is* (``epsilon``, ``v_prediction``, ``sample``) is the scheduler's
@@ -30,21 +30,26 @@ from .._torch import eval_mode
 from ..errors import DiffPruneError
 from ..registry import Registry
 
-FAMILY_MODULES = ("unet2d", "dit")  # imported on first use; each registers its adapter
+FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit")  # imported on first use; each registers its adapter
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What a conditional denoiser takes besides ``(x_t, t)``.
+    """What a conditional denoiser takes besides ``(x_t, t)``: its ``cond``, a tensor whose first dimension is the
+    batch.
 
-    ``kind``: ``"class"`` (integer labels). ``num_classes``: valid labels are ``0 .. num_classes - 1``.
-    ``null_label``: the label of the unconditional branch (classifier-free guidance, label dropout), or None when
-    the model has none.
+    ``kind="class"``: integer labels ``[N]``, valid ``0 .. num_classes - 1``; ``null_label``: the label of the
+    unconditional branch (classifier-free guidance, label dropout), or None when the model has none.
+    ``kind="text"``: text-encoder hidden states ``[N, L, context_dim]`` (``encoder_hidden_states``); the
+    unconditional branch is the empty prompt's, which the pipeline's text encoder makes (not the denoiser);
+    ``context_length``: the ``L`` that MACs are counted and tracing runs with.
     """
 
     kind: str
-    num_classes: int
+    num_classes: int = 0
     null_label: int | None = None
+    context_dim: int | None = None
+    context_length: int | None = None
 
     def check_labels(self, labels: torch.Tensor, what: str = "class labels") -> torch.Tensor:
         labels = torch.as_tensor(labels, dtype=torch.long)
@@ -53,6 +58,26 @@ class Conditioning:
             raise DiffPruneError(f"{what} {sorted(set(bad.tolist()))[:5]} are out of range: this model has "
                                  f"{self.num_classes} classes (0..{self.num_classes - 1})")
         return labels
+
+    def check_context(self, context: torch.Tensor, what: str = "text embeddings") -> torch.Tensor:
+        if context.ndim != 3 or context.shape[-1] != self.context_dim:
+            raise DiffPruneError(f"{what} have shape {tuple(context.shape)}, but this model's cross-attention takes "
+                                 f"[N, tokens, {self.context_dim}]; use the text encoder its pipeline was trained with")
+        return context
+
+    def example(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """A valid conditioning tensor for ``batch_size`` inputs: labels 0, 1, 2, ... or an all-zero context."""
+        if self.kind == "text":
+            return torch.zeros(batch_size, self.context_length, self.context_dim, device=device, dtype=dtype)
+        return (torch.arange(batch_size) % self.num_classes).to(device)
+
+    def null(self) -> torch.Tensor | None:
+        """The unconditional ``cond`` of one input (``[1, ...]``) when the denoiser itself defines it, else None."""
+        return None if self.kind != "class" or self.null_label is None else torch.tensor([self.null_label])
+
+    @property
+    def what(self) -> str:
+        return "text embeddings (a prompt)" if self.kind == "text" else "class labels"
 
 
 class ModelAdapter:
@@ -83,17 +108,15 @@ class ModelAdapter:
         data-parallel training (DDP) or compiled; it is called as it is."""
         spec = self.conditioning(unwrap(model))
         if (spec is None) != (cond is None):
-            raise DiffPruneError("this model is class-conditional: pass class labels" if spec is not None else
-                                 "this model is unconditional: it takes no class labels")
+            raise DiffPruneError(f"this model is conditional: pass {spec.what}" if spec is not None else
+                                 "this model is unconditional: it takes no conditioning")
         out = model(**{self.sample_arg: x, "timestep": t}, **self.model_kwargs(model, cond)).sample
         return out[:, : x.shape[1]]  # a learned-variance head (e.g. DiT's) outputs 2C channels: the prediction is C
 
     def example_cond(self, model: nn.Module, batch_size: int = 1, device=None):
-        """A valid conditioning tensor for ``batch_size`` inputs (labels 0, 1, 2, ...), or None."""
+        """A valid conditioning tensor for ``batch_size`` inputs (:meth:`Conditioning.example`), or None."""
         spec = self.conditioning(model)
-        if spec is None:
-            return None
-        return (torch.arange(batch_size) % spec.num_classes).to(device)
+        return None if spec is None else spec.example(batch_size, device, next(model.parameters()).dtype)
 
     def example_inputs(self, model: nn.Module, batch_size: int = 1, device=None) -> dict:
         """Keyword inputs of one forward call, conditioning included (shapes from the model config)."""

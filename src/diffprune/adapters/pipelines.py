@@ -27,12 +27,16 @@ class PipelineFamily:
     denoiser: str  # component folder of the denoiser: "unet" or "transformer"
     autoencoder: str | None = None  # component folder of the autoencoder, for latent pipelines
     label_map: str | None = None  # model_index.json key of the class names, for class-conditional pipelines
+    text_encoder: str | None = None  # component folders of the text encoder and its tokenizer, for text-to-image
+    tokenizer: str | None = None
 
 
 PIPELINES: Registry[PipelineFamily] = Registry("pipeline")
 for _family in (PipelineFamily("DDPMPipeline", "unet2d", "unet"), PipelineFamily("DDIMPipeline", "unet2d", "unet"),
                 PipelineFamily("LDMPipeline", "unet2d", "unet", "vqvae"),
-                PipelineFamily("DiTPipeline", "dit", "transformer", "vae", "id2label")):
+                PipelineFamily("DiTPipeline", "dit", "transformer", "vae", "id2label"),
+                PipelineFamily("StableDiffusionPipeline", "unet2d-cond", "unet", "vae", text_encoder="text_encoder",
+                               tokenizer="tokenizer")):
     PIPELINES.register(_family.pipeline_class)(_family)
 
 AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
@@ -155,10 +159,7 @@ class LatentCodec:
         """sha256 of the autoencoder's class, config and weights: part of every latent cache key."""
         h = hashlib.sha256(type(self.autoencoder).__name__.encode())
         h.update(repr(sorted(dict(self.autoencoder.config).items())).encode())
-        for k, v in self.autoencoder.state_dict().items():
-            v = v.detach().cpu().contiguous()
-            h.update(k.encode())
-            h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        _hash_state(h, self.autoencoder)
         return h.hexdigest()
 
     def to(self, device) -> "LatentCodec":
@@ -166,8 +167,154 @@ class LatentCodec:
         return self
 
 
-__all__ = ["AUTOENCODER_CLASSES", "LatentCodec", "PIPELINES", "PipelineFamily", "assemble_pipeline", "pipeline_family",
-           "stock_pipeline"]
+TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+TEXT_FORMAT = 1  # bump when the way prompt embeddings are computed changes
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise DiffPruneError("a text-to-image pipeline needs the transformers package (its text encoder and "
+                             "tokenizer); pip install 'diffprune[sd]'") from None
+    return transformers
+
+
+def load_text_encoder(folder, family: PipelineFamily) -> "TextEncoder":
+    """The :class:`TextEncoder` of a text-to-image pipeline folder (safetensors only; classes checked)."""
+    from pathlib import Path
+
+    from .._fs import read_json
+    from ..io import INDEX_NAME
+
+    folder = Path(folder)
+    transformers = _transformers()
+    index = read_json(folder / INDEX_NAME)
+    classes = {}
+    for key, allowed in ((family.text_encoder, TEXT_ENCODER_CLASSES), (family.tokenizer, TOKENIZER_CLASSES)):
+        entry = index.get(key)
+        name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+        require(name in allowed, f"pipeline {str(folder)!r} has {key}={entry!r}; supported: {list(allowed)}")
+        require((folder / key).is_dir(), f"pipeline {str(folder)!r} names a {key} but has no {key}/ folder; copy "
+                                         "the whole pipeline (save_pretrained writes every component)")
+        classes[key] = getattr(transformers, name)
+    weights = folder / family.text_encoder / "model.safetensors"
+    require(weights.is_file(), f"{str(weights.parent)!r} has no model.safetensors; save the text encoder with "
+                               "safe_serialization=True (diffprune never loads pickles)")
+    encoder = classes[family.text_encoder].from_pretrained(folder / family.text_encoder, use_safetensors=True)
+    tokenizer = classes[family.tokenizer].from_pretrained(folder / family.tokenizer)
+    return TextEncoder(tokenizer, encoder)
+
+
+class TextEncoder:
+    """A text-to-image pipeline's tokenizer and text encoder as a map from prompts to the denoiser's context
+    ``[N, L, D]``: each prompt padded (and, when longer, truncated) to the tokenizer's ``model_max_length``, and the
+    encoder's ``last_hidden_state``, exactly as ``StableDiffusionPipeline.encode_prompt`` does (``clip_skip=None``).
+    The unconditional context of classifier-free guidance is the empty prompt's (:meth:`null`).
+
+    Prompts longer than the tokenizer allows are truncated, as the stock pipeline truncates them, and every call
+    that truncates says how many on stderr (:attr:`truncated` counts them)."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.truncated = 0
+
+    @property
+    def width(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def check_fits(self, spec) -> None:
+        """The encoder's width must be the denoiser's ``cross_attention_dim``."""
+        require(self.width == spec.context_dim,
+                f"the text encoder outputs {self.width}-wide embeddings but the UNet's cross_attention_dim is "
+                f"{spec.context_dim}; the pipeline's components do not fit (use the text encoder the UNet was "
+                "trained with)")
+
+    @torch.no_grad()
+    def encode(self, prompts, batch_size: int = 64) -> torch.Tensor:
+        """float32 context ``[len(prompts), max_length, width]`` on the CPU."""
+        import sys
+
+        prompts = [str(p) for p in prompts]
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False).input_ids]
+        cut = sum(n > self.max_length for n in lengths)
+        if cut:
+            self.truncated += cut
+            print(f"diffprune: {cut} of {len(prompts)} prompt(s) are longer than the text encoder's "
+                  f"{self.max_length} tokens and were truncated, as the stock pipeline truncates them",
+                  file=sys.stderr)
+        use_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
+        p = next(self.text_encoder.parameters())
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            ids = tok.input_ids[i:i + batch_size].to(p.device)
+            mask = tok.attention_mask[i:i + batch_size].to(p.device) if use_mask else None
+            out.append(self.text_encoder(ids, attention_mask=mask)[0].float().cpu())
+        return torch.cat(out)
+
+    def null(self) -> torch.Tensor:
+        """The empty prompt's context ``[1, L, D]``: the unconditional branch of classifier-free guidance."""
+        return self.encode([""])
+
+    def identity(self) -> str:
+        """sha256 of the tokenizer and the text encoder (class, config, weights): part of every text cache key."""
+        h = hashlib.sha256(type(self.text_encoder).__name__.encode())
+        h.update(repr(sorted(self.text_encoder.config.to_dict().items())).encode())
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        h.update((backend.to_str() if backend is not None else repr(sorted(self.tokenizer.get_vocab().items())))
+                 .encode())
+        h.update(str(self.max_length).encode())
+        _hash_state(h, self.text_encoder)
+        return h.hexdigest()
+
+    def encode_cached(self, prompts, *, cache_dir=None, progress: bool = False) -> tuple[torch.Tensor, str]:
+        """The context of each prompt, encoded once (unique prompts) then read from the cache; ``(context, key)``."""
+        import json
+
+        from safetensors.torch import load_file, save
+
+        from .._fs import atomic_write_bytes, cache_dir as _cache
+
+        prompts = [str(p) for p in prompts]
+        unique = sorted(set(prompts))
+        key = hashlib.sha256(json.dumps({"format": TEXT_FORMAT, "encoder": self.identity(),
+                                         "prompts": unique}).encode()).hexdigest()[:32]
+        path = _cache(cache_dir) / "text" / f"{key}.safetensors"
+        z = None
+        if path.is_file():
+            try:
+                z = load_file(str(path))["context"]
+                z = z if len(z) == len(unique) else None
+            except Exception:  # a damaged cache entry is recomputed
+                z = None
+        if z is None:
+            z = self.encode(unique).contiguous()
+            atomic_write_bytes(path, save({"context": z}))
+        index = {p: i for i, p in enumerate(unique)}
+        return z[torch.tensor([index[p] for p in prompts], dtype=torch.long)], key
+
+    def to(self, device) -> "TextEncoder":
+        self.text_encoder.to(device)
+        return self
+
+
+def _hash_state(h, module: nn.Module) -> None:
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+
+
+__all__ = ["AUTOENCODER_CLASSES", "LatentCodec", "PIPELINES", "PipelineFamily", "TextEncoder", "assemble_pipeline",
+           "load_text_encoder", "pipeline_family", "stock_pipeline"]
 
 
 def stock_pipeline(loaded):

@@ -20,3 +20,29 @@ def add_prediction_type_flag(p) -> None:
 
 def device_of(args) -> str:
     return args.device or default_device()
+
+
+def add_prompt_flags(p, what: str) -> None:
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help=f"text-to-image models: a prompt {what} (repeat the flag for several; seed s takes prompt "
+                        "s mod P)")
+    p.add_argument("--prompt-file", default=None, metavar="FILE",
+                   help="text-to-image models: a UTF-8 file with one prompt per line (blank lines skipped)")
+
+
+def read_prompts(args) -> list[str] | None:
+    """The prompts of --prompt and --prompt-file (None when neither is given)."""
+    from pathlib import Path
+
+    from ..errors import require
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        require(path.is_file(), f"--prompt-file {args.prompt_file!r} does not exist; pass a text file with one "
+                                "prompt per line")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        found = [line for line in lines if line]
+        require(found, f"--prompt-file {args.prompt_file!r} holds no prompt; write one prompt per line")
+        prompts += found
+    return prompts or None

@@ -6,7 +6,7 @@ report.md with its PNGs, and both sample sets into --out.
 """
 from __future__ import annotations
 
-from ._common import add_device_flag, device_of
+from ._common import add_device_flag, add_prompt_flags, device_of, read_prompts
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
                                    "with --student-samples (then no cost is measured)")
     p.add_argument("--teacher", help="the unpruned model to compare against: a model folder or shipped name")
     p.add_argument("--data", help="reference images for FID: 'mnist', 'digits', a folder or a HF dataset id "
-                                  "(default: the data recorded in the model folder's train_config.json; none: no FID)")
+                                  "(default: the data recorded in the model folder's train_config.json; 'none' or "
+                                  "nothing recorded: no FID)")
     p.add_argument("--ref-split", default=d.ref_split, help="split of --data used as the FID reference")
     p.add_argument("--ref-count", type=int, default=None, help="reference images used (default: the whole split)")
     p.add_argument("--n", type=int, default=d.n, help="images sampled from each model")
@@ -57,7 +58,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler-latency-batch", type=int, default=d.sampler_latency_batch,
                    help="batch of the full-sampler timing (per-image latency = median / batch)")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale,
-                   help="classifier-free guidance scale for class-conditional models with a null label (1 = none)")
+                   help="classifier-free guidance scale for class-conditional models with a null label and for "
+                        "text-to-image models (1 = none)")
+    add_prompt_flags(p, "that teacher and student are both sampled from")
     p.add_argument("--classifier", default=None,
                    help="class-conditional models: the classifier that checks each sample shows the requested class "
                         "(default: mnist-classifier for --data mnist)")
@@ -104,37 +107,39 @@ def _eval(args, inputs) -> int:
 
         require(args.threads >= 1, f"--threads {args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
-    data = args.data or _recorded_data(args.model) or _recorded_data(args.teacher)
+    data = None if args.data == "none" else args.data or _recorded_data(args.model) or _recorded_data(args.teacher)
     config = EvalConfig(
         n=args.n, steps=args.steps, seed=args.seed, skip=args.skip, batch_size=args.batch_size, data=data,
         ref_split=args.ref_split, ref_count=args.ref_count, extractor=args.extractor,
         extractor_weights=args.inception_weights or args.extractor_weights, cache_dir=args.cache_dir,
         latency_batches=args.latency_batches, latency_repeats=args.latency_repeats,
         sampler_latency_batch=args.sampler_latency_batch, guidance_scale=args.guidance_scale,
-        classifier=args.classifier,
+        classifier=args.classifier, prompts=read_prompts(args),
     )
     device = device_of(args)
-    student = teacher = scheduler = pruning = codec = class_names = None
+    student = teacher = scheduler = pruning = codec = class_names = text = None
     log: dict = {}
     if args.model is not None:
         loaded, log = load_for_eval(args.model)
         student, scheduler, pruning, codec = loaded.denoiser.to(device), loaded.scheduler, loaded.pruning, loaded.codec
-        class_names = loaded.class_names
+        class_names, text = loaded.class_names, loaded.text_encoder
     if args.teacher is not None:
         loaded, _ = load_for_eval(args.teacher)
         teacher = loaded.denoiser.to(device)
         scheduler = loaded.scheduler if scheduler is None else scheduler
         codec = loaded.codec if codec is None else codec
         class_names = loaded.class_names if class_names is None else class_names
-    if codec is not None:
-        codec.to(device)
+        text = loaded.text_encoder if text is None else text
+    for part in (codec, text):
+        if part is not None:
+            part.to(device)
     if data is None:
         print("no --data given or recorded: FID is skipped (consistency and cost are still measured)")
     m = evaluate(student, teacher, config=config, out_dir=args.out, scheduler=scheduler,
                  student_samples=args.student_samples, teacher_samples=args.teacher_samples, pruning=pruning,
                  train_log=log, device=device, overwrite=args.overwrite, progress=True,
                  names={"student": args.model or args.student_samples, "teacher": args.teacher or args.teacher_samples},
-                 inputs=inputs, codec=codec, class_names=class_names)
+                 inputs=inputs, codec=codec, class_names=class_names, text_encoder=text)
 
     def f(v, spec=".4g"):
         return "n/a" if v is None else format(v, spec)

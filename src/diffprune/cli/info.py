@@ -31,7 +31,8 @@ def summarize(name_or_path: str) -> dict:
         "pipeline": loaded.pipeline.family.pipeline_class if loaded.pipeline is not None else None,
         "latent": loaded.codec is not None,
         "conditioning": None if spec is None else {"kind": spec.kind, "num_classes": spec.num_classes,
-                                                   "null_label": spec.null_label, "class_names": loaded.class_names},
+                                                   "null_label": spec.null_label, "class_names": loaded.class_names,
+                                                   "context_dim": spec.context_dim},
         "pruned": loaded.pruning is not None,
         "method": rec.get("method"),
         "params": macs.params,
@@ -66,7 +67,10 @@ def run(args) -> int:
     where = f" in a {info['pipeline']}" if info["pipeline"] else ""
     space = "latents" if info["latent"] else "pixels"
     print(f"{info['source']}: {info['model_class']} (family {info['family']}){where}, input {c}x{h}x{w} {space}")
-    if info["conditioning"]:
+    if info["conditioning"] and info["conditioning"]["kind"] == "text":
+        print(f"conditioning: text, {info['conditioning']['context_dim']}-wide text-encoder context through "
+              "cross-attention (prompts: --prompt / --prompt-file)")
+    elif info["conditioning"]:
         cond = info["conditioning"]
         null = f", null class {cond['null_label']} (guidance)" if cond["null_label"] is not None else ""
         names = cond["class_names"]

@@ -5,7 +5,7 @@ nothing. The output folder holds config.json + pruning.json + diffusion_pytorch_
 """
 from __future__ import annotations
 
-from ._common import add_device_flag, add_prediction_type_flag, device_of
+from ._common import add_device_flag, add_prediction_type_flag, add_prompt_flags, device_of, read_prompts
 
 
 def add_parser(sub) -> None:
@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None,
                    help="calibration images for gradient methods: an image folder, a bundled dataset (mnist, "
                         "digits), a Hugging Face id, a .npy/.safetensors tensor [N,C,H,W] of the model's exact "
-                        "shape, or 'data-free' (images sampled from the model itself)")
+                        "shape, or 'data-free' (images sampled from the model itself); a text-to-image pipeline "
+                        "needs captions (a folder with metadata.jsonl, or a dataset with a 'text' column)")
+    add_prompt_flags(p, "to generate calibration inputs from with --data data-free")
     p.add_argument("--split", default="train", help="dataset split used for --data (default: train)")
     p.add_argument("--method", default="diff-pruning",
                    help="importance: diff-pruning (default), taylor, magnitude, random, reinit, or depth (whole DiT blocks)")
@@ -140,7 +142,8 @@ def _prune(args, config, inputs) -> int:
     from ..prune import prune_model
 
     loaded, report = prune_model(args.model, config, args.data, device=device_of(args), split=args.split,
-                                 cache_dir=args.cache_dir, prediction_type=args.prediction_type)
+                                 cache_dir=args.cache_dir, prediction_type=args.prediction_type,
+                                 prompts=read_prompts(args))
     record = loaded.pruning
 
     print(width_table(report.base_widths, report.widths))

@@ -1,7 +1,7 @@
 """``diffprune sample``: generate images from a model folder; image i always comes from seed s+i."""
 from __future__ import annotations
 
-from ._common import add_device_flag, add_prediction_type_flag, device_of
+from ._common import add_device_flag, add_prediction_type_flag, add_prompt_flags, device_of, read_prompts
 
 
 def _labels(text: str) -> list[int]:
@@ -28,8 +28,10 @@ def add_parser(sub) -> None:
                    help="class-conditional models: one class id for all images, or one per image (comma-separated); "
                         "default: image i gets class (SEED+i) mod num_classes")
     p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance scale (class-conditional models with a null label, e.g. DiT; "
-                        "1 = none, DiT's pipeline uses 4)")
+                   help="classifier-free guidance scale (class-conditional models with a null label, e.g. DiT, and "
+                        "text-to-image models, against the empty prompt; 1 = none, DiT's pipeline uses 4, Stable "
+                        "Diffusion's 7.5)")
+    add_prompt_flags(p, "to generate from")
     add_prediction_type_flag(p)
     add_device_flag(p)
     p.set_defaults(func=run)
@@ -50,10 +52,12 @@ def run(args) -> int:
 def _sample(args) -> int:
     from .._fs import atomic_dir
     from ..data import to_uint8
+    from ..errors import require
     from ..io import load_model
     from ..objective import resolve_scheduler
-    from ..sampling import labels_for, sample, save_samples
+    from ..sampling import conditioning_for, prompts_for, sample, save_samples
 
+    prompts = read_prompts(args)
     loaded = load_model(args.model)
     scheduler = resolve_scheduler(loaded.scheduler, args.prediction_type)
     device = device_of(args)
@@ -61,13 +65,24 @@ def _sample(args) -> int:
     codec = loaded.codec.to(device) if loaded.codec is not None else None
     seeds = list(range(args.seed, args.seed + args.n))
     names = loaded.class_names
-    labels = labels_for(model, seeds, args.class_labels, len(names) if names else None)
-    images = sample(model, scheduler, seeds=seeds, class_labels=labels, guidance_scale=args.guidance_scale,
-                    codec=codec, num_inference_steps=args.steps, sampler=args.sampler, skip=args.skip,
+    text = loaded.text_encoder
+    per_seed = context = negative = labels = None
+    if prompts is not None:
+        require(text is not None, f"{args.model!r} is not a text-to-image pipeline: it takes no prompt (drop "
+                                  "--prompt/--prompt-file)")
+        per_seed = prompts_for(seeds, prompts)
+        context = text.to(device).encode(per_seed)
+        negative = text.null() if args.guidance_scale != 1 else None
+    else:
+        require(text is None, f"{args.model!r} is a text-to-image pipeline: pass --prompt TEXT or --prompt-file FILE")
+        labels = conditioning_for(model, seeds, args.class_labels, None, len(names) if names else None)
+    images = sample(model, scheduler, seeds=seeds, class_labels=labels, prompt_embeds=context,
+                    negative_prompt_embeds=negative, guidance_scale=args.guidance_scale, codec=codec,
+                    num_inference_steps=args.steps, sampler=args.sampler, skip=args.skip,
                     batch_size=args.batch_size, device=device)
     meta = {"model": str(args.model), "steps": args.steps, "sampler": args.sampler, "skip": args.skip,
             "guidance_scale": args.guidance_scale, "class_labels": None if labels is None else labels.tolist(),
-            "class_names": names}
+            "class_names": names, "prompts": per_seed}
     with atomic_dir(args.out, overwrite=args.overwrite, kind="samples", inputs=(args.model,)) as tmp:
         save_samples(to_uint8(images), seeds, tmp, meta)
     print(f"wrote {args.n} images to {args.out} (grid: {args.out}/grid.png)")
