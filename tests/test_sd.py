@@ -249,3 +249,22 @@ def test_mismatched_or_missing_components_are_refused(tmp_path, capsys):
 
     with pytest.raises(DiffPruneError, match="addition_embed_type='text_time' is not supported"):
         adapter_for(xl).conditioning(xl)
+
+
+def test_gradient_checkpointing_gives_the_same_training(sd, tmp_path):
+    """The memory option recomputes activations: the same losses and weights as without it."""
+    root = sd["root"]
+    runs = {}
+    for flag in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / ("ckpt" if flag else "plain")
+        assert main(["finetune", str(root / "pruned"), "--data", str(root / "data"), "--steps", "2", "--batch-size",
+                     "4", "--checkpoint-every", "2", "--log-every", "1", "--out", str(out), "--device", "cpu",
+                     "--cache-dir", str(root / "cache"), *flag]) == 0
+        runs[bool(flag)] = (load_model(out).denoiser.state_dict(), (out / "train_log.csv").read_text())
+        record = json.loads((out / "train_config.json").read_text())
+        assert record["train"]["gradient_checkpointing"] is bool(flag)
+    (plain, log_a), (ckpt, log_b) = runs[False], runs[True]
+    loss = [[float(r.split(",")[1]) for r in log.splitlines()[1:]] for log in (log_a, log_b)]
+    assert len(loss[0]) == 2 and np.allclose(loss[0], loss[1], rtol=1e-5)
+    for k in plain:
+        torch.testing.assert_close(plain[k], ckpt[k], atol=1e-5, rtol=1e-4)

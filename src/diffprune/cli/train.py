@@ -33,8 +33,12 @@ def add_training_flags(p) -> None:
     p.add_argument("--no-antithetic", action="store_true", help="sample timesteps independently (default: t, T-1-t pairs)")
     p.add_argument("--dropout", type=float, default=None, help="set every dropout layer's p (default: the model's)")
     p.add_argument("--label-dropout", type=float, default=None,
-                   help="class-conditional models with a null label (DiT): share of labels dropped for classifier-free "
-                        "guidance (default 0.1; 0 for other models)")
+                   help="conditional models with an unconditional input (a DiT's null label, a text model's empty "
+                        "prompt): share of labels or captions dropped for classifier-free guidance (default 0.1; 0 "
+                        "for other models)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, more time, same gradients "
+                        "(mixed precision: accelerate launch --mixed_precision fp16)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept (newest)")
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids (0: none)")
@@ -54,7 +58,8 @@ def train_config_from_args(args, **extra):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule, lr_decay_start=args.lr_decay_start,
         grad_clip=args.grad_clip, ema_decay=args.ema_decay, antithetic=not args.no_antithetic,
-        dropout=args.dropout, label_dropout=args.label_dropout, checkpoint_every=args.checkpoint_every,
+        dropout=args.dropout, label_dropout=args.label_dropout, gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         sample_every=args.sample_every, log_every=args.log_every, seed=args.seed, **extra,
     )
