@@ -13,6 +13,13 @@ benchmarks/results/full_size.json and .md.
   1000 classes) as a diffusers ``UNet2DModel`` with a class embedding. The original conditions through
   cross-attention to a class embedding, which ``UNet2DModel`` cannot express; the convolutional trunk, which holds
   most of the MACs, is the same.
+* ``sd15-unet``: runwayml/stable-diffusion-v1-5's UNet config (320/640/1280/1280, 8 heads, 768-wide CLIP context):
+  860M parameters; MACs per call at 64x64x4 latents (512x512 images) with a 77-token context.
+* ``sd21-base-unet``: stabilityai/stable-diffusion-2-1-base's UNet config (head dims 5/10/20/20 as a per-block list,
+  linear proj_in/proj_out, 1024-wide OpenCLIP context), 64x64x4 latents, 77 tokens.
+
+Results of different runs go to their own files (``--results``): the first two models are in full_size.md, the
+Stable Diffusion UNets in full_size_sd.md.
 """
 import argparse
 import json
@@ -31,6 +38,28 @@ CONFIGS = {
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32,
         norm_num_groups=32, num_class_embeds=1000)),
+    "sd15-unet": ("UNet2DConditionModel", dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+        norm_num_groups=32)),
+    "sd21-base-unet": ("UNet2DConditionModel", dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
+        attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, norm_num_groups=32)),
+}
+NOTES = {
+    "dit-xl-2-256": "diffusers' `DiTTransformer2DModel` gives each of the 28 blocks its own timestep and label "
+                    "embedder (the original DiT shares one), hence 749.8M parameters rather than the 675M usually "
+                    "quoted; the DiT keeps its residual stream (see README), so half the MACs leave 365.6M parameters "
+                    "(TinyFusion reports 338M for Diff-Pruning at 50%).",
+    "ldm4-imagenet-256": "The LDM-4 row is a UNet2DModel with the paper's widths and a class embedding instead of "
+                         "cross-attention (FIELD.md quotes about 400M / 99.8G for the original).",
+    "sd15-unet": "For scale, BK-SDM removes whole blocks from SD-1.4's 0.86B-parameter UNet, leaving 0.58B (Base), "
+                 "0.49B (Small) or 0.33B (Tiny) parameters, and retrains with distillation.",
+    "sd21-base-unet": "SD 2.x: heads are recorded per attention and written back at load (the config's per-block "
+                      "head list only shapes the model when it is built).",
 }
 
 
@@ -82,11 +111,8 @@ if __name__ == "__main__":
         lines.append(f"| {r['model']} ({r['class']}) | {r['params_before'] / 1e6:.1f}M -> {r['params_after'] / 1e6:.1f}M "
                      f"| {r['macs_before'] / 1e9:.1f}G -> {r['macs_after'] / 1e9:.1f}G | {r['macs_fraction']:.3f} "
                      f"| {r['search_trials']} | {r['prune_seconds'] / 60:.1f} min | {r['peak_rss_gib']} GiB |")
-    lines += ["", "Notes: diffusers' `DiTTransformer2DModel` gives each of the 28 blocks its own timestep and label "
-              "embedder (the original DiT shares one), hence 749.8M parameters rather than the 675M usually quoted; "
-              "the DiT keeps its residual stream (see README), so half the MACs leave 365.6M parameters (TinyFusion "
-              "reports 338M for Diff-Pruning at 50%). The LDM-4 row is a UNet2DModel with the paper's widths and a "
-              "class embedding instead of cross-attention (FIELD.md quotes about 400M / 99.8G for the original). "
-              "`prune time` includes the target-MACs search (a pruned copy and a MAC count per trial)."]
+    notes = " ".join(NOTES[r["model"]] for r in rows)
+    lines += ["", f"Notes: {notes} `prune time` includes the target-MACs search (a pruned copy and a MAC count per "
+              "trial)."]
     res.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -231,6 +231,30 @@ def test_bad_text_inputs_are_one_line_errors(sd, tmp_path, capsys):
     assert "1 of 2 prompt(s) are longer than the text encoder's 16 tokens" in capsys.readouterr().err
 
 
+def test_sd2_layout_linear_projections_and_per_block_heads(tmp_path):
+    """SD 2.x's UNet: linear proj_in/proj_out, attention_head_dim as a per-block list, a wider context. Pruned to
+    0.5x MACs it runs, and save -> load is bitwise."""
+    from diffprune.prune import prune_
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+        attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=8).eval()
+    assert isinstance(unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
+    report = prune_(unet, PruneConfig(method="magnitude", target_macs=0.5), progress=False)
+    assert abs(report.macs / report.base_macs - 0.5) <= 0.02 * 0.5
+    heads = {n: m.heads for n, m in unet.named_modules() if n.endswith("attn1")}
+    assert heads["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == 2
+    assert heads["down_blocks.1.attentions.0.transformer_blocks.0.attn1"] == 4
+    save_pruned(unet, tmp_path / "p", {**report.to_dict()})
+    again = load_model(tmp_path / "p").denoiser
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 48), torch.tensor([1, 900])
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, encoder_hidden_states=ctx).sample, again(x, t, encoder_hidden_states=ctx).sample)
+
+
 def test_mismatched_or_missing_components_are_refused(tmp_path, capsys):
     import shutil
 
