@@ -60,6 +60,22 @@ def build_sd(root, context_dim: int = 32, text_width: int = 32):
     return root / "pipe"
 
 
+def build_clip(folder):
+    """A tiny transformers CLIPModel (32x32 images, 16-token prompts) with its tokenizer, saved to folder."""
+    tokenizer, vocab = write_tokenizer(folder.parent / "clip-vocab")
+    eos = vocab["<|endoftext|>"]
+    torch.manual_seed(1)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8), projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def write_captioned(folder, n: int = 8, skip_caption: int | None = None):
     """n 16x16 RGB squares with metadata.jsonl captions (every second one red)."""
     from PIL import Image
@@ -193,12 +209,39 @@ def test_finetune_with_distillation_and_caption_dropout_then_eval(sd, tmp_path):
     assert tuned.pruning is not None and type(tuned.denoiser).__name__ == "UNet2DConditionModel"
     (tmp_path / "prompts.txt").write_text("a red square\n\na blue square\n")
     assert main(["eval", "--model", str(ft), "--teacher", str(root / "pipe"), "--prompt-file",
-                 str(tmp_path / "prompts.txt"), "--n", "4", "--steps", "2", "--latency-batches", "1", "--sampler-latency-batch", "1", "--data", "none",
+                 str(tmp_path / "prompts.txt"), "--clip-model", str(build_clip(tmp_path / "clip")), "--n", "4", "--steps", "2", "--latency-batches", "1", "--sampler-latency-batch", "1", "--data", "none",
                  "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["config"]["prompts"] == ["a red square", "a blue square"] and m["seeds"]["paired"] == 4
     assert -1 <= m["ssim"] <= 1 and abs(m["mac_ratio"] - 2) < 0.1
     assert m["speedup"] > 0 and m["latency"]["student"]["unet_calls_per_image"] == 2
+    assert 0 <= m["clip_score"] <= 100 and 0 <= m["clip_score_teacher"] <= 100 and m["clip_setup"]["n"] == 4
+
+
+def test_clip_score_is_the_clip_models_own_cosine(tmp_path):
+    """clip_score = 100 * max(cos, 0) per image, the cosine as CLIPModel's own forward computes it (its
+    logits_per_image divided by its logit scale), on the same preprocessed pixels."""
+    import torch.nn.functional as F
+
+    from diffprune.metrics import CLIP_MEAN, CLIP_STD, clip_score, load_clip
+
+    clip = load_clip(build_clip(tmp_path / "clip"))
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red square", "a blue square", "x", "yy", "a cat", "dog", "zz z", "q"]
+    got = clip_score(images, prompts, clip, batch_size=2)
+    model, tokenizer = clip
+    x = F.interpolate(images.float() / 255, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    tok = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=x)
+    cos = out.logits_per_image.diag() / model.logit_scale.exp()
+    expect = (100 * cos.clamp(min=0)).tolist()
+    assert got["n"] == 8 and np.allclose(got["per_image"], expect, atol=1e-4)
+    assert sum(v > 0 for v in expect) >= 2  # the check covers real cosines, not only clamped zeros
+    assert got["clip_score"] == pytest.approx(float(np.mean(expect)), abs=1e-4)
+    with pytest.raises(DiffPruneError, match="is not a local transformers model folder"):
+        load_clip(tmp_path / "nowhere")
 
 
 def test_data_free_calibration_from_prompts(sd, tmp_path):

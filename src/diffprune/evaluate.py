@@ -67,6 +67,7 @@ class EvalConfig:
     guidance_scale: float = 1.0
     classifier: str | None = None
     prompts: tuple[str, ...] | None = None
+    clip_model: str | None = None
 
     def __post_init__(self):
         require_int("n", self.n, 2)
@@ -88,6 +89,8 @@ class EvalConfig:
         if self.prompts is not None:
             object.__setattr__(self, "prompts", tuple(str(p) for p in self.prompts))
             require(len(self.prompts) >= 1, "prompts=() is empty; give at least one prompt, or None")
+        require(self.clip_model is None or self.prompts is not None,
+                f"clip_model={self.clip_model!r} scores samples against their prompts: give prompts too")
         require(all(isinstance(b, int) and b >= 1 for b in self.latency_batches),
                 f"latency_batches={self.latency_batches!r} must be positive integers, e.g. (1, 16, 64)")
         if self.extractor is not None:
@@ -229,6 +232,24 @@ def _class_accuracy(config: EvalConfig, sets: dict[str, SampleSet], labels, clas
             "class_accuracy_detail": {**detail, "classifier": config.resolved_classifier, "class_names": class_names}}
 
 
+def _clip_scores(config: EvalConfig, sets: dict[str, SampleSet], device) -> dict:
+    """``clip_score`` (student) and ``clip_score_teacher`` of a text-to-image model's samples against their prompts,
+    with ``config.clip_model``; ``{}`` without one."""
+    if config.clip_model is None:
+        return {}
+    from .metrics import clip_score, load_clip
+    from .sampling import prompts_for
+
+    model, tokenizer = load_clip(config.clip_model)
+    clip = (model.to(device), tokenizer)
+    scores = {role: clip_score(s.images, prompts_for(s.seeds, config.prompts), clip, batch_size=config.batch_size)
+              for role, s in sets.items()}
+    return {"clip_score": scores["student"]["clip_score"],
+            "clip_score_teacher": scores["teacher"]["clip_score"] if "teacher" in scores else None,
+            "clip_setup": {"model": config.clip_model, "n": scores["student"]["n"],
+                           "definition": "100 * max(cos(image, prompt), 0), mean over samples"}}
+
+
 def _versions() -> dict:
     """:func:`diffprune.train.run_info`'s versions plus the evaluation's own dependencies (None when absent)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -334,6 +355,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     metrics["fid_student_vs_teacher"] = fid.pop("student_vs_teacher", None)
     metrics["fid_setup"] = fid
     metrics.update(_class_accuracy(config, sets, labels, class_names))
+    metrics.update(_clip_scores(config, sets, device))
 
     # Cost.
     for m in models.values():

@@ -22,7 +22,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -256,6 +256,58 @@ def class_accuracy(images: torch.Tensor, requested: torch.Tensor, classifier, *,
                  for c in range(num_classes)]
     return {"accuracy": float(ok.float().mean()), "confident_accuracy": float((ok & (conf >= threshold)).float().mean()),
             "per_class": per_class, "threshold": threshold, "n": len(images)}
+
+
+# --- text-to-image models: does the sample show what the prompt says? ---------------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation (OpenAI)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_clip(folder: str | os.PathLike):
+    """``(CLIPModel, tokenizer)`` from a local folder holding a transformers ``CLIPModel`` (``model.safetensors``)
+    and its tokenizer, e.g. a copy of openai/clip-vit-large-patch14. Never downloads."""
+    from .adapters.pipelines import _transformers
+
+    folder = Path(folder)
+    require(folder.is_dir() and (folder / "config.json").is_file(),
+            f"CLIP model {str(folder)!r} is not a local transformers model folder (config.json); CLIP score needs "
+            "its weights on disk: download a CLIP model (e.g. openai/clip-vit-large-patch14) once and pass its folder")
+    require((folder / "model.safetensors").is_file(),
+            f"{str(folder)!r} has no model.safetensors; diffprune never loads pickles (save it with "
+            "safe_serialization=True)")
+    transformers = _transformers()
+    model = transformers.CLIPModel.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, prompts: Sequence[str], clip, *, batch_size: int = 64) -> dict:
+    """CLIP score of uint8 images ``[N, C, H, W]`` against their prompts: ``100 * max(cos(image, text), 0)``
+    averaged (Hessel et al. 2021, as torchmetrics' ``CLIPScore``). ``clip``: :func:`load_clip`'s pair. Images are
+    resized (bicubic) to the model's input size and normalised with CLIP's mean and std; prompts are truncated to
+    the tokenizer's length."""
+    import torch.nn.functional as F
+
+    model, tokenizer = clip
+    require(len(prompts) == len(images), f"{len(images)} images but {len(prompts)} prompts")
+    p = next(model.parameters())
+    size = int(model.config.vision_config.image_size)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    scores = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].float() / 255
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        tok = tokenizer(list(prompts[i:i + batch_size]), padding=True, truncation=True, return_tensors="pt")
+        img = model.get_image_features(pixel_values=((x - mean) / std).to(p.device, p.dtype))
+        txt = model.get_text_features(input_ids=tok.input_ids.to(p.device),
+                                      attention_mask=tok.attention_mask.to(p.device))
+        img, txt = (getattr(f, "pooler_output", f) for f in (img, txt))
+        scores.append((100 * F.cosine_similarity(img.float(), txt.float()).clamp(min=0)).cpu())
+    per_image = torch.cat(scores)
+    return {"clip_score": float(per_image.mean()), "n": len(per_image), "per_image": per_image.tolist()}
 
 
 # --- reference statistics, cached ------------------------------------------------------------------------------

@@ -299,6 +299,9 @@ def metrics_rows(m: dict) -> list[tuple[str, str, str]]:
          _fmt(m.get("macs_per_image"), "macs")),
         (f"FID vs data ({ext or 'no data'})", _fmt(m.get("fid_teacher")), _fmt(m.get("fid"))),
     ]
+    if m.get("clip_score") is not None:
+        rows.append(("CLIP score (samples vs their prompts)", _fmt(m.get("clip_score_teacher")),
+                     _fmt(m.get("clip_score"))))
     if m.get("class_accuracy") is not None:
         rows.append(("Class accuracy (classified as requested)", _fmt(m.get("class_accuracy_teacher")),
                      _fmt(m.get("class_accuracy"))))

@@ -61,6 +61,9 @@ def add_parser(sub) -> None:
                    help="classifier-free guidance scale for class-conditional models with a null label and for "
                         "text-to-image models (1 = none)")
     add_prompt_flags(p, "that teacher and student are both sampled from")
+    p.add_argument("--clip-model", default=None,
+                   help="text-to-image models: a local CLIP model folder (transformers CLIPModel + tokenizer, e.g. a "
+                        "copy of openai/clip-vit-large-patch14) for the CLIP score of the samples; never downloaded")
     p.add_argument("--classifier", default=None,
                    help="class-conditional models: the classifier that checks each sample shows the requested class "
                         "(default: mnist-classifier for --data mnist)")
@@ -92,7 +95,7 @@ def run(args) -> int:
     require(args.extractor_weights is None or args.inception_weights is None,
             "pass either --extractor-weights or --inception-weights, not both")
     inputs = (args.model, args.teacher, args.data, args.student_samples, args.teacher_samples,
-              args.extractor_weights, args.inception_weights, args.cache_dir)
+              args.extractor_weights, args.inception_weights, args.cache_dir, args.clip_model, args.prompt_file)
     check_output_dir(args.out, args.overwrite, inputs)
     with output_lock(args.out):
         return _eval(args, inputs)
@@ -114,7 +117,7 @@ def _eval(args, inputs) -> int:
         extractor_weights=args.inception_weights or args.extractor_weights, cache_dir=args.cache_dir,
         latency_batches=args.latency_batches, latency_repeats=args.latency_repeats,
         sampler_latency_batch=args.sampler_latency_batch, guidance_scale=args.guidance_scale,
-        classifier=args.classifier, prompts=read_prompts(args),
+        classifier=args.classifier, prompts=read_prompts(args), clip_model=args.clip_model,
     )
     device = device_of(args)
     student = teacher = scheduler = pruning = codec = class_names = text = None
