@@ -42,6 +42,27 @@ def test_target_macs_half_within_two_percent():
         report.search, key=lambda r: abs(r["macs_fraction"] / 0.5 - 1))["ratio"]
 
 
+def _changed_out_widths(report):
+    return {n: w[1] for n, w in report.widths.items() if w[1] != report.base_widths[n][1]}
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=0.3), dict(target_macs=0.5)], ids=["paper", "global-target"])
+def test_round_to_keeps_every_pruned_width_a_multiple(kwargs):
+    torch.manual_seed(0)
+    plain = prune_(build_model("mnist-16"), PruneConfig(method="magnitude", **kwargs), progress=False)
+    assert any(w % 8 for w in _changed_out_widths(plain).values())  # without rounding some widths are odd
+    torch.manual_seed(0)
+    unet = build_model("mnist-16")
+    report = prune_(unet, PruneConfig(method="magnitude", round_to=8, **kwargs), progress=False)
+    changed = _changed_out_widths(report)
+    assert changed and all(w % 8 == 0 for w in changed.values()), changed
+    if "target_macs" in kwargs:
+        assert abs(report.macs / report.base_macs / 0.5 - 1) <= 0.02
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.isfinite(unet(x, torch.tensor([3, 500])).sample).all()
+
+
 def test_target_macs_unreachable_locally_names_the_nearest_fraction():
     unet = build_model("mnist-16")
     with pytest.raises(DiffPruneError, match=r"target_macs=0.3 is out of reach: pruning 90% of the channels still "
@@ -183,6 +204,10 @@ def test_wrong_calibration_shape_is_one_line_error():
     (dict(ratio=0.3, global_ranking=True), "uniform"),
     (dict(ratio=0.3, stride=4), r"timestep strategy 'threshold' takes no \['stride'\]"),
     (dict(ratio=0.3, method="taylor", taylor_form="squared"), r"does not apply to method 'taylor'"),
+    (dict(ratio=0.3, round_to=0), r"round_to"),
+    (dict(target_macs=0.5, round_to=8, prune_heads=True), "round_to=8 needs diffprune's channel selection"),
+    (dict(ratio=0.3, ratio_mode="uniform", round_to=8), "round_to=8 needs diffprune's channel selection"),
+    (dict(ratio=0.3, method="depth", round_to=8), "removes whole blocks"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(DiffPruneError, match=match):

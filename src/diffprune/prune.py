@@ -73,7 +73,9 @@ class PruneConfig:
     original MACs to keep, in (0, 1)) is given. ``ratio_mode`` defaults to "paper" for ``ratio`` and "uniform"
     for ``target_macs``; ``global_ranking`` defaults to True for ``target_macs`` in uniform mode (local steps are
     often too coarse for the tolerance) and False otherwise. ``seed`` fixes the calibration noise, the image subset
-    and random scores.
+    and random scores. ``round_to=N`` keeps every pruned width a multiple of ``N`` (a group is cut to the nearest
+    such width below what the ratio asks, keeping whole GroupNorm groups and heads; widths that are not pruned stay
+    as they are); with a target the search compensates.
 
     The remaining fields belong to the method (:data:`diffprune.importance.METHODS`): ``None`` takes the method's
     default, and a field the method does not own is refused. Gradient methods own the calibration: ``calib_batch``
@@ -91,6 +93,7 @@ class PruneConfig:
     target_latency: float | None = None
     global_ranking: bool | None = None
     prune_heads: bool = False
+    round_to: int = 1
     seed: int = 0
     macs_tolerance: float = 0.02
     latency_batch: int = 16
@@ -142,6 +145,12 @@ class PruneConfig:
         require(not (self.prune_heads and mode == "paper"),
                 "prune_heads (drop whole attention heads) needs ratio_mode='uniform' (--ratio-mode uniform)")
         require_seed("seed", self.seed)
+        require_int("round_to", self.round_to, 1)
+        require(self.round_to == 1 or method.removes != "blocks",
+                f"round_to={self.round_to} rounds channel widths; method {self.method!r} removes whole blocks")
+        require(self.round_to == 1 or ((mode == "paper" or self.global_ranking) and not self.prune_heads),
+                f"round_to={self.round_to} needs diffprune's channel selection: ratio_mode 'paper' or global ranking "
+                "(the default with a target), without prune_heads")
         require(0.0 < self.macs_tolerance < 1.0, f"macs_tolerance={self.macs_tolerance!r} must be in (0, 1)")
         for name, owners in setting_owners().items():  # the method's: fill its defaults, refuse others' settings
             value = getattr(self, name)
@@ -467,6 +476,17 @@ class _SelectingPruner(tp.pruner.BasePruner):
         """The channel indices to prune in each record's group."""
         raise NotImplementedError
 
+    def _kept(self, keep: int, size: int, chunks: int) -> int:
+        """Positions per chunk to keep when the ratio asks for ``keep`` of ``size``: with ``round_to`` N, the most
+        positions <= ``keep`` whose total width ``chunks * kept`` is a multiple of N (at least one; if only wider ones
+        qualify, the narrowest of those; an untouched group stays whole)."""
+        n = self.round_to or 1
+        if n == 1 or keep >= size:
+            return keep
+        allowed = [p for p in range(1, size + 1) if (chunks * p) % n == 0] or [size]
+        below = [p for p in allowed if p <= keep]
+        return max(below) if below else min(allowed)
+
 
 class PaperPruner(_SelectingPruner):
     """The Diff-Pruning repository's local selection rule ("paper" mode).
@@ -485,11 +505,12 @@ class PaperPruner(_SelectingPruner):
             if n_pruned <= 0:
                 out.append([])
             elif ch_groups > 1:
-                size, per = current // ch_groups, n_pruned // ch_groups
+                size = current // ch_groups
+                per = size - self._kept(size - n_pruned // ch_groups, size, ch_groups)
                 out.append(torch.cat([torch.argsort(imp[g * size:(g + 1) * size])[:per] + g * size
                                       for g in range(ch_groups)]).tolist())
             else:
-                out.append(torch.argsort(imp)[:n_pruned].tolist())
+                out.append(torch.argsort(imp)[:current - self._kept(current - n_pruned, current, 1)].tolist())
         return out
 
 
@@ -520,6 +541,9 @@ class GlobalPruner(_SelectingPruner):
                 chosen[r].append(i)
                 left[r] -= 1
                 n_pruned -= 1
+        for r, pos in enumerate(positions):  # round_to: a group's kept width, then its lowest positions go
+            kept = self._kept(len(pos) - len(chosen[r]), len(pos), records[r][3])
+            chosen[r] = torch.argsort(pos)[:len(pos) - kept].tolist()
         return [[i + g * len(pos) for g in range(rec[3]) for i in picked]
                 for rec, pos, picked in zip(records, positions, chosen)]
 
@@ -573,6 +597,7 @@ def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, 
     cls = (PaperPruner if config.ratio_mode == "paper" else
            GlobalPruner if config.global_ranking and not config.prune_heads else tp.pruner.BasePruner)
     pruner = cls(unet, adapter.example_inputs(unet), **kwargs)
+    pruner.round_to = config.round_to  # read by diffprune's own selection (_SelectingPruner._kept)
     pruner.step()
     heads = {}
     for name, m in unet.named_modules():

@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ranking", default=None,
                    help="local (per layer) or global (across layers, Torch-Pruning's global pruning; needs "
                         "--ratio-mode uniform); default: global with --target-macs, local with --ratio")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="keep every pruned width a multiple of N (e.g. 8 for tensor cores); 1 = no rounding")
     p.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads instead of shrinking head dims (needs --ratio-mode uniform)")
     p.add_argument("--thr", type=float, default=None,
@@ -119,7 +121,7 @@ def run(args) -> int:
 
     config = PruneConfig(
         method=args.method, ratio=args.ratio, ratio_mode=args.ratio_mode, target_macs=args.target_macs,
-        global_ranking=_ranking(args.ranking), prune_heads=args.prune_heads, thr=args.thr,
+        global_ranking=_ranking(args.ranking), prune_heads=args.prune_heads, round_to=args.round_to, thr=args.thr,
         threshold_semantics=args.threshold_semantics, timesteps=args.timesteps, stride=args.stride,
         max_timesteps=args.max_timesteps, taylor_form=args.taylor_form, calib_batch=args.calib_batch,
         seed=args.seed, data_free_steps=args.data_free_steps, macs_tolerance=args.macs_tolerance,
