@@ -61,6 +61,8 @@ def test_round_to_keeps_every_pruned_width_a_multiple(kwargs):
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         assert torch.isfinite(unet(x, torch.tensor([3, 500])).sample).all()
+    # pruned tensors are laid out as a freshly built model's: contiguous, in the default memory format
+    assert all(p.is_contiguous() for p in unet.parameters())
 
 
 def test_target_macs_unreachable_locally_names_the_nearest_fraction():
