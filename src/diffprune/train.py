@@ -48,9 +48,9 @@ class TrainConfig:
     over the last ~10% of the steps. The paper's constant 0.9999 suits 100K-step runs; over a 2K-step run it would
     leave the EMA weights ~82% the pruned initialisation (0.9999^2000). The first update copies the weights; from then on the decay is constant.
     ``batch_size`` is per process; ``kd_weight`` > 0 needs a teacher (loss = a·‖f_T − f_S‖² + (1 − a)·‖target − f_S‖²,
-    :mod:`diffprune.objective`). ``label_dropout``: for a conditional model with an unconditional input (a DiT's null label,
-    a text model's empty prompt), the share of labels or captions replaced by it so that classifier-free guidance
-    keeps working (None: 0.1, DiT's and Stable Diffusion's recipe).
+    :mod:`diffprune.objective`). ``label_dropout``: for a conditional model with an unconditional input (a DiT's
+    null label, a text model's empty prompt), the share of labels or captions replaced by it so that classifier-free
+    guidance keeps working (None: 0.1, DiT's and Stable Diffusion's recipe).
     ``gradient_checkpointing``: recompute activations in the backward pass (diffusers' own checkpointing; less
     memory, ~30% more time, the same gradients); mixed precision is accelerate's setting (``accelerate launch
     --mixed_precision fp16`` or its config), recorded with the run.
@@ -632,9 +632,8 @@ def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None, pipeline=N
 
 def _save_sample_grid(raw, ema, scheduler, path: Path, steps: int, codec=None, data=None) -> None:
     """36 samples; a text model draws seed i with the caption of training image i (mod the data)."""
-    from .sampling import image_grid, sample
-
     from .adapters import adapter_for
+    from .sampling import image_grid, sample
 
     model = ema_copy(raw, ema)
     spec = adapter_for(model).conditioning(model)

@@ -5,8 +5,8 @@ package:
 
 * **calling the model**: :meth:`ModelAdapter.forward` turns ``(x_t, t, cond)`` into the model's prediction, shaped
   like ``x_t`` (a learned-variance head's extra channels are dropped); ``cond`` is the conditioning tensor (class
-  labels ``[N]``, or text-encoder hidden states ``[N, L, D]``) or None. :meth:`ModelAdapter.conditioning` says what the model takes
-  (:class:`Conditioning`), :meth:`ModelAdapter.input_shape` the shape of ``x_t``, and
+  labels ``[N]``, or text-encoder hidden states ``[N, L, D]``) or None. :meth:`ModelAdapter.conditioning` says what
+  the model takes (:class:`Conditioning`), :meth:`ModelAdapter.input_shape` the shape of ``x_t``, and
   :meth:`ModelAdapter.example_inputs` one call's keyword inputs, conditioning included, for tracing and MAC
   counting. What the prediction *is* (``epsilon``, ``v_prediction``, ``sample``) is the scheduler's
   ``prediction_type``; :mod:`diffprune.objective` turns it into the training and calibration target.
