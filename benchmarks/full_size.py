@@ -100,7 +100,8 @@ if __name__ == "__main__":
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    command = f"python benchmarks/full_size.py --models {' '.join(args.models)} --threads {args.threads}"
+    command = (f"python benchmarks/full_size.py --models {' '.join(args.models)} --threads {args.threads}"
+               + (f" --results {args.results}" if args.results != "benchmarks/results/full_size" else ""))
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
