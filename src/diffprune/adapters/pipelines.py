@@ -237,9 +237,11 @@ class TextEncoder:
                 "trained with)")
 
     @torch.no_grad()
-    def encode(self, prompts, batch_size: int = 64) -> torch.Tensor:
+    def encode(self, prompts, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """float32 context ``[len(prompts), max_length, width]`` on the CPU."""
         import sys
+
+        from tqdm.auto import tqdm
 
         prompts = [str(p) for p in prompts]
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
@@ -254,7 +256,7 @@ class TextEncoder:
         use_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
         p = next(self.text_encoder.parameters())
         out = []
-        for i in range(0, len(prompts), batch_size):
+        for i in tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress):
             ids = tok.input_ids[i:i + batch_size].to(p.device)
             mask = tok.attention_mask[i:i + batch_size].to(p.device) if use_mask else None
             out.append(self.text_encoder(ids, attention_mask=mask)[0].float().cpu())
@@ -296,7 +298,7 @@ class TextEncoder:
             except Exception:  # a damaged cache entry is recomputed
                 z = None
         if z is None:
-            z = self.encode(unique).contiguous()
+            z = self.encode(unique, progress=progress).contiguous()
             atomic_write_bytes(path, save({"context": z}))
         index = {p: i for i, p in enumerate(unique)}
         return z[torch.tensor([index[p] for p in prompts], dtype=torch.long)], key
