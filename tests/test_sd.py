@@ -216,6 +216,7 @@ def test_finetune_with_distillation_and_caption_dropout_then_eval(sd, tmp_path):
     assert -1 <= m["ssim"] <= 1 and abs(m["mac_ratio"] - 2) < 0.1
     assert m["speedup"] > 0 and m["latency"]["student"]["unet_calls_per_image"] == 2
     assert 0 <= m["clip_score"] <= 100 and 0 <= m["clip_score_teacher"] <= 100 and m["clip_setup"]["n"] == 4
+    assert (tmp_path / "ev" / m["report"]["class_grid"]).is_file()  # one row per prompt, teacher beside student
 
 
 def test_clip_score_is_the_clip_models_own_cosine(tmp_path):

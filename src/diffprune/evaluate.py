@@ -380,6 +380,11 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
         metrics["speedup"] = None
         metrics["speedup_note"] = "latency not measured (needs both models and latency_batches)"
 
+    grid_labels = None if labels is None else dict(zip(config.seeds, labels.tolist()))
+    grid_names = None
+    if context is not None:  # a text model: one grid row per prompt
+        grid_labels = {s: s % len(config.prompts) for s in config.seeds}
+        grid_names = list(config.prompts)
     with atomic_dir(out_dir, overwrite=overwrite, kind="eval", inputs=inputs) as tmp:
         for role, s in sets.items():
             meta = {"role": role, "steps": config.steps, "sampler": "ddim", "eta": 0.0, "skip": config.skip}
@@ -387,7 +392,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
         metrics["report"] = write_report(tmp, metrics, teacher_images=t_img, student_images=s_img if s_img is not None
                                          else sets["student"].images, seeds=common, pruning=pruning,
                                          train_log=train_log, grid_count=config.grid_count,
-                                         labels=None if labels is None else dict(zip(config.seeds, labels.tolist())))
+                                         labels=grid_labels, label_names=grid_names)
         atomic_write_json(tmp / "metrics.json", _finite_or_none(metrics))
     return metrics
 

@@ -217,7 +217,7 @@ def plot_class_accuracy(path: Path, detail: dict) -> None:
 
 def plot_class_grid(path: Path, student: torch.Tensor, teacher: torch.Tensor | None, seeds: Sequence[int],
                     labels: dict, class_names: list[str] | None, per_class: int = 6) -> None:
-    """One row per class: the first samples requested with that class, teacher (left) and student (right)."""
+    """One row per class (or prompt): the first samples requested with it, teacher (left) and student (right)."""
     plt = _plt()
     by_class: dict[int, list[int]] = {}
     for i, s in enumerate(seeds):
@@ -237,8 +237,8 @@ def plot_class_grid(path: Path, student: torch.Tensor, teacher: torch.Tensor | N
             ax.set_xticks([])
             ax.set_yticks([])
             if k == 0:
-                ax.set_ylabel(class_names[c] if class_names and c < len(class_names) else str(c), rotation=0,
-                              labelpad=12, fontsize=9)
+                name = class_names[c] if class_names and c < len(class_names) else str(c)
+                ax.set_ylabel(name if len(name) <= 24 else name[:23] + "…", rotation=0, labelpad=12, fontsize=9)
             if r == 0:
                 ax.set_title("teacher" if teacher is not None and k == 0 else "student (pruned)", fontsize=10)
     fig.tight_layout()
@@ -356,7 +356,7 @@ CAPTIONS = {
     "timesteps": "Per-timestep calibration loss at pruning; importance is accumulated up to the cutoff.",
     "finetune": "Loss of the fine-tuning run that recovered the pruned model.",
     "classes": "Share of samples the classifier assigns to the class that was asked for, per class.",
-    "class_grid": "One row per requested class, same seeds: teacher (left) and pruned student (right).",
+    "class_grid": "One row per requested class (or prompt), same seeds: teacher (left) and pruned student (right).",
 }
 
 CSS = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
@@ -367,10 +367,12 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;co
 
 def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teacher_images: torch.Tensor | None,
                  seeds: Sequence[int], pruning: dict | None = None, train_log: dict | None = None,
-                 grid_count: int = 32, labels: dict | None = None) -> dict[str, str]:
+                 grid_count: int = 32, labels: dict | None = None,
+                 label_names: list[str] | None = None) -> dict[str, str]:
     """Write the figures, ``report.md`` and ``report.html`` into ``out_dir``; returns ``{what: file name}``.
 
-    ``labels``: seed -> requested class, for a class-conditional model (adds the per-class figures)."""
+    ``labels``: seed -> requested class (or prompt index), for a conditional model (adds the per-class figures);
+    ``label_names``: the name of each (default: the class names of the class-accuracy detail)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     k = min(grid_count, len(student_images))
@@ -395,7 +397,7 @@ def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teache
         written["classes"] = FIGURES["classes"]
     if labels:
         plot_class_grid(out / FIGURES["class_grid"], student_images, teacher_images, seeds, labels,
-                        (detail or {}).get("class_names"))
+                        label_names or (detail or {}).get("class_names"))
         written["class_grid"] = FIGURES["class_grid"]
 
     names = metrics.get("names") or {}
