@@ -238,7 +238,8 @@ def plot_class_grid(path: Path, student: torch.Tensor, teacher: torch.Tensor | N
             ax.set_yticks([])
             if k == 0:
                 name = class_names[c] if class_names and c < len(class_names) else str(c)
-                ax.set_ylabel(name if len(name) <= 24 else name[:23] + "…", rotation=0, labelpad=12, fontsize=9)
+                ax.set_ylabel(name if len(name) <= 24 else name[:23] + "…", rotation=0, labelpad=8, fontsize=9,
+                              ha="right", va="center")
             if r == 0:
                 ax.set_title("teacher" if teacher is not None and k == 0 else "student (pruned)", fontsize=10)
     fig.tight_layout()
