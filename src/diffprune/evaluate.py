@@ -324,8 +324,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
         require(text_encoder is not None and config.prompts,
                 "a text-to-image model is evaluated on prompts: pass config.prompts and the pipeline's text_encoder "
                 "(CLI: --prompt-file FILE)")
-        context = (text_encoder.encode(prompts_for(config.seeds, config.prompts)),
-                   text_encoder.null() if config.guidance_scale != 1 else None)
+        context = text_encoder.sampling_inputs(prompts_for(config.seeds, config.prompts), config.guidance_scale)
     elif conditional is not None:
         labels = labels_for(conditional, config.seeds, num_classes=len(class_names) if class_names else None)
     for m in models.values():

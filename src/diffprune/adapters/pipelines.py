@@ -266,6 +266,11 @@ class TextEncoder:
         """The empty prompt's context ``[1, L, D]``: the unconditional branch of classifier-free guidance."""
         return self.encode([""])
 
+    def sampling_inputs(self, prompts, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prompt_embeds, negative_prompt_embeds)`` for :func:`diffprune.sampling.sample`: one context per prompt,
+        and the empty prompt's when guiding (None at guidance 1)."""
+        return self.encode(prompts), (self.null() if guidance_scale != 1 else None)
+
     def identity(self) -> str:
         """sha256 of the tokenizer and the text encoder (class, config, weights): part of every text cache key."""
         h = hashlib.sha256(type(self.text_encoder).__name__.encode())

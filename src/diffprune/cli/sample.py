@@ -71,8 +71,7 @@ def _sample(args) -> int:
         require(text is not None, f"{args.model!r} is not a text-to-image pipeline: it takes no prompt (drop "
                                   "--prompt/--prompt-file)")
         per_seed = prompts_for(seeds, prompts)
-        context = text.to(device).encode(per_seed)
-        negative = text.null() if args.guidance_scale != 1 else None
+        context, negative = text.to(device).sampling_inputs(per_seed, args.guidance_scale)
     else:
         require(text is None, f"{args.model!r} is a text-to-image pipeline: pass --prompt TEXT or --prompt-file FILE")
         labels = conditioning_for(model, seeds, args.class_labels, None, len(names) if names else None)
