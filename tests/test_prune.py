@@ -173,6 +173,29 @@ def test_data_free_calibration_and_gradient_checkpointing_restored():
     assert all(p.grad is None for p in unet.parameters())
 
 
+@pytest.mark.parametrize("method", ["magnitude", "diff-pruning"])
+def test_a_frozen_model_prunes_like_a_trainable_one_and_stays_frozen(method):
+    """Torch-Pruning traces autograd's graph: a model loaded with requires_grad False once looked uncoupled."""
+    extra = dict(calib_batch=4, max_timesteps=3, data_free_steps=2) if method == "diff-pruning" else {}
+    cfg = PruneConfig(method=method, target_macs=0.5, **extra)
+    kw = dict(scheduler=DDPMScheduler(num_train_timesteps=20), progress=False)
+    reports, models = [], []
+    for frozen in (False, True):
+        torch.manual_seed(0)
+        unet = build_model("mnist-16")
+        unet.requires_grad_(not frozen)
+        unet.conv_out.bias.requires_grad_(True)  # partly frozen: each flag comes back as it was
+        calib = DATA_FREE if method == "diff-pruning" else None
+        reports.append(prune_(unet, cfg, calib, **kw))
+        models.append(unet)
+    assert reports[1].macs == reports[0].macs and abs(reports[1].macs / reports[1].base_macs - 0.5) <= 0.01
+    assert reports[1].widths == reports[0].widths
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(a, b)
+    assert [n for n, p in models[1].named_parameters() if p.requires_grad] == ["conv_out.bias"]
+    assert all(p.requires_grad for p in models[0].parameters())
+
+
 def test_reinit_resets_weights_and_random_is_seeded():
     a, b, c = (build_model("tiny") for _ in range(3))
     b.load_state_dict(a.state_dict())

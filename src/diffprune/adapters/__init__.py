@@ -180,14 +180,20 @@ class ModelAdapter:
     @contextlib.contextmanager
     def tracing(self, model: nn.Module) -> Iterator[nn.Module]:
         """Context in which the model can be traced by Torch-Pruning: eval mode, gradient checkpointing off
-        (a checkpoint wrapper hides the layers inside it from the tracer)."""
+        (a checkpoint wrapper hides the layers inside it from the tracer), every parameter requiring gradients
+        (the tracer follows autograd's graph: a frozen model would look like one with no coupled layers). Frozen
+        parameters are frozen again afterwards, by name (pruning replaces the tensors)."""
         ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         if ckpt:
             model.disable_gradient_checkpointing()
         try:
+            model.requires_grad_(True)
             with eval_mode(model):
                 yield model
         finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n not in frozen)
             if ckpt:
                 model.enable_gradient_checkpointing()
 
