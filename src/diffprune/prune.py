@@ -631,6 +631,17 @@ def _macs_target(config: PruneConfig, macs_before: int) -> _Target:
                    lambda m: count_macs(m).macs / macs_before, "--macs-tolerance")
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (shapes only, nothing copied): a
+    probe that only counts MACs prunes and traces it without touching the weights."""
+    memo: dict[int, Any] = {}
+    for t in model.parameters():
+        memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+    for t in model.buffers():
+        memo[id(t)] = torch.empty_like(t, device="meta")
+    return copy.deepcopy(model, memo)
+
+
 def latency_timer(config: PruneConfig, device):
     """``timer(model) -> seconds``: the median of ``latency_repeats`` denoiser calls at ``latency_batch``, in
     ``latency_dtype``, on ``device``, after warm-up (as :mod:`diffprune.latency` measures)."""
@@ -652,8 +663,9 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     """Bisection on the ratio so that ``target.measure`` (default: the MAC fraction) lands within the tolerance.
 
     The channel scores are computed once (on a copy holding the calibration gradients) and replayed by every probe,
-    so a probe is a copy, a prune and a measurement. The deepest ratio is probed first: a target beyond it fails at
-    once. Every probe also records its MAC fraction.
+    so a probe is a copy, a prune and a measurement; after the first, a MAC probe works on a meta-device copy
+    (shapes only: no weights copied, no arithmetic in its traces and counts). The deepest ratio is probed first: a
+    target beyond it fails at once. Every probe also records its MAC fraction.
     """
     target = target or _macs_target(config, macs_before)
     key = f"{target.name}_fraction"
@@ -662,13 +674,15 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     cache: dict[str, torch.Tensor] = {}
 
     def probe(ratio: float) -> float:
-        twin = _copy_with_grads(unet) if not cache else copy.deepcopy(unet)
+        twin = (_copy_with_grads(unet) if not cache else _meta_copy(unet) if target.name == "macs" else
+                copy.deepcopy(unet))
         with adapter.tracing(twin):
             _, heads, scores = _prune_once(twin, adapter, config, ratio, importance, cached=cache or None)
             adapter.finalize_(twin, snapshot, heads)
         cache.update(scores)
         rel = target.measure(twin)
-        trials.append({"ratio": ratio, key: rel, "macs_fraction": count_macs(twin).macs / macs_before})
+        macs = rel if target.name == "macs" else count_macs(twin).macs / macs_before
+        trials.append({"ratio": ratio, key: rel, "macs_fraction": macs})
         return rel
 
     bar = tqdm(range(16), desc=f"target-{target.name} search", disable=not progress)

@@ -488,12 +488,14 @@ def _train_locked(unet, scheduler, data, config: TrainConfig, out: Path, *, acc,
                 f"{type(unet).__name__} does not support gradient checkpointing; drop --gradient-checkpointing")
         unet.enable_gradient_checkpointing()
     unet.train()
-    optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
+    # foreach: one fused update over all tensors (PyTorch's default on GPU only; measured on the 2-core CPU: Adam
+    # 9.6 -> 5.3 ms and EMA 2.5 -> 1.1 ms per step for the pruned MNIST UNet's 182 tensors)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr, foreach=True)
     model, optimizer = acc.prepare(unet, optimizer)
     raw = acc.unwrap_model(model)
     decay = config.resolved_ema_decay
     # min_decay = decay makes diffusers' EMAModel constant (its default ramps (1+k)/(10+k) up to `decay`).
-    ema = EMAModel(raw.parameters(), decay=decay, min_decay=decay)
+    ema = EMAModel(raw.parameters(), decay=decay, min_decay=decay, foreach=True)
     if teacher is not None:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
 

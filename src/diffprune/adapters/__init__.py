@@ -165,16 +165,18 @@ class ModelAdapter:
         raise NotImplementedError
 
     def check(self, model: nn.Module, device=None) -> None:
-        """Run one forward pass on a random input; raise DiffPruneError if its shape is wrong or it is not finite."""
+        """Run one forward pass on a random input; raise DiffPruneError if its shape is wrong or it is not finite
+        (a model on the meta device, a MAC probe's shapes-only copy, is checked for shapes only)."""
         inputs = self.example_inputs(model, 1, device)
         x = inputs[self.sample_arg]
-        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+        if not x.is_meta:
+            x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
         with torch.no_grad():
             out = model(**inputs).sample
         expected = (1, int(model.config.out_channels or x.shape[1]), *x.shape[2:])
         if tuple(out.shape) != expected:
             raise DiffPruneError(f"pruned model outputs shape {tuple(out.shape)}, expected {expected}")
-        if not torch.isfinite(out).all():
+        if not out.is_meta and not torch.isfinite(out).all():
             raise DiffPruneError("pruned model outputs non-finite values (NaN/inf) on a random input")
 
     @contextlib.contextmanager
