@@ -200,11 +200,13 @@ class CalibrationResult:
     cutoff_t: int | None
     stopped_by: str  # "threshold" | "cap" | "end"
     strategy: dict
+    seconds: float = 0.0  # wall time of the walk (forward and backward passes)
 
     def to_dict(self) -> dict:
         return {"losses": {"t": [t for t, _ in self.losses], "loss": [v for _, v in self.losses]},
                 "accumulated": self.accumulated,
-                "cutoff_t": self.cutoff_t, "stopped_by": self.stopped_by, "timesteps": self.strategy}
+                "cutoff_t": self.cutoff_t, "stopped_by": self.stopped_by, "timesteps": self.strategy,
+                "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -384,6 +386,7 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     from .objective import prediction_target
 
     require_int("timestep_batch", timestep_batch, 1)
+    started = time.perf_counter()
     adapter = adapter or adapter_for(model)
     require(hasattr(scheduler, "add_noise"), "the scheduler must have add_noise (a diffusers noise scheduler)")
     T = int(scheduler.config.num_train_timesteps)
@@ -429,7 +432,7 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     bar.close()
     stopped_by = "threshold" if stopped else ("cap" if len(plan) < full else "end")
     return CalibrationResult(losses, accumulated, accumulated[-1] if accumulated else None, stopped_by,
-                             strategy.to_dict())
+                             strategy.to_dict(), time.perf_counter() - started)
 
 
 # ---- pruning ----------------------------------------------------------------------------------------------------
