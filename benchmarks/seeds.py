@@ -85,26 +85,8 @@ def pruned_ssim(run: Path, cfg) -> float:
 
 METRICS = {"fid": "FID (student)", "ssim": "SSIM to teacher", "class_accuracy": "class accuracy",
            "speedup": "measured speedup", "calibration_timesteps": "calibration timesteps",
-           "prune_seconds": "prune stage (s)", "pruned_ssim": "SSIM before fine-tuning"}
-results = []
-for arm in args.arms:
-    for seed in args.seeds:
-        run = Path(args.work) / (args.runs or name) / f"{arm.replace('=', '-').replace(',', '_')}" / f"seed-{seed}"
-        cfg = load_run_config(arm_config(arm, seed))
-        t0 = time.time()
-        m = run_pipeline(cfg, run, device="cpu", progress=False)
-        # a bare model keeps pruning.json beside its weights, a pipeline in its denoiser's folder
-        pruning = json.loads(next((run / "prune" / "model").glob("**/pruning.json")).read_text())
-        row = {"arm": arm, "seed": seed, "fid": m["fid"], "fid_teacher": m["fid_teacher"], "ssim": m["ssim"],
-               "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
-               "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"],
-               "calibration_timesteps": len((pruning.get("calibration") or {}).get("accumulated", [])) or None,
-               "prune_seconds": json.loads((run / "prune" / "stage.json").read_text())["seconds"],
-               "seconds": round(time.time() - t0, 1)}
-        if args.pruned_ssim:
-            row["pruned_ssim"] = pruned_ssim(run, cfg)
-        results.append(row)
-        print(row, flush=True)
+           "calibration_seconds": "calibration (s)", "prune_seconds": "prune stage (s)",
+           "pruned_ssim": "SSIM before fine-tuning"}
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -115,55 +97,86 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return float(v.mean()), float(v.std(ddof=1)), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
-summary = {}
-reference = args.arms[0]
-for arm in args.arms:
-    summary[arm] = {}
-    for key in METRICS:
-        vals = [r[key] for r in results if r["arm"] == arm and r.get(key) is not None]
-        if not vals:
-            continue
-        mean, std, half = interval(vals)
-        entry = {"mean": mean, "std": std, "ci95": half, "n": len(vals)}
-        if arm != reference:
-            pairs = [(r[key], q[key]) for r in results if r["arm"] == arm and r.get(key) is not None
-                     for q in results if q["arm"] == reference and q["seed"] == r["seed"] and q.get(key) is not None]
-            if len(pairs) >= 2:
-                diff = [a - b for a, b in pairs]
-                dm, _, dh = interval(diff)
-                test = stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs])
-                entry.update(diff_vs_reference=dm, diff_ci95=dh, p_paired=float(test.pvalue),
-                             significant=bool(test.pvalue < 0.05))
-        summary[arm][key] = entry
+def write_results(results: list[dict]) -> list[str]:
+    """Summaries and tables of the runs so far (written after every run: a stopped benchmark leaves its partial
+    result, headed by the seeds each arm has)."""
+    summary = {}
+    reference = args.arms[0]
+    for arm in args.arms:
+        summary[arm] = {}
+        for key in METRICS:
+            vals = [r[key] for r in results if r["arm"] == arm and r.get(key) is not None]
+            if not vals:
+                continue
+            mean, std, half = interval(vals)
+            entry = {"mean": mean, "std": std, "ci95": half, "n": len(vals)}
+            if arm != reference:
+                pairs = [(r[key], q[key]) for r in results if r["arm"] == arm and r.get(key) is not None
+                         for q in results if q["arm"] == reference and q["seed"] == r["seed"] and q.get(key) is not None]
+                if len(pairs) >= 2:
+                    diff = [a - b for a, b in pairs]
+                    dm, _, dh = interval(diff)
+                    test = stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs])
+                    entry.update(diff_vs_reference=dm, diff_ci95=dh, p_paired=float(test.pvalue),
+                                 significant=bool(test.pvalue < 0.05))
+            summary[arm][key] = entry
 
-command = (f"python benchmarks/seeds.py --config {args.config} --arms {' '.join(args.arms)} --seeds "
-           f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}" if args.steps else "")
-           + (f" --n {args.n}" if args.n else "") + (" --pruned-ssim" if args.pruned_ssim else "")
-           + (f" --name {args.name}" if args.name else "") + (f" --runs {args.runs}" if args.runs else ""))
-out = Path("benchmarks/results") / name
-out.parent.mkdir(parents=True, exist_ok=True)
-out.with_suffix(".json").write_text(json.dumps({"command": command, "reference": reference, "rows": results,
-                                                "summary": summary}, indent=2) + "\n")
-keys = [k for k in METRICS if any(k in summary[a] for a in args.arms)]
-lines = [f"# {name}: {len(args.seeds)} seeds per arm\n", f"`{command}`\n",
-         "Mean ± std over seeds [95% t-interval]. Below: each arm minus the reference arm "
-         f"(`{reference}`), paired by seed, with its 95% interval and paired t-test p.\n",
-         "| arm | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
-for arm in args.arms:
-    cells = []
-    for k in keys:
-        e = summary[arm].get(k)
-        cells.append("—" if e is None else f"{e['mean']:.3f} ± {e['std']:.3f} [±{e['ci95']:.3f}]")
-    lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-lines += ["", f"| arm − {reference} | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
-for arm in args.arms[1:]:
-    cells = []
-    for k in keys:
-        e = summary[arm].get(k, {})
-        cells.append("—" if "diff_vs_reference" not in e else
-                     f"{e['diff_vs_reference']:+.3f} [±{e['diff_ci95']:.3f}] p={e['p_paired']:.2f}"
-                     + (" *" if e["significant"] else ""))
-    lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-lines += ["", "* p < 0.05 (paired t-test over seeds)."]
-out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
+    command = (f"python benchmarks/seeds.py --config {args.config} --arms {' '.join(args.arms)} --seeds "
+               f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}" if args.steps else "")
+               + (f" --n {args.n}" if args.n else "") + (" --pruned-ssim" if args.pruned_ssim else "")
+               + (f" --name {args.name}" if args.name else "") + (f" --runs {args.runs}" if args.runs else ""))
+    out = Path("benchmarks/results") / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "reference": reference, "rows": results,
+                                                    "summary": summary}, indent=2) + "\n")
+    keys = [k for k in METRICS if any(k in summary[a] for a in args.arms)]
+    done = {a: sorted(r["seed"] for r in results if r["arm"] == a) for a in args.arms}
+    status = ("" if all(len(v) == len(args.seeds) for v in done.values()) else
+              " (partial: " + "; ".join(f"{a} seeds {v}" for a, v in done.items()) + ")")
+    lines = [f"# {name}: {len(args.seeds)} seeds per arm{status}\n", f"`{command}`\n",
+             "Mean ± std over seeds [95% t-interval]. Below: each arm minus the reference arm "
+             f"(`{reference}`), paired by seed, with its 95% interval and paired t-test p.\n",
+             "| arm | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    for arm in args.arms:
+        cells = []
+        for k in keys:
+            e = summary[arm].get(k)
+            cells.append("—" if e is None else f"{e['mean']:.3f} ± {e['std']:.3f} [±{e['ci95']:.3f}]")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", f"| arm − {reference} | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    for arm in args.arms[1:]:
+        cells = []
+        for k in keys:
+            e = summary[arm].get(k, {})
+            cells.append("—" if "diff_vs_reference" not in e else
+                         f"{e['diff_vs_reference']:+.3f} [±{e['diff_ci95']:.3f}] p={e['p_paired']:.2f}"
+                         + (" *" if e["significant"] else ""))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "* p < 0.05 (paired t-test over seeds)."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+results = []
+for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm on its first seeds
+    for arm in args.arms:
+        run = Path(args.work) / (args.runs or name) / f"{arm.replace('=', '-').replace(',', '_')}" / f"seed-{seed}"
+        cfg = load_run_config(arm_config(arm, seed))
+        t0 = time.time()
+        m = run_pipeline(cfg, run, device="cpu", progress=False)
+        # a bare model keeps pruning.json beside its weights, a pipeline in its denoiser's folder
+        pruning = json.loads(next((run / "prune" / "model").glob("**/pruning.json")).read_text())
+        row = {"arm": arm, "seed": seed, "fid": m["fid"], "fid_teacher": m["fid_teacher"], "ssim": m["ssim"],
+               "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
+               "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"],
+               "calibration_timesteps": len((pruning.get("calibration") or {}).get("accumulated", [])) or None,
+               "calibration_seconds": (pruning.get("calibration") or {}).get("seconds"),
+               "prune_seconds": json.loads((run / "prune" / "stage.json").read_text())["seconds"],
+               "seconds": round(time.time() - t0, 1)}
+        if args.pruned_ssim:
+            row["pruned_ssim"] = pruned_ssim(run, cfg)
+        results.append(row)
+        print(row, flush=True)
+        write_results(results)
+
+print("\n".join(write_results(results)))

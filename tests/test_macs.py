@@ -26,3 +26,18 @@ def test_macs_are_batch_one_and_ignore_training_mode():
     assert unet.training  # restored
     x = {"sample": torch.zeros(3, 1, 8, 8), "timestep": torch.ones(3, dtype=torch.long)}
     assert count_macs(unet, x).macs == 3 * a
+
+
+def test_a_meta_device_copy_counts_the_same_macs():
+    """Target-MACs probes prune and count a shapes-only copy: it must count what the real model counts, attention
+    included (the SDPA kernel differs between devices)."""
+    from diffprune.prune import PruneConfig, _meta_copy, prune_
+
+    for name in ("tiny", "mnist-dit"):
+        torch.manual_seed(0)
+        model = build_model(name)
+        prune_(model, PruneConfig(method="magnitude", ratio=0.4, ratio_mode="uniform"), progress=False)
+        twin = _meta_copy(model)
+        assert all(p.is_meta for p in twin.parameters()) and not any(p.is_meta for p in model.parameters())
+        real, meta = count_macs(model), count_macs(twin)
+        assert meta.macs == real.macs > 0 and meta.per_layer == real.per_layer and meta.params == real.params
