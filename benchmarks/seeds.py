@@ -153,8 +153,39 @@ def write_results(results: list[dict]) -> list[str]:
                          + (" *" if e["significant"] else ""))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "* p < 0.05 (paired t-test over seeds)."]
+    plot(results, summary, keys, out.with_suffix(".png"))
+    lines += ["", f"![{name}]({out.with_suffix('.png').name})"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return lines
+
+
+def plot(results: list[dict], summary: dict, keys: list[str], path: Path) -> None:
+    """One panel per metric: each seed's value (dots) and the mean with its 95% interval (bar), arm by arm."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        for i, arm in enumerate(args.arms):
+            vals = [r[key] for r in results if r["arm"] == arm and r.get(key) is not None]
+            ax.scatter([i] * len(vals), vals, s=14, color="0.55", zorder=2)
+            e = summary[arm].get(key)
+            if e is not None:
+                ax.errorbar([i], [e["mean"]], yerr=[0 if math.isnan(e["ci95"]) else e["ci95"]], fmt="o",
+                            color="C0", capsize=4, zorder=3)
+        ax.set_xticks(range(len(args.arms)), args.arms, rotation=45, ha="right", fontsize=8)
+        ax.set_title(METRICS[key], fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{name}: seeds (grey), mean and 95% interval (blue)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 results = []
