@@ -4,7 +4,8 @@
 
 For each trained model (a shipped name; an untrained preset has a flat loss, so the threshold never fires): Diff-Pruning's one-timestep walk (the
 reference), the same walk in batched chunks of timesteps (``--timestep-batch``: exact), and approximate walks over
-every k-th timestep (``--timesteps strided``, each loss weighted by k). Reported: calibration seconds, timesteps
+every k-th timestep (``--stride k``: under the threshold rule, or ``--timesteps strided`` over all of 0..T-1;
+each loss weighted by k). Reported: calibration seconds, timesteps
 walked, and against the reference: Spearman rank correlation of all channel scores and the share of kept channels
 in common after pruning to 0.5x MACs. Calibration data: 32 bundled MNIST digits. A preset (random weights: its loss
 is flat, so only the cost of the exact walks is meaningful) walks --preset-timesteps timesteps of 8 data-free
@@ -37,6 +38,8 @@ VARIANTS = {  # name -> PruneConfig settings on top of diff-pruning's
     "batched, 4 timesteps per pass (exact)": {"timestep_batch": 4},
     "batched, 8 timesteps per pass (exact)": {"timestep_batch": 8},
     "batched, 16 timesteps per pass (exact)": {"timestep_batch": 16},
+    "threshold rule on every 5th timestep (approximate)": {"stride": 5},
+    "threshold rule on every 10th timestep (approximate)": {"stride": 10},
     "strided, every 10th timestep": {"timesteps": "strided", "stride": 10},
     "strided, every 25th timestep": {"timesteps": "strided", "stride": 25},
 }
@@ -61,7 +64,7 @@ for name in args.models + args.presets:
     if preset:
         torch.manual_seed(0)
         base, scheduler, codec = build_model(name), default_scheduler(), None
-        variants = {k: v for k, v in VARIANTS.items() if "strided" not in v.get("timesteps", "")}
+        variants = {k: v for k, v in VARIANTS.items() if "stride" not in v}
         setting, data = {"calib_batch": 8, "max_timesteps": args.preset_timesteps, "data_free_steps": 2}, "data-free"
     else:
         loaded = load_model(name)

@@ -41,11 +41,14 @@ def test_plans_and_caps():
     assert len(AllTimesteps().plan(20)) == 20
     assert StridedTimesteps(stride=4).plan(10) == [(0, 4.0), (4, 4.0), (8, 4.0)]
     assert StridedTimesteps(stride=4, max_timesteps=2).plan(10) == [(0, 4.0), (4, 4.0)]
+    assert ThresholdTimesteps(stride=4).plan(10) == [(0, 4.0), (4, 4.0), (8, 4.0)]
     assert make_strategy("threshold", thr=0.1, max_timesteps=None).to_dict() == {
-        "name": "threshold", "thr": 0.1, "threshold_semantics": "accumulate-trigger", "max_timesteps": None}
+        "name": "threshold", "thr": 0.1, "threshold_semantics": "accumulate-trigger", "stride": 1,
+        "max_timesteps": None}
 
 
-@pytest.mark.parametrize("bad", [dict(thr=1.0), dict(thr=-0.1), dict(threshold_semantics="both"), dict(max_timesteps=0)])
+@pytest.mark.parametrize("bad", [dict(thr=1.0), dict(thr=-0.1), dict(threshold_semantics="both"), dict(max_timesteps=0),
+                                 dict(stride=0), dict(stride=2.5)])
 def test_invalid_threshold_settings_raise(bad):
     with pytest.raises(DiffPruneError):
         ThresholdTimesteps(**bad)
@@ -117,3 +120,21 @@ def test_strided_weights_scale_the_gradient():
         (5.0 * F.mse_loss(w * sched.add_noise(x0, noise, torch.full((2,), t)), noise)).backward()
         expected += w.grad
     torch.testing.assert_close(a.w.grad, expected)
+
+
+def test_threshold_rule_on_every_kth_timestep():
+    """The approximate walk: t = 0, k, 2k, ... weighted by k, stopped by the same rule. With x0 = 0 the toy's loss
+    falls with t (0.980, 0.843, 0.723, 0.613, 0.514 at t = 0, 3, 6, 9, 12): thr 0.6 fires at t = 12 (< 0.588)."""
+    sched = DDPMScheduler(num_train_timesteps=20)
+    x0, noise = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    model = _ScaledIdentity()
+    res = accumulate_gradients(model, sched, x0, noise, ThresholdTimesteps(thr=0.6, stride=3), adapter=_Toy(),
+                               progress=False)
+    assert [t for t, _ in res.losses] == res.accumulated == [0, 3, 6, 9, 12]
+    assert res.stopped_by == "threshold" and res.cutoff_t == 12
+    expected = torch.zeros(())
+    for t in (0, 3, 6, 9, 12):
+        w = torch.tensor(1.0, requires_grad=True)
+        (3.0 * F.mse_loss(w * sched.add_noise(x0, noise, torch.full((2,), t)), noise)).backward()
+        expected += w.grad
+    torch.testing.assert_close(model.w.grad, expected)

@@ -61,6 +61,7 @@ LATENCY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 DATA_FREE = "data-free"
 STRUCTURE_FORMAT = "diffprune-structure/1"
 _MAX_SEARCH_RATIO = 0.9
+_MIN_RATIO_STEP = 2e-3  # the search stops once its bracket is narrower (ratios a few channels per thousand apart)
 # The installed distribution's version: torch_pruning.__version__ of the 1.6.1 wheel still says "1.6.0".
 TORCH_PRUNING_VERSION = importlib.metadata.version("torch-pruning")
 
@@ -82,7 +83,8 @@ class PruneConfig:
     images, ``data_free_steps`` DDIM steps for ``calibration="data-free"``, ``timestep_batch`` timesteps per
     forward/backward pass (same scores, faster; see :func:`accumulate_gradients`), the timestep strategy ``timesteps``
     (default: "threshold" for diff-pruning, "all" for taylor) and that strategy's own fields, passed by name
-    (``thr``/``threshold_semantics`` for "threshold", ``stride`` for "strided", ``max_timesteps`` for any);
+    (``thr``/``threshold_semantics`` for "threshold", ``stride`` for "threshold" (an approximate walk over every
+    k-th timestep, under the same rule) and "strided", ``max_timesteps`` for any);
     diff-pruning also owns ``taylor_form``.
     """
 
@@ -709,6 +711,8 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
             lo = mid
         else:
             hi = mid
+        if hi - lo < _MIN_RATIO_STEP:  # the ratios left differ by a channel or two: the cost will not move
+            break
     bar.close()
     best = min(trials, key=lambda r: abs(r[key] / target.value - 1))
     if abs(best[key] / target.value - 1) > tol:
