@@ -2,14 +2,13 @@
 
     python benchmarks/calibration_cost.py [--models mnist-teacher mnist-dit] [--presets ddpm-cifar10-32] [--threads 2]
 
-For each trained model (a shipped name; an untrained preset has a flat loss, so the threshold never fires): Diff-Pruning's one-timestep walk (the
-reference), the same walk in batched chunks of timesteps (``--timestep-batch``: exact), and approximate walks over
-every k-th timestep (``--stride k``: under the threshold rule, or ``--timesteps strided`` over all of 0..T-1;
-each loss weighted by k). Reported: calibration seconds, timesteps
-walked, and against the reference: Spearman rank correlation of all channel scores and the share of kept channels
-in common after pruning to 0.5x MACs. Calibration data: 32 bundled MNIST digits. A preset (random weights: its loss
-is flat, so only the cost of the exact walks is meaningful) walks --preset-timesteps timesteps of 8 data-free
-inputs. Writes benchmarks/results/calibration_cost.json and .md.
+For each trained model (a shipped name): Diff-Pruning's one-timestep walk (the reference), the same walk in
+batched chunks of timesteps (``--timestep-batch``: exact), and approximate walks over every k-th timestep
+(``--stride k``: under the threshold rule, or ``--timesteps strided`` over all of 0..T-1; each loss weighted by k).
+Reported: calibration seconds, timesteps walked, and against the reference: Spearman rank correlation of all
+channel scores and the share of kept channels in common after pruning to 0.5x MACs. Calibration data: 32 bundled
+MNIST digits. A preset (random weights: its loss is flat, so only the cost of the exact walks is meaningful) walks
+--preset-timesteps timesteps of 8 data-free inputs. Writes benchmarks/results/calibration_cost.json and .md.
 """
 import argparse
 import copy

@@ -58,7 +58,7 @@ command = "python benchmarks/compare_methods.py " + " ".join(
 meta = {"command": command, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "finetune": {**base["finetune"], **({"steps": args.steps} if args.steps else {})}}
 out.with_suffix(".json").write_text(json.dumps({"rows": rows, **meta}, indent=2) + "\n")
-lines = [f"# Methods at 0.5x MACs on mnist-teacher\n", f"`{command}` ({meta['threads']} threads, CPU)\n",
+lines = ["# Methods at 0.5x MACs on mnist-teacher\n", f"`{command}` ({meta['threads']} threads, CPU)\n",
          "| method | params | MACs ratio | FID (teacher) | FID (student) | SSIM to teacher | speedup | cutoff t |",
          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 for r in rows:

@@ -72,7 +72,8 @@ for name in args.models:
 
 device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
 command = (f"python benchmarks/speed.py --models {' '.join(args.models)} --targets {' '.join(map(str, args.targets))} "
-           f"--batches {' '.join(map(str, args.batches))} --round-to {' '.join(map(str, args.round_to))} --device {args.device} --dtype {args.dtype} "
+           f"--batches {' '.join(map(str, args.batches))} --round-to {' '.join(map(str, args.round_to))} "
+           f"--device {args.device} --dtype {args.dtype} "
            f"--repeats {args.repeats} --rounds {args.rounds} --threads {args.threads}")
 res = Path(args.results or f"benchmarks/results/speed-{args.device.split(':')[0]}")
 res.parent.mkdir(parents=True, exist_ok=True)

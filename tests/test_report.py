@@ -1,7 +1,6 @@
 """The report: pruning.json accessors, figures present, HTML self-contained, Markdown beside its PNGs."""
 import re
 
-import pytest
 import torch
 from PIL import Image
 

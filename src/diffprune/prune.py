@@ -711,7 +711,7 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
             lo = mid
         else:
             hi = mid
-        if hi - lo < _MIN_RATIO_STEP:  # the ratios left differ by a channel or two: the cost will not move
+        if hi - lo < _MIN_RATIO_STEP:  # the ratios left prune nearly the same channels
             break
     bar.close()
     best = min(trials, key=lambda r: abs(r[key] / target.value - 1))

@@ -58,8 +58,9 @@ def add_parser(sub) -> None:
     p.add_argument("--timesteps", default=None,
                    help="timestep strategy: threshold, all or strided (default: threshold for diff-pruning, "
                         "all for taylor)")
-    p.add_argument("--stride", type=int, default=None, help="walk every k-th timestep, each loss weighted by k (threshold: an approximate "
-                        "Diff-Pruning walk, ~k times cheaper; strided: all of 0..T-1)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="walk every k-th timestep, each loss weighted by k (threshold: an approximate Diff-Pruning "
+                        "walk, ~k times cheaper; strided: all of 0..T-1)")
     p.add_argument("--max-timesteps", type=int, default=None,
                    help="cap on the number of calibration timesteps (the rule never fires on an untrained model)")
     p.add_argument("--taylor-form", default=None,
