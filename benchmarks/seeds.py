@@ -3,6 +3,8 @@
     python benchmarks/seeds.py --config demo --arms diff-pruning taylor magnitude random reinit --seeds 0 1 2
     python benchmarks/seeds.py --config demo --arms thr=0 thr=0.02 thr=0.05 thr=0.1 thr=0.2 --name thr-ablation
     python benchmarks/seeds.py --config demo-dit --arms diff-pruning taylor magnitude random depth
+    python benchmarks/seeds.py --config demo --arms diff-pruning magnitude --budgets 0 300 1500 3000 6000 \
+        --name budget --runs unet-methods
 
 An arm is a method name (``magnitude``) or ``key=value`` overrides of the prune section (``thr=0.02``; several joined
 by ``,``). Every (arm, seed) runs the demo pipeline of ``--config`` (a shipped demo config: same MAC target,
@@ -11,11 +13,17 @@ the evaluation seeds) in its own run folder under ``--work``: a killed benchmark
 skipped by their hashes. With ``--pruned-ssim`` each pruned model is also compared with the teacher before any
 fine-tuning. Per metric: mean ± std over seeds, a 95% t-interval, and for each arm the per-seed paired difference
 to the first arm with its 95% interval and a paired t-test (with 3 seeds only large effects can show). Writes
-benchmarks/results/<name>.json and .md.
+benchmarks/results/<name>.json, .md and .png.
+
+``--budgets`` repeats every (arm, seed) at several fine-tuning step counts, each a run of its own with the config's
+other settings (its own EMA horizon and schedule, exactly as a user would run that many steps), so that the run
+at the config's own step count is the plain benchmark's run (``--runs`` shares it) and the others reuse its
+finished prune stage. Budget 0 is the pruned model before fine-tuning. One table per budget and a curve per metric.
 """
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -26,13 +34,15 @@ from scipy import stats
 from diffprune.cli.demo import DEMOS, config_path
 from diffprune.importance import METHODS, setting_owners
 from diffprune.timesteps import STRATEGY_FIELDS, TIMESTEP_STRATEGIES
-from diffprune.pipeline import load_run_config, run_pipeline
+from diffprune.pipeline import load_run_config, run_pipeline, stage_complete, stage_hashes
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", default="demo", choices=sorted(DEMOS.values()))
 p.add_argument("--arms", nargs="+", required=True)
 p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
 p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
+p.add_argument("--budgets", nargs="+", type=int, default=None,
+               help="fine-tuning step counts to run each (arm, seed) at (0: before fine-tuning); replaces --steps")
 p.add_argument("--n", type=int, default=None, help="evaluation samples (default: the config's)")
 p.add_argument("--pruned-ssim", action="store_true", help="also measure SSIM to the teacher right after pruning")
 p.add_argument("--name", default=None, help="results name (default: <config>-arms)")
@@ -40,11 +50,17 @@ p.add_argument("--runs", default=None, help="run folders under --work (default: 
                                             "that share an arm share its finished runs")
 p.add_argument("--work", default="benchmarks/runs")
 args = p.parse_args()
+if args.budgets and args.steps is not None:
+    p.error("--budgets replaces --steps; give one of them")
+if args.budgets and any(b < 0 for b in args.budgets):
+    p.error(f"--budgets {args.budgets}: every budget must be >= 0 fine-tuning steps")
 name = args.name or f"{args.config}-arms"
 base = yaml.safe_load(Path(config_path(False, next(k for k, v in DEMOS.items() if v == args.config))).read_text())
+default_steps = args.steps if args.steps is not None else base["finetune"]["steps"]
+budgets = sorted(set(args.budgets)) if args.budgets else [default_steps]
 
 
-def arm_config(arm: str, seed: int) -> dict:
+def arm_config(arm: str, seed: int, steps: int) -> dict:
     raw = json.loads(json.dumps(base))
     if "=" in arm:
         for item in arm.split(","):
@@ -60,27 +76,30 @@ def arm_config(arm: str, seed: int) -> dict:
         taken = set(TIMESTEP_STRATEGIES.get(strategy).__dataclass_fields__)
         for key in [k for k in raw["prune"] if k in STRATEGY_FIELDS and k not in taken]:
             raw["prune"].pop(key)
-    if args.steps is not None:
-        raw["finetune"]["steps"] = args.steps
+    raw["finetune"]["steps"] = steps
     if args.n is not None:
         raw["eval"]["n"] = args.n
     raw["seed"] = seed
     return raw
 
 
-def pruned_ssim(run: Path, cfg) -> float:
-    """SSIM of the pruned (not fine-tuned) model to the teacher, same seeds and sampler as the evaluation."""
-    from diffprune.evaluate import EvalConfig, evaluate, load_for_eval
+def pruned_eval(run: Path, cfg) -> dict:
+    """The pruned (not fine-tuned) model evaluated against the teacher as the eval stage does (same samples,
+    seeds, sampler and FID reference; no latency)."""
+    import dataclasses
+
+    from diffprune.evaluate import evaluate, load_for_eval
 
     out = run / "pruned-ssim"
     if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())["ssim"]
+        cached = json.loads((out / "metrics.json").read_text())
+        if cached.get("fid") is not None:  # folders written before FID was measured here are redone
+            return cached
     student, _ = load_for_eval(run / "prune" / "model")
     teacher, _ = load_for_eval(cfg.model)
-    ev = EvalConfig(n=cfg.eval.n, steps=cfg.eval.steps, seed=cfg.eval.seed, latency_batches=(),
-                    guidance_scale=cfg.eval.guidance_scale)
-    return evaluate(student.denoiser, teacher.denoiser, config=ev, out_dir=out, scheduler=student.scheduler,
-                    codec=student.codec, class_names=student.class_names)["ssim"]
+    return evaluate(student.denoiser, teacher.denoiser, config=dataclasses.replace(cfg.eval, latency_batches=()),
+                    out_dir=out, scheduler=student.scheduler, codec=student.codec, class_names=student.class_names,
+                    overwrite=True)
 
 
 METRICS = {"fid": "FID (student)", "ssim": "SSIM to teacher", "class_accuracy": "class accuracy",
@@ -97,22 +116,21 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return float(v.mean()), float(v.std(ddof=1)), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
-def write_results(results: list[dict]) -> list[str]:
-    """Summaries and tables of the runs so far (written after every run: a stopped benchmark leaves its partial
-    result, headed by the seeds each arm has)."""
+def summarise(rows: list[dict]) -> dict:
+    """Per arm and metric: mean, std, 95% interval, and the paired difference to the reference (first) arm."""
     summary = {}
     reference = args.arms[0]
     for arm in args.arms:
         summary[arm] = {}
         for key in METRICS:
-            vals = [r[key] for r in results if r["arm"] == arm and r.get(key) is not None]
+            vals = [r[key] for r in rows if r["arm"] == arm and r.get(key) is not None]
             if not vals:
                 continue
             mean, std, half = interval(vals)
             entry = {"mean": mean, "std": std, "ci95": half, "n": len(vals)}
             if arm != reference:
-                pairs = [(r[key], q[key]) for r in results if r["arm"] == arm and r.get(key) is not None
-                         for q in results if q["arm"] == reference and q["seed"] == r["seed"] and q.get(key) is not None]
+                pairs = [(r[key], q[key]) for r in rows if r["arm"] == arm and r.get(key) is not None
+                         for q in rows if q["arm"] == reference and q["seed"] == r["seed"] and q.get(key) is not None]
                 if len(pairs) >= 2:
                     diff = [a - b for a, b in pairs]
                     dm, _, dh = interval(diff)
@@ -120,23 +138,14 @@ def write_results(results: list[dict]) -> list[str]:
                     entry.update(diff_vs_reference=dm, diff_ci95=dh, p_paired=float(test.pvalue),
                                  significant=bool(test.pvalue < 0.05))
             summary[arm][key] = entry
+    return summary
 
-    command = (f"python benchmarks/seeds.py --config {args.config} --arms {' '.join(args.arms)} --seeds "
-               f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}" if args.steps else "")
-               + (f" --n {args.n}" if args.n else "") + (" --pruned-ssim" if args.pruned_ssim else "")
-               + (f" --name {args.name}" if args.name else "") + (f" --runs {args.runs}" if args.runs else ""))
-    out = Path("benchmarks/results") / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "reference": reference, "rows": results,
-                                                    "summary": summary}, indent=2) + "\n")
+
+def table(summary: dict) -> list[str]:
+    """The markdown tables of one summary: every arm, then every arm minus the reference arm."""
+    reference = args.arms[0]
     keys = [k for k in METRICS if any(k in summary[a] for a in args.arms)]
-    done = {a: sorted(r["seed"] for r in results if r["arm"] == a) for a in args.arms}
-    status = ("" if all(len(v) == len(args.seeds) for v in done.values()) else
-              " (partial: " + "; ".join(f"{a} seeds {v}" for a, v in done.items()) + ")")
-    lines = [f"# {name}: {len(args.seeds)} seeds per arm{status}\n", f"`{command}`\n",
-             "Mean ± std over seeds [95% t-interval]. Below: each arm minus the reference arm "
-             f"(`{reference}`), paired by seed, with its 95% interval and paired t-test p.\n",
-             "| arm | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    lines = ["| arm | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
     for arm in args.arms:
         cells = []
         for k in keys:
@@ -152,20 +161,61 @@ def write_results(results: list[dict]) -> list[str]:
                          f"{e['diff_vs_reference']:+.3f} [±{e['diff_ci95']:.3f}] p={e['p_paired']:.2f}"
                          + (" *" if e["significant"] else ""))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "* p < 0.05 (paired t-test over seeds)."]
-    plot(results, summary, keys, out.with_suffix(".png"))
-    lines += ["", f"![{name}]({out.with_suffix('.png').name})"]
+    return lines
+
+
+def write_results(results: list[dict]) -> list[str]:
+    """Summaries and tables of the runs so far (written after every run: a stopped benchmark leaves its partial
+    result, headed by the seeds each arm has)."""
+    reference = args.arms[0]
+    summaries = {b: summarise([r for r in results if r["steps"] == b]) for b in budgets}
+    command = (f"python benchmarks/seeds.py --config {args.config} --arms {' '.join(args.arms)} --seeds "
+               f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}" if args.steps else "")
+               + (f" --budgets {' '.join(map(str, args.budgets))}" if args.budgets else "")
+               + (f" --n {args.n}" if args.n else "") + (" --pruned-ssim" if args.pruned_ssim else "")
+               + (f" --name {args.name}" if args.name else "") + (f" --runs {args.runs}" if args.runs else ""))
+    out = Path("benchmarks/results") / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({
+        "command": command, "reference": reference, "rows": results,
+        **({"budgets": {str(b): summaries[b] for b in budgets}} if args.budgets else {"summary": summaries[budgets[0]]}),
+    }, indent=2) + "\n")
+    done = {(a, b): sorted(r["seed"] for r in results if r["arm"] == a and r["steps"] == b)
+            for a in args.arms for b in budgets}
+    status = ("" if all(len(v) == len(args.seeds) for v in done.values()) else
+              " (partial: " + "; ".join(f"{a}{f' at {b} steps' if args.budgets else ''} seeds {v}"
+                                        for (a, b), v in done.items()) + ")")
+    lines = [f"# {name}: {len(args.seeds)} seeds per arm{status}\n", f"`{command}`\n",
+             "Mean ± std over seeds [95% t-interval]. Below: each arm minus the reference arm "
+             f"(`{reference}`), paired by seed, with its 95% interval and paired t-test p.\n"]
+    for b in budgets:
+        if args.budgets:
+            lines += [f"## {b} fine-tuning steps" + (" (the pruned model, not fine-tuned)" if b == 0 else "")
+                      + (f" ({100 * b / teacher_steps:.3g}% of the teacher's {teacher_steps})" if teacher_steps and b else "")
+                      + "\n"]
+        lines += table(summaries[b]) + [""]
+    lines += ["* p < 0.05 (paired t-test over seeds).", ""]
+    plot(results, summaries[budgets[-1]], out.with_suffix(".png"))
+    lines += [f"![{name}]({out.with_suffix('.png').name})"]
+    if args.budgets:
+        plot_budgets(summaries, out.with_name(f"{name}-curve.png"))
+        lines += ["", f"![{name}: metrics against fine-tuning steps]({name}-curve.png)"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return lines
 
 
-def plot(results: list[dict], summary: dict, keys: list[str], path: Path) -> None:
-    """One panel per metric: each seed's value (dots) and the mean with its 95% interval (bar), arm by arm."""
+def plot(results: list[dict], summary: dict, path: Path) -> None:
+    """One panel per metric: each seed's value (dots) and the mean with its 95% interval (bar), arm by arm (at the
+    largest budget)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    keys = [k for k in METRICS if any(k in summary[a] for a in args.arms)]
+    if not keys:  # no run at this budget yet
+        return
+    rows_ = [r for r in results if r["steps"] == budgets[-1]]
     cols = min(4, len(keys))
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
@@ -173,7 +223,7 @@ def plot(results: list[dict], summary: dict, keys: list[str], path: Path) -> Non
         ax.set_visible(False)
     for ax, key in zip(axes.flat, keys):
         for i, arm in enumerate(args.arms):
-            vals = [r[key] for r in results if r["arm"] == arm and r.get(key) is not None]
+            vals = [r[key] for r in rows_ if r["arm"] == arm and r.get(key) is not None]
             ax.scatter([i] * len(vals), vals, s=14, color="0.55", zorder=2)
             e = summary[arm].get(key)
             if e is not None:
@@ -182,32 +232,89 @@ def plot(results: list[dict], summary: dict, keys: list[str], path: Path) -> Non
         ax.set_xticks(range(len(args.arms)), args.arms, rotation=45, ha="right", fontsize=8)
         ax.set_title(METRICS[key], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{name}: seeds (grey), mean and 95% interval (blue)", fontsize=9)
+    fig.suptitle(f"{name}: seeds (grey), mean and 95% interval (blue)"
+                 + (f", {budgets[-1]} steps" if args.budgets else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def plot_budgets(summaries: dict, path: Path) -> None:
+    """FID and SSIM against fine-tuning steps: each arm's mean with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    for ax, key in zip(axes, ("fid", "ssim")):
+        for i, arm in enumerate(args.arms):
+            pts = [(b, summaries[b][arm][key]) for b in budgets if key in summaries[b][arm]]
+            if pts:
+                ax.errorbar([b for b, _ in pts], [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4,
+                            yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts], label=arm, color=f"C{i}")
+        ax.set_xscale("symlog", linthresh=max(1, min([b for b in budgets if b] or [1])))
+        ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel("fine-tuning steps" + (f" (teacher: {teacher_steps})" if teacher_steps else ""))
+        ax.set_title(METRICS[key] + " (mean, 95% interval)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def teacher_training_steps() -> int | None:
+    """The teacher's own training steps, from its train_config.json (shipped teachers have one)."""
+    from diffprune.assets import shipped_model_path
+
+    folder = shipped_model_path(base["model"]) or Path(base["model"])
+    record = folder / "train_config.json"
+    return json.loads(record.read_text())["train"]["steps"] if record.is_file() else None
+
+
+def run_folder(arm: str, seed: int, steps: int) -> Path:
+    """The run of the config's own step count is the plain benchmark's; other budgets sit beside it."""
+    arm_dir = Path(args.work) / (args.runs or name) / arm.replace("=", "-").replace(",", "_")
+    return arm_dir / (f"seed-{seed}" if steps == default_steps else f"steps-{steps}/seed-{seed}")
+
+
+teacher_steps = teacher_training_steps() if args.budgets else None
 results = []
 for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm on its first seeds
     for arm in args.arms:
-        run = Path(args.work) / (args.runs or name) / f"{arm.replace('=', '-').replace(',', '_')}" / f"seed-{seed}"
-        cfg = load_run_config(arm_config(arm, seed))
-        t0 = time.time()
-        m = run_pipeline(cfg, run, device="cpu", progress=False)
-        # a bare model keeps pruning.json beside its weights, a pipeline in its denoiser's folder
-        pruning = json.loads(next((run / "prune" / "model").glob("**/pruning.json")).read_text())
-        row = {"arm": arm, "seed": seed, "fid": m["fid"], "fid_teacher": m["fid_teacher"], "ssim": m["ssim"],
-               "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
-               "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"],
-               "calibration_timesteps": len((pruning.get("calibration") or {}).get("accumulated", [])) or None,
-               "calibration_seconds": (pruning.get("calibration") or {}).get("seconds"),
-               "prune_seconds": json.loads((run / "prune" / "stage.json").read_text())["seconds"],
-               "seconds": round(time.time() - t0, 1)}
-        if args.pruned_ssim:
-            row["pruned_ssim"] = pruned_ssim(run, cfg)
-        results.append(row)
-        print(row, flush=True)
-        write_results(results)
+        finetuned = [b for b in budgets if b] or [default_steps]
+        order = sorted(finetuned, key=lambda b: b != default_steps)  # the shared run first: the others copy its prune
+        for steps in order:
+            run = run_folder(arm, seed, steps)
+            cfg = load_run_config(arm_config(arm, seed, steps))
+            shared = run_folder(arm, seed, order[0]) / "prune"
+            if steps != order[0] and not (run / "prune").exists() and stage_complete(shared, stage_hashes(cfg)["prune"]):
+                run.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(shared, run / "prune")  # the same pruning (same hash): not redone
+            t0 = time.time()
+            m = run_pipeline(cfg, run, device="cpu", progress=False)
+            # a bare model keeps pruning.json beside its weights, a pipeline in its denoiser's folder
+            pruning = json.loads(next((run / "prune" / "model").glob("**/pruning.json")).read_text())
+            prune = {"calibration_timesteps": len((pruning.get("calibration") or {}).get("accumulated", [])) or None,
+                     "calibration_seconds": (pruning.get("calibration") or {}).get("seconds"),
+                     "prune_seconds": json.loads((run / "prune" / "stage.json").read_text())["seconds"]}
+            row = {"arm": arm, "seed": seed, "steps": steps, "fid": m["fid"], "fid_teacher": m["fid_teacher"],
+                   "ssim": m["ssim"], "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
+                   "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"], **prune,
+                   "seconds": round(time.time() - t0, 1)}
+            if args.pruned_ssim or 0 in budgets:
+                before = pruned_eval(run_folder(arm, seed, order[0]), cfg)
+                if args.pruned_ssim:
+                    row["pruned_ssim"] = before["ssim"]
+            if steps in budgets:
+                results.append(row)
+                print(row, flush=True)
+            if 0 in budgets and steps == order[0]:
+                results.append({"arm": arm, "seed": seed, "steps": 0, "fid": before["fid"],
+                                "fid_teacher": before["fid_teacher"], "ssim": before["ssim"],
+                                "class_accuracy": before.get("class_accuracy"), **prune})
+            write_results(results)
 
 print("\n".join(write_results(results)))
