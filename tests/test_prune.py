@@ -93,7 +93,7 @@ def test_global_ranking_macs_fall_monotonically_with_the_ratio():
     for ratio in (0.3, 0.45, 0.6, 0.675, 0.75, 0.85):
         twin = copy.deepcopy(unet)
         with adapter.tracing(twin):
-            _, heads, _ = _prune_once(twin, adapter, cfg, ratio, METHODS.get("magnitude").make(cfg))
+            _, heads, _, _ = _prune_once(twin, adapter, cfg, ratio, METHODS.get("magnitude").make(cfg))
             adapter.finalize_(twin, adapter.snapshot(unet), heads)
         fractions.append(count_macs(twin).macs / base)
     assert all(a > b for a, b in zip(fractions, fractions[1:])), fractions
@@ -105,6 +105,24 @@ def test_deep_and_shallow_targets_are_reachable(seed, target):
     torch.manual_seed(seed)
     report = prune_(build_model("mnist-16"), PruneConfig(method="magnitude", target_macs=target), progress=False)
     assert abs(report.macs / report.base_macs / target - 1) <= 0.02
+
+
+def test_a_step_in_the_cost_is_filled_with_the_next_ranked_positions():
+    """On this initialisation one more pruned position moves the MACs from 0.919 to 0.879, past the whole +-2% band
+    around 0.9 (it was refused). The search now keeps that position and prunes the next-ranked ones instead."""
+    torch.manual_seed(0)
+    report = prune_(build_model("mnist-16"), PruneConfig(method="magnitude", target_macs=0.9), progress=False)
+    reached = report.macs / report.base_macs
+    assert abs(reached / 0.9 - 1) <= 0.02
+    plain = [t for t in report.search if "kept_out_of_order" not in t]
+    assert plain and all(abs(t["macs_fraction"] / 0.9 - 1) > 0.02 for t in plain)  # rank order alone cannot land
+    # the probe the search chose (a shapes-only copy) and the pruned model agree, so the kept position was kept
+    chosen = min(report.search, key=lambda t: abs(t["macs_fraction"] / 0.9 - 1))
+    assert len(chosen["kept_out_of_order"]) == 1 and chosen["macs_fraction"] == pytest.approx(reached, abs=1e-12)
+    # in rank order, n and n + 1 pruned positions lie on either side of the band: the jump is one position
+    fractions = {t["positions"]: t["macs_fraction"] for t in plain}
+    n = min(k for k, v in fractions.items() if v < 0.9)
+    assert fractions[n - 1] > 0.9 * 1.02 and fractions[n] < 0.9 * 0.98
 
 
 def test_a_target_beyond_the_deepest_cut_fails_fast():

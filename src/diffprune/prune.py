@@ -62,6 +62,7 @@ DATA_FREE = "data-free"
 STRUCTURE_FORMAT = "diffprune-structure/1"
 _MAX_SEARCH_RATIO = 0.9
 _MIN_RATIO_STEP = 2e-3  # the search stops once its bracket is narrower (ratios a few channels per thousand apart)
+_MAX_FILL = 4  # positions the target search may keep out of rank order to step past a jump in the cost
 # The installed distribution's version: torch_pruning.__version__ of the 1.6.1 wheel still says "1.6.0".
 TORCH_PRUNING_VERSION = importlib.metadata.version("torch-pruning")
 
@@ -534,7 +535,8 @@ class GlobalPruner(_SelectingPruner):
 
     def _select(self, records):
         positions = [imp.view(k, -1).mean(dim=0) if k > 1 else imp for _, _, imp, k, _, _ in records]
-        total = sum(len(p) for p in positions)
+        names = [self.module_names.get(id(rec[0]), "?") for rec in records]
+        self.total_positions = total = sum(len(p) for p in positions)
         n_pruned = total - int(total * (1 - self.pruning_ratio))
         ranked = sorted((float(score), r, i) for r, pos in enumerate(positions) for i, score in enumerate(pos))
         left = [len(p) for p in positions]
@@ -542,10 +544,11 @@ class GlobalPruner(_SelectingPruner):
         for _, r, i in ranked:
             if n_pruned <= 0:
                 break
-            if left[r] > 1:  # every group keeps at least one position
+            if left[r] > 1 and (names[r], i) not in self.skip:  # every group keeps at least one position
                 chosen[r].append(i)
                 left[r] -= 1
                 n_pruned -= 1
+                self.picks.append((names[r], i))
         for r, pos in enumerate(positions):  # round_to: a group's kept width, then its lowest positions go
             kept = self._kept(len(pos) - len(chosen[r]), len(pos), records[r][3])
             chosen[r] = torch.argsort(pos)[:len(pos) - kept].tolist()
@@ -585,9 +588,10 @@ def layer_widths(model: nn.Module) -> dict[str, list[int]]:
 
 
 def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance,
-                cached: dict | None = None) -> tuple[list, dict, dict]:
-    """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores).
-    ``cached``: scores recorded by an earlier call on the same unpruned model, used instead of ``importance``."""
+                cached: dict | None = None, skip=()) -> tuple[list, dict, dict, "_SelectingPruner"]:
+    """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores, the
+    pruner). ``cached``: scores recorded by an earlier call on the same unpruned model, used instead of
+    ``importance``. ``skip``: positions global ranking keeps whatever their rank (:class:`GlobalPruner`)."""
     seed_everything(config.seed)  # random scores are reproducible
     names = {id(m): n for n, m in unet.named_modules()}
     recorder = _RecordingImportance(importance, names, cached)
@@ -603,6 +607,7 @@ def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, 
            GlobalPruner if config.global_ranking and not config.prune_heads else tp.pruner.BasePruner)
     pruner = cls(unet, adapter.example_inputs(unet), **kwargs)
     pruner.round_to = config.round_to  # read by diffprune's own selection (_SelectingPruner._kept)
+    pruner.module_names, pruner.skip, pruner.picks, pruner.total_positions = names, frozenset(skip), [], None
     pruner.step()
     heads = {}
     for name, m in unet.named_modules():
@@ -610,7 +615,7 @@ def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, 
         if q is not None and q in pruner.num_heads:
             heads[name] = int(pruner.num_heads[q])
     history = [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in pruner.pruning_history()]
-    return history, heads, recorder.scores
+    return history, heads, recorder.scores, pruner
 
 
 def _copy_with_grads(unet: nn.Module) -> nn.Module:
@@ -665,32 +670,68 @@ def latency_timer(config: PruneConfig, device):
 
 def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int, progress: bool,
                   target: _Target | None = None):
-    """Bisection on the ratio so that ``target.measure`` (default: the MAC fraction) lands within the tolerance.
+    """Bisection on the ratio so that ``target.measure`` (default: the MAC fraction) lands within the tolerance;
+    returns ``(ratio, trials, skip)``.
 
     The channel scores are computed once (on a copy holding the calibration gradients) and replayed by every probe,
     so a probe is a copy, a prune and a measurement; after the first, a MAC probe works on a meta-device copy
     (shapes only: no weights copied, no arithmetic in its traces and counts). The deepest ratio is probed first: a
     target beyond it fails at once. Every probe also records its MAC fraction.
+
+    The fill (global ranking): when one more pruned position moves the cost past the whole tolerance band (a
+    position of a group coupled through many layers), the search finds that position by bisecting the number of
+    pruned positions, keeps it (``skip``) and prunes the next-ranked positions instead, up to ``_MAX_FILL`` times.
+    The positions kept out of rank order are recorded with each probe (``kept_out_of_order``).
     """
     target = target or _macs_target(config, macs_before)
     key = f"{target.name}_fraction"
     tol = target.tolerance
     trials: list[dict] = []
     cache: dict[str, torch.Tensor] = {}
+    skip: list[tuple[str, int]] = []
+    picks: dict[tuple[int, int], list] = {}  # (len(skip), positions pruned) -> the positions, in pick order
+    totals: list[int] = []  # global ranking: the positions a ratio is a share of
+    bar = tqdm(total=None, desc=f"target-{target.name} search", disable=not progress)
 
     def probe(ratio: float) -> float:
+        n = totals[0] - int(totals[0] * (1 - ratio)) if totals else None  # positions this ratio prunes
+        if (len(skip), n) in picks:  # probed already (a ratio rounding to the same positions)
+            return next(t[key] for t in reversed(trials) if t.get("positions") == n
+                        and len(t.get("kept_out_of_order", ())) == len(skip))
         twin = (_copy_with_grads(unet) if not cache else _meta_copy(unet) if target.name == "macs" else
                 copy.deepcopy(unet))
         with adapter.tracing(twin):
-            _, heads, scores = _prune_once(twin, adapter, config, ratio, importance, cached=cache or None)
+            _, heads, scores, pruner = _prune_once(twin, adapter, config, ratio, importance, cached=cache or None,
+                                                   skip=skip)
             adapter.finalize_(twin, snapshot, heads)
         cache.update(scores)
         rel = target.measure(twin)
         macs = rel if target.name == "macs" else count_macs(twin).macs / macs_before
-        trials.append({"ratio": ratio, key: rel, "macs_fraction": macs})
+        trial = {"ratio": ratio, key: rel, "macs_fraction": macs}
+        if pruner.total_positions is not None:  # global ranking: positions are what the ratio counts
+            trial["positions"] = len(pruner.picks)
+            picks[len(skip), len(pruner.picks)] = pruner.picks
+            totals.append(pruner.total_positions)
+        if skip:
+            trial["kept_out_of_order"] = [list(x) for x in skip]
+        trials.append(trial)
+        bar.update()
+        bar.set_postfix(ratio=f"{ratio:.4f}", **{target.name: f"{rel:.4f}"})
         return rel
 
-    bar = tqdm(range(16), desc=f"target-{target.name} search", disable=not progress)
+    def close(rel: float, share: float) -> bool:
+        return abs(rel / target.value - 1) <= tol * share
+
+    def bisect(lo: float, hi: float, step: float) -> bool:
+        """Ratios in (lo, hi): True once a probe lands within a quarter of the tolerance."""
+        while hi - lo >= step:
+            mid = (lo + hi) / 2
+            rel = probe(mid)
+            if close(rel, 1 / 4):
+                return True
+            lo, hi = (mid, hi) if rel > target.value else (lo, mid)
+        return False
+
     deepest = probe(_MAX_SEARCH_RATIO)
     if deepest > target.value * (1 + tol):
         ignored = sum(count_macs(unet).per_layer.get(n, 0) for n, m in unet.named_modules()
@@ -700,19 +741,28 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
             f"still keeps {deepest:.4f} of the {'MACs' if target.name == 'macs' else target.name} (the "
             f"layers that are never pruned do {ignored / macs_before:.1%} of the MACs, and every group keeps at least "
             f"one channel); ask for {deepest:.2f} or more")
-    lo, hi = 0.0, _MAX_SEARCH_RATIO
-    for _ in bar:
-        mid = (lo + hi) / 2
-        rel = probe(mid)
-        bar.set_postfix(ratio=f"{mid:.4f}", **{target.name: f"{rel:.4f}"})
-        if abs(rel / target.value - 1) <= tol / 4:
+    done = bisect(0.0, _MAX_SEARCH_RATIO, _MIN_RATIO_STEP)  # the ratios left prune nearly the same channels
+    floor = None  # positions pruned at which the current skip is known to stay above the target
+    for _ in range(_MAX_FILL if totals else 0):
+        if done or any(close(t[key], 1) for t in trials):
             break
-        if rel > target.value:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < _MIN_RATIO_STEP:  # the ratios left prune nearly the same channels
+        now = [t for t in trials if len(t.get("kept_out_of_order", ())) == len(skip)]
+        known = [floor] if floor is not None else []
+        above = max([t["positions"] for t in now if t[key] > target.value] + known, default=None)
+        below = min((t["positions"] for t in now if t[key] < target.value), default=None)
+        if above is None or below is None:
             break
+        while below - above > 1:  # narrow to one position: the one whose removal steps over the band
+            n = (above + below) // 2
+            rel = probe((n - 0.5) / totals[0])  # exactly n positions
+            if close(rel, 1 / 4):
+                break
+            above, below = (n, below) if rel > target.value else (above, n)
+        if below - above > 1:  # landed
+            break
+        skip.append(picks[len(skip), below][above])  # keep it; the next-ranked positions go instead
+        floor = above
+        done = bisect((above - 0.5) / totals[0], _MAX_SEARCH_RATIO, 1 / totals[0])
     bar.close()
     best = min(trials, key=lambda r: abs(r[key] / target.value - 1))
     if abs(best[key] / target.value - 1) > tol:
@@ -727,7 +777,7 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
             f"target_{target.name}={target.value} cannot be reached within +-{tol:.0%}: the nearest pruning keeps "
             f"{best[key]:.4f} of the {'MACs' if target.name == 'macs' else target.name} (ratio {best['ratio']:.4f})"
             f"{hint}")
-    return best["ratio"], trials
+    return best["ratio"], trials, [tuple(x) for x in best.get("kept_out_of_order", ())]
 
 
 def _prune_blocks(model, adapter, config: PruneConfig, score, macs_before: int):
@@ -811,17 +861,18 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
             history = []
         else:
             if config.target_macs is not None:
-                ratio, search = _search_ratio(unet, adapter, config, importance, snapshot, before.macs, progress)
+                ratio, search, skip = _search_ratio(unet, adapter, config, importance, snapshot, before.macs,
+                                                    progress)
             elif config.target_latency is not None:
                 timer = timer or latency_timer(config, device)
                 base_s = timer(unet)
                 target = _Target("latency", float(config.target_latency), float(config.latency_tolerance),
                                  lambda m: timer(m) / base_s, "--latency-tolerance")
-                ratio, search = _search_ratio(unet, adapter, config, importance, snapshot, before.macs, progress,
-                                              target)
+                ratio, search, skip = _search_ratio(unet, adapter, config, importance, snapshot, before.macs,
+                                                    progress, target)
             else:
-                ratio = float(config.ratio)
-            history, heads, scores = _prune_once(unet, adapter, config, ratio, importance)
+                ratio, skip = float(config.ratio), []
+            history, heads, scores, _ = _prune_once(unet, adapter, config, ratio, importance, skip=skip)
             meta = adapter.finalize_(unet, snapshot, heads)
         unet.zero_grad(set_to_none=True)
         if method.after_pruning is not None:
