@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from diffprune.io import load_model
-from diffprune.presets import build_model
 from diffprune.prune import PruneConfig, prune_
 from diffprune.sampling import default_scheduler
+
+from _models import benchmark_model
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--models", nargs="+", default=["mnist-teacher", "mnist-dit"])
@@ -59,15 +59,12 @@ def kept(report) -> dict[str, set[int]]:
 
 rows = []
 for name in args.models + args.presets:
-    preset = name in args.presets
-    if preset:
-        torch.manual_seed(0)
-        base, scheduler, codec = build_model(name), default_scheduler(), None
+    loaded = benchmark_model(name)
+    base, scheduler, codec = loaded.denoiser, loaded.scheduler or default_scheduler(), loaded.codec
+    if name in args.presets:
         variants = {k: v for k, v in VARIANTS.items() if "stride" not in v}
         setting, data = {"calib_batch": 8, "max_timesteps": args.preset_timesteps, "data_free_steps": 2}, "data-free"
     else:
-        loaded = load_model(name)
-        base, scheduler, codec = loaded.denoiser, loaded.scheduler or default_scheduler(), loaded.codec
         variants, setting, data = VARIANTS, {"calib_batch": 32}, "mnist"
     ref = None
     for label, extra in variants.items():

@@ -19,9 +19,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from diffprune.adapters import adapter_for
-from diffprune.io import load_model
-from diffprune.presets import PRESETS, build_model
 from diffprune.prune import PruneConfig, prune_
+
+from _models import benchmark_model
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--models", nargs="+", default=["mnist-teacher", "ddpm-cifar10-32"])
@@ -73,8 +73,7 @@ def profiled(model, adapter, batch: int) -> dict[str, float]:
 
 rows = []
 for name in args.models:
-    torch.manual_seed(0)
-    teacher = (build_model(name) if name in PRESETS else load_model(name).denoiser).eval()
+    teacher = benchmark_model(name).denoiser
     student = copy.deepcopy(teacher)
     report = prune_(student, PruneConfig(method="magnitude", target_macs=args.target), progress=False)
     adapter = adapter_for(teacher)

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from diffprune.errors import DiffPruneError
-from diffprune.presets import build_model
 from diffprune.prune import PruneConfig, prune_
+
+from _models import benchmark_model
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--presets", nargs="+", default=["mnist-16", "ddpm-cifar10-32", "mnist-dit"])
@@ -30,8 +31,7 @@ rows = []
 for preset in args.presets:
     for seed in args.seeds:
         for target in args.targets:
-            torch.manual_seed(seed)
-            model = build_model(preset)
+            model = benchmark_model(preset, seed).denoiser
             t0 = time.time()
             try:
                 r = prune_(model, PruneConfig(method="magnitude", target_macs=target), progress=False)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from diffprune.io import load_model
 from diffprune.latency import denoiser_latency
-from diffprune.presets import PRESETS, build_model
 from diffprune.prune import PruneConfig, prune_
+
+from _models import benchmark_model
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--models", nargs="+", default=["mnist-teacher", "ddpm-cifar10-32", "mnist-dit"])
@@ -47,11 +47,7 @@ def timed(model) -> dict[str, float]:
 
 rows = []
 for name in args.models:
-    if name in PRESETS:
-        torch.manual_seed(0)
-        teacher = build_model(name).eval()
-    else:
-        teacher = load_model(name).denoiser.eval()
+    teacher = benchmark_model(name).denoiser
     for target in args.targets:
         for round_to in args.round_to:
             student = copy.deepcopy(teacher)
