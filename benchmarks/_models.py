@@ -1,16 +1,41 @@
-"""The benchmarks' one way to name a model: a preset name builds that architecture with random weights, anything
-else is loaded as diffprune loads a model (a shipped name, a folder or a hub id)."""
+"""The benchmarks' one way to name a model: a preset name (``diffprune.presets``) or a full-size configuration below
+builds that architecture with random weights; anything else is loaded as diffprune loads a model (a shipped name, a
+folder or a hub id)."""
 import torch
 
 from diffprune.io import LoadedModel, load_model
 from diffprune.presets import PRESETS, build_model
 
+# Full-size configurations, from their public config values (nothing is downloaded); see benchmarks/full_size.py.
+CONFIGS = {
+    "dit-xl-2-256": ("DiTTransformer2DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
+        patch_size=2, num_embeds_ada_norm=1000, activation_fn="gelu-approximate", norm_type="ada_norm_zero")),
+    "ldm4-imagenet-256": ("UNet2DModel", dict(
+        sample_size=64, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(192, 384, 576, 960),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32,
+        norm_num_groups=32, num_class_embeds=1000)),
+    "sd15-unet": ("UNet2DConditionModel", dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+        norm_num_groups=32)),
+    "sd21-base-unet": ("UNet2DConditionModel", dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
+        attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, norm_num_groups=32)),
+}
+
 
 def benchmark_model(name: str, seed: int = 0) -> LoadedModel:
-    """``name``'s denoiser in eval mode (a preset's weights from ``torch.manual_seed(seed)``; no scheduler)."""
-    if name in PRESETS:
+    """``name``'s denoiser in eval mode (a preset's or configuration's weights from ``torch.manual_seed(seed)``; no
+    scheduler)."""
+    if name in PRESETS or name in CONFIGS:
         torch.manual_seed(seed)
-        return LoadedModel(denoiser=build_model(name).eval(), scheduler=None, pruning=None, source=f"preset {name}")
+        arch = name if name in PRESETS else {"_class_name": CONFIGS[name][0], **CONFIGS[name][1]}
+        return LoadedModel(denoiser=build_model(arch).eval(), scheduler=None, pruning=None, source=name)
     loaded = load_model(name)
     loaded.denoiser.eval()
     return loaded

@@ -29,26 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = {
-    "dit-xl-2-256": ("DiTTransformer2DModel", dict(
-        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
-        patch_size=2, num_embeds_ada_norm=1000, activation_fn="gelu-approximate", norm_type="ada_norm_zero")),
-    "ldm4-imagenet-256": ("UNet2DModel", dict(
-        sample_size=64, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(192, 384, 576, 960),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32,
-        norm_num_groups=32, num_class_embeds=1000)),
-    "sd15-unet": ("UNet2DConditionModel", dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-        norm_num_groups=32)),
-    "sd21-base-unet": ("UNet2DConditionModel", dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
-        attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, norm_num_groups=32)),
-}
+from _models import CONFIGS, benchmark_model
+
 NOTES = {
     "dit-xl-2-256": "diffusers' `DiTTransformer2DModel` gives each of the 28 blocks its own timestep and label "
                     "embedder (the original DiT shares one), hence 749.8M parameters rather than the 675M usually "
@@ -70,10 +52,9 @@ def one(name: str, threads: int) -> dict:
     from diffprune.prune import PruneConfig, prune_
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cls, cfg = CONFIGS[name]
+    cls = CONFIGS[name][0]
     t0 = time.time()
-    model = getattr(diffusers, cls)(**cfg).eval()
+    model = benchmark_model(name).denoiser
     built = time.time() - t0
     report = prune_(model, PruneConfig(method="magnitude", target_macs=0.5), progress=False)
     return {"model": name, "class": cls, "params_before": report.base_params, "params_after": report.params,

@@ -3,12 +3,13 @@
     python benchmarks/speed.py [--models mnist-teacher ddpm-cifar10-32 mnist-dit] [--targets 0.75 0.5 0.3]
         [--batches 1 16] [--round-to 1 8] [--device cpu] [--dtype float32] [--repeats 20] [--threads 2]
 
-Each model (a shipped name, or a preset built with random weights) is pruned with magnitude (no data needed; the
-architecture a MAC target gives is what matters here) to each MAC target, once per --round-to setting (pruned widths
-multiples of N; the MAC tolerance is 5% so that rounding can land), and teacher and student are timed per
-denoiser call at each batch size, conditioning included, alternately in rounds (median of --repeats after warm-up,
-per round; the median over rounds counts) so that drifts of a shared machine hit both. Reported: latency, speedup
-and speedup / MAC cut (1.0 = the speedup the MACs promise). Writes benchmarks/results/speed-<device>.json and .md.
+Each model (a shipped name, or a preset or full-size configuration of benchmarks/_models.py such as sd15-unet,
+built with random weights) is pruned on --device with magnitude (no data needed; the architecture a MAC target
+gives is what matters here) to each MAC target, once per --round-to setting (pruned widths multiples of N; the MAC
+tolerance is 5% so that rounding can land), and teacher and student are timed per denoiser call at each batch
+size, conditioning included, alternately in rounds (median of --repeats after warm-up, per round; the median over
+rounds counts) so that drifts of a shared machine hit both. Reported: latency, speedup and speedup / MAC cut (1.0 =
+the speedup the MACs promise). Writes benchmarks/results/speed-<device>.json and .md.
 """
 import argparse
 import copy
@@ -47,13 +48,14 @@ def timed(model) -> dict[str, float]:
 
 rows = []
 for name in args.models:
-    teacher = benchmark_model(name).denoiser
+    teacher = benchmark_model(name).denoiser.to(args.device)  # pruned (in float32) where it runs
+    a = teacher if dtype == torch.float32 else copy.deepcopy(teacher).to(dtype)  # the teacher as timed
     for target in args.targets:
         for round_to in args.round_to:
             student = copy.deepcopy(teacher)
             report = prune_(student, PruneConfig(method="magnitude", target_macs=target, macs_tolerance=0.05,
                                                  round_to=round_to), progress=False)
-            a, b = teacher.to(args.device, dtype), student.to(args.device, dtype)
+            b = student.to(dtype)
             rounds = [(timed(a), timed(b)) for _ in range(args.rounds)]
             for batch in map(str, args.batches):
                 t = statistics.median(r[0][batch] for r in rounds)
@@ -64,7 +66,8 @@ for name in args.models:
                              "teacher_ms": round(t * 1e3, 3), "student_ms": round(s * 1e3, 3),
                              "speedup": round(t / s, 3), "speedup_over_mac_cut": round(t / s / cut, 3)})
                 print(rows[-1], flush=True)
-        teacher.to("cpu", torch.float32)
+            del student, b
+    del teacher, a
 
 device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
 command = (f"python benchmarks/speed.py --models {' '.join(args.models)} --targets {' '.join(map(str, args.targets))} "
