@@ -289,10 +289,10 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
         for steps in order:
             run = run_folder(arm, seed, steps)
             cfg = load_run_config(arm_config(arm, seed, steps))
-            shared = run_folder(arm, seed, order[0]) / "prune"
-            if steps != order[0] and not (run / "prune").exists() and stage_complete(shared, stage_hashes(cfg)["prune"]):
-                run.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(shared, run / "prune")  # the same pruning (same hash): not redone
+            shared = run_folder(arm, seed, order[0])
+            if not run.exists() and stage_complete(shared / "prune", stage_hashes(cfg)["prune"]):
+                # the same pruning (same hash): a run folder holding only it, whose prune stage is then skipped
+                shutil.copytree(shared, run, ignore=shutil.ignore_patterns("finetune", "eval", "pruned-ssim"))
             t0 = time.time()
             m = run_pipeline(cfg, run, device="cpu", progress=False)
             # a bare model keeps pruning.json beside its weights, a pipeline in its denoiser's folder

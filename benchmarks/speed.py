@@ -55,7 +55,7 @@ for name in args.models:
             student = copy.deepcopy(teacher)
             report = prune_(student, PruneConfig(method="magnitude", target_macs=target, macs_tolerance=0.05,
                                                  round_to=round_to), progress=False)
-            b = student.to(dtype)
+            b = student if dtype == torch.float32 else student.to(dtype)
             rounds = [(timed(a), timed(b)) for _ in range(args.rounds)]
             for batch in map(str, args.batches):
                 t = statistics.median(r[0][batch] for r in rounds)
