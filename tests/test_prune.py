@@ -119,6 +119,7 @@ def test_a_step_in_the_cost_is_filled_with_the_next_ranked_positions():
     # the probe the search chose (a shapes-only copy) and the pruned model agree, so the kept position was kept
     chosen = min(report.search, key=lambda t: abs(t["macs_fraction"] / 0.9 - 1))
     assert len(chosen["kept_out_of_order"]) == 1 and chosen["macs_fraction"] == pytest.approx(reached, abs=1e-12)
+    assert report.to_dict()["kept_out_of_order"] == chosen["kept_out_of_order"]
     # in rank order, n and n + 1 pruned positions lie on either side of the band: the jump is one position
     fractions = {t["positions"]: t["macs_fraction"] for t in plain}
     n = min(k for k, v in fractions.items() if v < 0.9)

@@ -220,6 +220,8 @@ class PruneReport:
     plain name is after: ``params``/``base_params``, ``macs``/``base_macs`` (one call at batch 1),
     ``widths``/``base_widths`` (``{layer: [in, out]}`` of every Conv/Linear/GroupNorm layer),
     ``macs_per_layer``/``base_macs_per_layer``. ``calibration`` holds the per-timestep losses and the cutoff.
+    ``kept_out_of_order``: ``[group root layer, position]`` pairs that global ranking kept although they rank among
+    the pruned ones, so that a target could land past a step in the cost (see ``search``).
     """
 
     config: dict
@@ -239,6 +241,7 @@ class PruneReport:
     macs_per_layer: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     latency: dict | None = None
+    kept_out_of_order: list[list] = field(default_factory=list)
     scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -856,6 +859,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
             calibration_record = {**desc, "noise_seed": config.seed, **result.to_dict()}
         importance = method.make(config)
         search: list[dict] = []
+        skip: list[tuple[str, int]] = []
         if method.removes == "blocks":
             ratio, search, meta, scores = _prune_blocks(unet, adapter, config, importance, before.macs)
             history = []
@@ -871,7 +875,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
                 ratio, search, skip = _search_ratio(unet, adapter, config, importance, snapshot, before.macs,
                                                     progress, target)
             else:
-                ratio, skip = float(config.ratio), []
+                ratio = float(config.ratio)
             history, heads, scores, _ = _prune_once(unet, adapter, config, ratio, importance, skip=skip)
             meta = adapter.finalize_(unet, snapshot, heads)
         unet.zero_grad(set_to_none=True)
@@ -896,6 +900,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         base_widths=widths_before, widths=layer_widths(unet),
         base_macs_per_layer=before.per_layer, macs_per_layer=after.per_layer,
         seconds=round(time.time() - t0, 3), scores=scores, latency=latency,
+        kept_out_of_order=[list(x) for x in skip],
     )
 
 

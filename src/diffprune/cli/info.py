@@ -44,6 +44,7 @@ def summarize(name_or_path: str) -> dict:
         "target_macs": cfg.get("target_macs"),
         "target_latency": cfg.get("target_latency"),
         "latency": rec.get("latency"),
+        "kept_out_of_order": rec.get("kept_out_of_order") or [],
         "seed": cfg.get("seed"),
         "thr": cfg.get("thr") if rec.get("method") == "diff-pruning" else None,
         "cutoff_t": calibration.get("cutoff_t"),
@@ -85,6 +86,9 @@ def run(args) -> int:
         print("not pruned")
     for line in summary_lines(info):
         print(line)
+    if info["kept_out_of_order"]:
+        kept = ", ".join(f"{layer} position {pos}" for layer, pos in info["kept_out_of_order"])
+        print(f"kept out of rank order to land on the target: {kept}")
     if info["latency"]:
         lat = info["latency"]
         print(f"latency: {lat['base_s'] * 1e3:.2f} -> {lat['s'] * 1e3:.2f} ms per call ({lat['fraction']:.1%}; batch "
