@@ -1,7 +1,8 @@
 """Compare pruning arms over several seeds: mean ± std, 95% intervals, and paired differences to a reference arm.
 
     python benchmarks/seeds.py --config demo --arms diff-pruning taylor magnitude random reinit --seeds 0 1 2
-    python benchmarks/seeds.py --config demo --arms thr=0 thr=0.02 thr=0.05 thr=0.1 thr=0.2 --name thr-ablation
+    python benchmarks/seeds.py --config demo --arms thr=0 thr=0.02 diff-pruning thr=0.1 thr=0.2 \
+        --reference diff-pruning --pruned-ssim --name thr-ablation --runs unet-methods
     python benchmarks/seeds.py --config demo-dit --arms diff-pruning taylor magnitude random depth
     python benchmarks/seeds.py --config demo --arms diff-pruning magnitude --budgets 0 300 1500 3000 6000 \
         --name budget --runs unet-methods
@@ -12,8 +13,8 @@ fine-tuning budget and evaluation for every arm; the seed sets the calibration s
 the evaluation seeds) in its own run folder under ``--work``: a killed benchmark resumes, and finished stages are
 skipped by their hashes. With ``--pruned-ssim`` each pruned model is also compared with the teacher before any
 fine-tuning. Per metric: mean ± std over seeds, a 95% t-interval, and for each arm the per-seed paired difference
-to the first arm with its 95% interval and a paired t-test (with 3 seeds only large effects can show). Writes
-benchmarks/results/<name>.json, .md and .png.
+to the reference arm (``--reference``, default the first) with its 95% interval and a paired t-test (with 3 seeds
+only large effects can show). Writes benchmarks/results/<name>.json, .md and .png.
 
 ``--budgets`` repeats every (arm, seed) at several fine-tuning step counts, each a run of its own with the config's
 other settings (its own EMA horizon and schedule, exactly as a user would run that many steps), so that the run
@@ -44,12 +45,17 @@ p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (defau
 p.add_argument("--budgets", nargs="+", type=int, default=None,
                help="fine-tuning step counts to run each (arm, seed) at (0: before fine-tuning); replaces --steps")
 p.add_argument("--n", type=int, default=None, help="evaluation samples (default: the config's)")
+p.add_argument("--reference", default=None, help="the arm the others are compared with (default: the first; "
+                                                  "--arms also sets the order of the plots)")
 p.add_argument("--pruned-ssim", action="store_true", help="also measure SSIM to the teacher right after pruning")
 p.add_argument("--name", default=None, help="results name (default: <config>-arms)")
 p.add_argument("--runs", default=None, help="run folders under --work (default: the results name); two benchmarks "
                                             "that share an arm share its finished runs")
 p.add_argument("--work", default="benchmarks/runs")
 args = p.parse_args()
+reference = args.reference or args.arms[0]
+if reference not in args.arms:
+    p.error(f"--reference {reference!r} is not one of --arms {args.arms}")
 if args.budgets and args.steps is not None:
     p.error("--budgets replaces --steps; give one of them")
 if args.budgets and any(b < 0 for b in args.budgets):
@@ -117,9 +123,8 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per arm and metric: mean, std, 95% interval, and the paired difference to the reference (first) arm."""
+    """Per arm and metric: mean, std, 95% interval, and the paired difference to the reference arm."""
     summary = {}
-    reference = args.arms[0]
     for arm in args.arms:
         summary[arm] = {}
         for key in METRICS:
@@ -143,7 +148,6 @@ def summarise(rows: list[dict]) -> dict:
 
 def table(summary: dict) -> list[str]:
     """The markdown tables of one summary: every arm, then every arm minus the reference arm."""
-    reference = args.arms[0]
     keys = [k for k in METRICS if any(k in summary[a] for a in args.arms)]
     lines = ["| arm | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
     for arm in args.arms:
@@ -152,8 +156,9 @@ def table(summary: dict) -> list[str]:
             e = summary[arm].get(k)
             cells.append("—" if e is None else f"{e['mean']:.3f} ± {e['std']:.3f} [±{e['ci95']:.3f}]")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", f"| arm − {reference} | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
-    for arm in args.arms[1:]:
+    lines += ["", f"| arm − {reference} | " + " | ".join(METRICS[k] for k in keys) + " |",
+              "| --- |" + " ---: |" * len(keys)]
+    for arm in [a for a in args.arms if a != reference]:
         cells = []
         for k in keys:
             e = summary[arm].get(k, {})
@@ -167,18 +172,19 @@ def table(summary: dict) -> list[str]:
 def write_results(results: list[dict]) -> list[str]:
     """Summaries and tables of the runs so far (written after every run: a stopped benchmark leaves its partial
     result, headed by the seeds each arm has)."""
-    reference = args.arms[0]
     summaries = {b: summarise([r for r in results if r["steps"] == b]) for b in budgets}
     command = (f"python benchmarks/seeds.py --config {args.config} --arms {' '.join(args.arms)} --seeds "
                f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}" if args.steps else "")
                + (f" --budgets {' '.join(map(str, args.budgets))}" if args.budgets else "")
-               + (f" --n {args.n}" if args.n else "") + (" --pruned-ssim" if args.pruned_ssim else "")
+               + (f" --reference {args.reference}" if args.reference else "") + (f" --n {args.n}" if args.n else "")
+               + (" --pruned-ssim" if args.pruned_ssim else "")
                + (f" --name {args.name}" if args.name else "") + (f" --runs {args.runs}" if args.runs else ""))
     out = Path("benchmarks/results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({
         "command": command, "reference": reference, "rows": results,
-        **({"budgets": {str(b): summaries[b] for b in budgets}} if args.budgets else {"summary": summaries[budgets[0]]}),
+        **({"budgets": {str(b): summaries[b] for b in budgets}} if args.budgets
+           else {"summary": summaries[budgets[0]]}),
     }, indent=2) + "\n")
     done = {(a, b): sorted(r["seed"] for r in results if r["arm"] == a and r["steps"] == b)
             for a in args.arms for b in budgets}
@@ -191,7 +197,8 @@ def write_results(results: list[dict]) -> list[str]:
     for b in budgets:
         if args.budgets:
             lines += [f"## {b} fine-tuning steps" + (" (the pruned model, not fine-tuned)" if b == 0 else "")
-                      + (f" ({100 * b / teacher_steps:.3g}% of the teacher's {teacher_steps})" if teacher_steps and b else "")
+                      + (f" ({100 * b / teacher_steps:.3g}% of the teacher's {teacher_steps})"
+                         if teacher_steps and b else "")
                       + "\n"]
         lines += table(summaries[b]) + [""]
     lines += ["* p < 0.05 (paired t-test over seeds).", ""]
