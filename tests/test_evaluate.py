@@ -8,6 +8,7 @@ import torch
 
 from diffprune.errors import DiffPruneError
 from diffprune.evaluate import EvalConfig, evaluate
+from diffprune.metrics import load_sample_folder
 
 FAST = dict(n=12, steps=3, data="mnist", ref_count=200, latency_batches=(1, 2), sampler_latency_batch=2,
             batch_size=8, grid_count=8)
@@ -103,6 +104,29 @@ def test_reusing_sample_folders_gives_the_same_consistency_whatever_the_order(ev
     assert m2["fid"] is None and m2["speedup"] is None and m2["params"] is None
     assert json.loads((tmp_path / "reuse" / "metrics.json").read_text())["ssim"] == pytest.approx(m["ssim"])
     assert np.asarray(seeds).tolist() == list(range(12))
+
+
+def test_teacher_samples_are_cached_by_content(evaluated, models, tmp_path):
+    """A sweep evaluates many students against one teacher: its samples come from the cache, bitwise the same; a
+    teacher with other weights misses."""
+    first, out = evaluated
+    config = EvalConfig(**FAST, cache_dir=str(out.parent / "cache"))
+    assert first["teacher_samples_cache"]["hit"] is False
+    again = evaluate(models["student"], models["teacher"], config=config, out_dir=tmp_path / "again",
+                     scheduler=models["scheduler"])
+    assert again["teacher_samples_cache"] == {**first["teacher_samples_cache"], "hit": True}
+    for role in ("teacher", "student"):
+        a = load_sample_folder(out / "samples" / role)
+        b = load_sample_folder(tmp_path / "again" / "samples" / role)
+        assert a.seeds == b.seeds and torch.equal(a.images, b.images)
+    assert again["ssim"] == first["ssim"] and again["fid_teacher"] == first["fid_teacher"]
+    other = copy.deepcopy(models["teacher"])
+    with torch.no_grad():
+        other.conv_out.bias.add_(0.01)
+    changed = evaluate(models["student"], other, config=config, out_dir=tmp_path / "other",
+                       scheduler=models["scheduler"])
+    assert changed["teacher_samples_cache"]["hit"] is False
+    assert changed["teacher_samples_cache"]["key"] != first["teacher_samples_cache"]["key"]
 
 
 def test_eval_config_validation():

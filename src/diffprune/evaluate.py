@@ -164,6 +164,72 @@ def _generate(model, scheduler, config: EvalConfig, device, progress: bool, code
     return SampleSet(seeds=config.seeds, images=to_uint8(images))
 
 
+TEACHER_SAMPLES_FORMAT = 1
+
+
+def _code_sha256() -> str:
+    """sha256 of diffprune's own source files: cached samples never outlive a change to the code that made them."""
+    import hashlib
+
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _teacher_samples(model, scheduler, config: EvalConfig, device, progress: bool, codec=None, labels=None,
+                     context=None) -> tuple[SampleSet, dict]:
+    """The teacher's samples, read from or written to the cache (``config.cache_dir``, as the FID statistics):
+    evaluating many students against one teacher samples it once. The key covers everything the images depend on:
+    the weights (and the codec's), the model class, the scheduler's config, the seeds, steps, skip, guidance, batch
+    size, labels and text context, the device type, diffprune's source files and the torch and diffusers versions;
+    so a hit is bitwise what sampling would give. Returns ``(samples, info)``: the key, the file and whether it was
+    a hit (``metrics.json``'s ``teacher_samples_cache``)."""
+    import hashlib
+    import json
+
+    import diffusers
+    from safetensors.torch import load_file, save
+
+    from ._fs import atomic_write_bytes, cache_dir
+
+    h = hashlib.sha256()
+
+    def add(name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    for prefix, module in (("model", model), ("codec", getattr(codec, "autoencoder", None))):
+        if module is not None:
+            for name, t in module.state_dict().items():
+                add(f"{prefix}.{name}", t)
+    for name, t in (("labels", labels), *((f"context{i}", c) for i, c in enumerate(context or ()))):
+        if isinstance(t, torch.Tensor):
+            add(name, t)
+    h.update(json.dumps({"format": TEACHER_SAMPLES_FORMAT, "code": _code_sha256(), "class": type(model).__name__,
+                         "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+                         "seeds": config.seeds, "steps": config.steps, "skip": config.skip,
+                         "guidance": config.guidance_scale, "batch": config.batch_size,
+                         "codec_scale": getattr(codec, "scale", None), "device": torch.device(device).type,
+                         "torch": torch.__version__,
+                         "diffusers": diffusers.__version__}, sort_keys=True, default=str).encode())
+    key = h.hexdigest()
+    name = f"{type(model).__name__}-{config.n}-{key[:24]}.safetensors"
+    path = cache_dir(config.cache_dir) / "teacher-samples" / name
+    info = {"key": key, "path": str(path), "hit": path.is_file()}
+    if info["hit"]:
+        t = load_file(path)
+        return SampleSet(seeds=t["seeds"].tolist(), images=t["images"]), info
+    samples = _generate(model, scheduler, config, device, progress, codec, labels, context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save({"seeds": torch.tensor(samples.seeds), "images": samples.images.contiguous()},
+                                  metadata={"key": key, "format": str(TEACHER_SAMPLES_FORMAT)}))
+    return samples, info
+
+
 def _calls_per_image(scheduler, config: EvalConfig) -> int:
     from .sampling import skip_timesteps
 
@@ -327,15 +393,18 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
         context = text_encoder.sampling_inputs(prompts_for(config.seeds, config.prompts), config.guidance_scale)
     elif conditional is not None:
         labels = labels_for(conditional, config.seeds, num_classes=len(class_names) if class_names else None)
+    cached = None
     for m in models.values():
-        if m.samples is None:
+        if m.samples is None and m.role == "teacher":
+            m.samples, cached = _teacher_samples(m.unet, scheduler, config, device, progress, codec, labels, context)
+        elif m.samples is None:
             m.samples = _generate(m.unet, scheduler, config, device, progress, codec, labels, context)
     sets = {role: m.samples for role, m in models.items()}
 
     metrics: dict[str, Any] = {"config": config.to_dict(), "device": str(device), "threads": torch.get_num_threads(),
                                "versions": _versions(), "seeds": {"first": config.seed, "n": config.n},
                                "sampler": {"name": "ddim", "eta": 0.0, "steps": config.steps, "skip": config.skip},
-                               "names": names or {}}
+                               "names": names or {}, "teacher_samples_cache": cached}
     # One name per figure: the figures at the top level, the nested records hold only how they were measured.
     # Consistency, paired by seed.
     consistency: dict[str, Any] = {}
