@@ -110,7 +110,8 @@ def pruned_eval(run: Path, cfg) -> dict:
 
 METRICS = {"fid": "FID (student)", "ssim": "SSIM to teacher", "class_accuracy": "class accuracy",
            "speedup": "measured speedup", "calibration_timesteps": "calibration timesteps",
-           "calibration_seconds": "calibration (s)", "prune_seconds": "prune stage (s)",
+           "calibration_seconds": "calibration (wall s)", "calibration_cpu_seconds": "calibration (CPU s)",
+           "prune_seconds": "prune stage (s)",
            "pruned_ssim": "SSIM before fine-tuning"}
 
 
@@ -306,6 +307,7 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             pruning = json.loads(next((run / "prune" / "model").glob("**/pruning.json")).read_text())
             prune = {"calibration_timesteps": len((pruning.get("calibration") or {}).get("accumulated", [])) or None,
                      "calibration_seconds": (pruning.get("calibration") or {}).get("seconds"),
+                     "calibration_cpu_seconds": (pruning.get("calibration") or {}).get("cpu_seconds"),
                      "prune_seconds": json.loads((run / "prune" / "stage.json").read_text())["seconds"]}
             row = {"arm": arm, "seed": seed, "steps": steps, "fid": m["fid"], "fid_teacher": m["fid_teacher"],
                    "ssim": m["ssim"], "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],

@@ -188,6 +188,7 @@ def test_data_free_calibration_and_gradient_checkpointing_restored():
     assert report.calibration["source"] == DATA_FREE and report.calibration["batch"] == 3
     assert report.calibration["accumulated"] == [0, 1] and report.calibration["stopped_by"] == "cap"
     assert 0 < report.calibration["seconds"] <= report.seconds  # the walk's own time, part of the whole prune
+    assert report.calibration["cpu_seconds"] > 0  # CPU time too: unlike wall time, a paused process spends none
     assert unet.is_gradient_checkpointing
     assert report.params < report.base_params
     assert all(p.grad is None for p in unet.parameters())

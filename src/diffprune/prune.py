@@ -204,12 +204,13 @@ class CalibrationResult:
     stopped_by: str  # "threshold" | "cap" | "end"
     strategy: dict
     seconds: float = 0.0  # wall time of the walk (forward and backward passes)
+    cpu_seconds: float = 0.0  # this process's CPU time over the walk, all threads (a paused process spends none)
 
     def to_dict(self) -> dict:
         return {"losses": {"t": [t for t, _ in self.losses], "loss": [v for _, v in self.losses]},
                 "accumulated": self.accumulated,
                 "cutoff_t": self.cutoff_t, "stopped_by": self.stopped_by, "timesteps": self.strategy,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3)}
 
 
 @dataclass
@@ -392,7 +393,7 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     from .objective import prediction_target
 
     require_int("timestep_batch", timestep_batch, 1)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     adapter = adapter or adapter_for(model)
     require(hasattr(scheduler, "add_noise"), "the scheduler must have add_noise (a diffusers noise scheduler)")
     T = int(scheduler.config.num_train_timesteps)
@@ -438,7 +439,7 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     bar.close()
     stopped_by = "threshold" if stopped else ("cap" if len(plan) < full else "end")
     return CalibrationResult(losses, accumulated, accumulated[-1] if accumulated else None, stopped_by,
-                             strategy.to_dict(), time.perf_counter() - started)
+                             strategy.to_dict(), time.perf_counter() - started, time.process_time() - started_cpu)
 
 
 # ---- pruning ----------------------------------------------------------------------------------------------------
