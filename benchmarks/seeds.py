@@ -20,6 +20,9 @@ only large effects can show). Writes benchmarks/results/<name>.json, .md and .pn
 other settings (its own EMA horizon and schedule, exactly as a user would run that many steps), so that the run
 at the config's own step count is the plain benchmark's run (``--runs`` shares it) and the others reuse its
 finished prune stage. Budget 0 is the pruned model before fine-tuning. One table per budget and a curve per metric.
+
+``--report`` runs nothing: it writes the tables from the runs already finished under ``--work`` (those whose every
+stage is complete with the current settings), e.g. to commit a partial result while the benchmark runs elsewhere.
 """
 import argparse
 import json
@@ -35,7 +38,8 @@ from scipy import stats
 from diffprune.cli.demo import DEMOS, config_path
 from diffprune.importance import METHODS, setting_owners
 from diffprune.timesteps import STRATEGY_FIELDS, TIMESTEP_STRATEGIES
-from diffprune.pipeline import load_run_config, run_pipeline, stage_complete, stage_hashes
+from diffprune._fs import atomic_write_bytes, read_json
+from diffprune.pipeline import STAGES, load_run_config, run_pipeline, stage_complete, stage_hashes
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", default="demo", choices=sorted(DEMOS.values()))
@@ -52,6 +56,7 @@ p.add_argument("--name", default=None, help="results name (default: <config>-arm
 p.add_argument("--runs", default=None, help="run folders under --work (default: the results name); two benchmarks "
                                             "that share an arm share its finished runs")
 p.add_argument("--work", default="benchmarks/runs")
+p.add_argument("--report", action="store_true", help="run nothing: write the tables from the finished runs")
 args = p.parse_args()
 reference = args.reference or args.arms[0]
 if reference not in args.arms:
@@ -98,9 +103,11 @@ def pruned_eval(run: Path, cfg) -> dict:
 
     out = run / "pruned-ssim"
     if (out / "metrics.json").is_file():
-        cached = json.loads((out / "metrics.json").read_text())
-        if cached.get("fid") is not None:  # folders written before FID was measured here are redone
+        cached = read_json(out / "metrics.json")
+        if cached.get("fid") is not None or args.report:  # folders written before FID was measured are redone
             return cached
+    if args.report:
+        return {}
     student, _ = load_for_eval(run / "prune" / "model")
     teacher, _ = load_for_eval(cfg.model)
     return evaluate(student.denoiser, teacher.denoiser, config=dataclasses.replace(cfg.eval, latency_batches=()),
@@ -113,6 +120,16 @@ METRICS = {"fid": "FID (student)", "ssim": "SSIM to teacher", "class_accuracy": 
            "calibration_seconds": "calibration (wall s)", "calibration_cpu_seconds": "calibration (CPU s)",
            "prune_seconds": "prune stage (s)",
            "pruned_ssim": "SSIM before fine-tuning"}
+DECIMALS = {"fid": 2, "ssim": 3, "class_accuracy": 3, "speedup": 2, "calibration_timesteps": 0,
+            "calibration_seconds": 0, "calibration_cpu_seconds": 0, "prune_seconds": 0, "pruned_ssim": 3}
+
+
+def cell(key: str, e: dict) -> str:
+    """mean ± std [95% half-width], or the one value where there is one seed."""
+    d = DECIMALS[key]
+    if e["n"] < 2:
+        return f"{e['mean']:.{d}f} (1 seed)"
+    return f"{e['mean']:.{d}f} ± {e['std']:.{d}f} [±{e['ci95']:.{d}f}]"
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -155,7 +172,7 @@ def table(summary: dict) -> list[str]:
         cells = []
         for k in keys:
             e = summary[arm].get(k)
-            cells.append("—" if e is None else f"{e['mean']:.3f} ± {e['std']:.3f} [±{e['ci95']:.3f}]")
+            cells.append("—" if e is None else cell(k, e))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", f"| arm − {reference} | " + " | ".join(METRICS[k] for k in keys) + " |",
               "| --- |" + " ---: |" * len(keys)]
@@ -163,8 +180,9 @@ def table(summary: dict) -> list[str]:
         cells = []
         for k in keys:
             e = summary[arm].get(k, {})
+            d = DECIMALS[k]
             cells.append("—" if "diff_vs_reference" not in e else
-                         f"{e['diff_vs_reference']:+.3f} [±{e['diff_ci95']:.3f}] p={e['p_paired']:.2f}"
+                         f"{e['diff_vs_reference']:+.{d}f} [±{e['diff_ci95']:.{d}f}] p={e['p_paired']:.2f}"
                          + (" *" if e["significant"] else ""))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
@@ -182,11 +200,11 @@ def write_results(results: list[dict]) -> list[str]:
                + (f" --name {args.name}" if args.name else "") + (f" --runs {args.runs}" if args.runs else ""))
     out = Path("benchmarks/results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({
+    atomic_write_bytes(out.with_suffix(".json"), (json.dumps({
         "command": command, "reference": reference, "rows": results,
         **({"budgets": {str(b): summaries[b] for b in budgets}} if args.budgets
            else {"summary": summaries[budgets[0]]}),
-    }, indent=2) + "\n")
+    }, indent=2) + "\n").encode())
     done = {(a, b): sorted(r["seed"] for r in results if r["arm"] == a and r["steps"] == b)
             for a in args.arms for b in budgets}
     status = ("" if all(len(v) == len(args.seeds) for v in done.values()) else
@@ -208,7 +226,7 @@ def write_results(results: list[dict]) -> list[str]:
     if args.budgets:
         plot_budgets(summaries, out.with_name(f"{name}-curve.png"))
         lines += ["", f"![{name}: metrics against fine-tuning steps]({name}-curve.png)"]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     return lines
 
 
@@ -298,11 +316,17 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             run = run_folder(arm, seed, steps)
             cfg = load_run_config(arm_config(arm, seed, steps))
             shared = run_folder(arm, seed, order[0])
-            if not run.exists() and stage_complete(shared / "prune", stage_hashes(cfg)["prune"]):
+            if not run.exists() and not args.report and stage_complete(shared / "prune", stage_hashes(cfg)["prune"]):
                 # the same pruning (same hash): a run folder holding only it, whose prune stage is then skipped
                 shutil.copytree(shared, run, ignore=shutil.ignore_patterns("finetune", "eval", "pruned-ssim"))
             t0 = time.time()
-            m = run_pipeline(cfg, run, device="cpu", progress=False)
+            if args.report:
+                hashes = stage_hashes(cfg)
+                if not all(stage_complete(run / s, hashes[s]) for s in STAGES):
+                    continue
+                m = read_json(run / "eval" / "metrics.json")
+            else:
+                m = run_pipeline(cfg, run, device="cpu", progress=False)
             # a bare model keeps pruning.json beside its weights, a pipeline in its denoiser's folder
             pruning = json.loads(next((run / "prune" / "model").glob("**/pruning.json")).read_text())
             prune = {"calibration_timesteps": len((pruning.get("calibration") or {}).get("accumulated", [])) or None,
@@ -315,12 +339,12 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
                    "seconds": round(time.time() - t0, 1)}
             if args.pruned_ssim or 0 in budgets:
                 before = pruned_eval(run_folder(arm, seed, order[0]), cfg)
-                if args.pruned_ssim:
+                if args.pruned_ssim and "ssim" in before:
                     row["pruned_ssim"] = before["ssim"]
             if steps in budgets:
                 results.append(row)
                 print(row, flush=True)
-            if 0 in budgets and steps == order[0]:
+            if 0 in budgets and steps == order[0] and before.get("fid") is not None:
                 results.append({"arm": arm, "seed": seed, "steps": 0, "fid": before["fid"],
                                 "fid_teacher": before["fid_teacher"], "ssim": before["ssim"],
                                 "class_accuracy": before.get("class_accuracy"), **prune})
