@@ -2,7 +2,7 @@
 
     python benchmarks/seeds.py --config demo --arms diff-pruning taylor magnitude random reinit --seeds 0 1 2
     python benchmarks/seeds.py --config demo --arms thr=0 thr=0.02 diff-pruning thr=0.1 thr=0.2 \
-        --reference diff-pruning --pruned-ssim --name thr-ablation --runs unet-methods
+        --reference diff-pruning --against thr --pruned-ssim --name thr-ablation --runs unet-methods
     python benchmarks/seeds.py --config demo-dit --arms diff-pruning taylor magnitude random depth
     python benchmarks/seeds.py --config demo --arms diff-pruning magnitude --budgets 0 300 1500 3000 6000 \
         --name budget --runs unet-methods
@@ -21,6 +21,7 @@ other settings (its own EMA horizon and schedule, exactly as a user would run th
 at the config's own step count is the plain benchmark's run (``--runs`` shares it) and the others reuse its
 finished prune stage. Budget 0 is the pruned model before fine-tuning. One table per budget and a curve per metric.
 
+``--against thr`` also plots every metric against that prune setting of the arms (``<name>-against-thr.png``).
 ``--report`` runs nothing: it writes the tables from the runs already finished under ``--work`` (those whose every
 stage is complete with the current settings), e.g. to commit a partial result while the benchmark runs elsewhere.
 """
@@ -56,6 +57,8 @@ p.add_argument("--name", default=None, help="results name (default: <config>-arm
 p.add_argument("--runs", default=None, help="run folders under --work (default: the results name); two benchmarks "
                                             "that share an arm share its finished runs")
 p.add_argument("--work", default="benchmarks/runs")
+p.add_argument("--against", default=None, metavar="SETTING",
+               help="also plot every metric against this prune setting of the arms (the threshold ablation: thr)")
 p.add_argument("--report", action="store_true", help="run nothing: write the tables from the finished runs")
 args = p.parse_args()
 reference = args.reference or args.arms[0]
@@ -195,7 +198,8 @@ def write_results(results: list[dict]) -> list[str]:
     command = (f"python benchmarks/seeds.py --config {args.config} --arms {' '.join(args.arms)} --seeds "
                f"{' '.join(map(str, args.seeds))}" + (f" --steps {args.steps}" if args.steps else "")
                + (f" --budgets {' '.join(map(str, args.budgets))}" if args.budgets else "")
-               + (f" --reference {args.reference}" if args.reference else "") + (f" --n {args.n}" if args.n else "")
+               + (f" --reference {args.reference}" if args.reference else "")
+               + (f" --against {args.against}" if args.against else "") + (f" --n {args.n}" if args.n else "")
                + (" --pruned-ssim" if args.pruned_ssim else "")
                + (f" --name {args.name}" if args.name else "") + (f" --runs {args.runs}" if args.runs else ""))
     out = Path("benchmarks/results") / name
@@ -226,6 +230,9 @@ def write_results(results: list[dict]) -> list[str]:
     if args.budgets:
         plot_budgets(summaries, out.with_name(f"{name}-curve.png"))
         lines += ["", f"![{name}: metrics against fine-tuning steps]({name}-curve.png)"]
+    if args.against:
+        plot_against(summaries[budgets[-1]], out.with_name(f"{name}-against-{args.against}.png"))
+        lines += ["", f"![{name}: metrics against {args.against}]({name}-against-{args.against}.png)"]
     atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     return lines
 
@@ -286,6 +293,40 @@ def plot_budgets(summaries: dict, path: Path) -> None:
         ax.set_title(METRICS[key] + " (mean, 95% interval)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_against(summary: dict, path: Path) -> None:
+    """Each metric against the arms' value of the ``--against`` prune setting: mean with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    xs = {arm: arm_config(arm, args.seeds[0], budgets[-1])["prune"].get(args.against) for arm in args.arms}
+    arms = sorted((a for a in args.arms if isinstance(xs[a], (int, float))), key=xs.get)
+    keys = [k for k in METRICS if any(k in summary[a] for a in arms)]
+    if not keys:
+        return
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(xs[a], summary[a][key]) for a in arms if key in summary[a]]
+        ax.errorbar([x for x, _ in pts], [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4,
+                    yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts])
+        positive = [x for x, _ in pts if x > 0]
+        ax.set_xscale("symlog", linthresh=min(positive or [1]))
+        ax.set_xticks([x for x, _ in pts], [f"{x:g}" for x, _ in pts], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel(args.against, fontsize=8)
+        ax.set_title(METRICS[key], fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{name}: mean and 95% interval over seeds against {args.against}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
