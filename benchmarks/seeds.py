@@ -237,6 +237,16 @@ def write_results(results: list[dict]) -> list[str]:
     return lines
 
 
+def panels(plt, n: int):
+    """A figure of n panels, at most 4 to a row, and its n axes."""
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
 def plot(results: list[dict], summary: dict, path: Path) -> None:
     """One panel per metric: each seed's value (dots) and the mean with its 95% interval (bar), arm by arm (at the
     largest budget)."""
@@ -249,12 +259,8 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
     if not keys:  # no run at this budget yet
         return
     rows_ = [r for r in results if r["steps"] == budgets[-1]]
-    cols = min(4, len(keys))
-    rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
-        ax.set_visible(False)
-    for ax, key in zip(axes.flat, keys):
+    fig, axes = panels(plt, len(keys))
+    for ax, key in zip(axes, keys):
         for i, arm in enumerate(args.arms):
             vals = [r[key] for r in rows_ if r["arm"] == arm and r.get(key) is not None]
             ax.scatter([i] * len(vals), vals, s=14, color="0.55", zorder=2)
@@ -310,12 +316,8 @@ def plot_against(summary: dict, path: Path) -> None:
     keys = [k for k in METRICS if any(k in summary[a] for a in arms)]
     if not keys:
         return
-    cols = min(4, len(keys))
-    rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
-        ax.set_visible(False)
-    for ax, key in zip(axes.flat, keys):
+    fig, axes = panels(plt, len(keys))
+    for ax, key in zip(axes, keys):
         pts = [(xs[a], summary[a][key]) for a in arms if key in summary[a]]
         ax.errorbar([x for x, _ in pts], [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4,
                     yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts])
