@@ -379,7 +379,7 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             row = {"arm": arm, "seed": seed, "steps": steps, "fid": m["fid"], "fid_teacher": m["fid_teacher"],
                    "ssim": m["ssim"], "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
                    "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"], **prune,
-                   "seconds": round(time.time() - t0, 1)}
+                   "seconds": None if args.report else round(time.time() - t0, 1)}
             if args.pruned_ssim or 0 in budgets:
                 before = pruned_eval(run_folder(arm, seed, order[0]), cfg)
                 if args.pruned_ssim and "ssim" in before:
