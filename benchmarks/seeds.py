@@ -371,11 +371,11 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             else:
                 m = run_pipeline(cfg, run, device="cpu", progress=False)
             # a bare model keeps pruning.json beside its weights, a pipeline in its denoiser's folder
-            pruning = json.loads(next((run / "prune" / "model").glob("**/pruning.json")).read_text())
+            pruning = read_json(next((run / "prune" / "model").glob("**/pruning.json")))
             prune = {"calibration_timesteps": len((pruning.get("calibration") or {}).get("accumulated", [])) or None,
                      "calibration_seconds": (pruning.get("calibration") or {}).get("seconds"),
                      "calibration_cpu_seconds": (pruning.get("calibration") or {}).get("cpu_seconds"),
-                     "prune_seconds": json.loads((run / "prune" / "stage.json").read_text())["seconds"]}
+                     "prune_seconds": read_json(run / "prune" / "stage.json")["seconds"]}
             row = {"arm": arm, "seed": seed, "steps": steps, "fid": m["fid"], "fid_teacher": m["fid_teacher"],
                    "ssim": m["ssim"], "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
                    "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"], **prune,

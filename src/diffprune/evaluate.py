@@ -224,7 +224,6 @@ def _teacher_samples(model, scheduler, config: EvalConfig, device, progress: boo
         t = load_file(path)
         return SampleSet(seeds=t["seeds"].tolist(), images=t["images"]), info
     samples = _generate(model, scheduler, config, device, progress, codec, labels, context)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, save({"seeds": torch.tensor(samples.seeds), "images": samples.images.contiguous()},
                                   metadata={"key": key, "format": str(TEACHER_SAMPLES_FORMAT)}))
     return samples, info
