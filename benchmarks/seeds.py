@@ -340,7 +340,7 @@ def teacher_training_steps() -> int | None:
 
     folder = shipped_model_path(base["model"]) or Path(base["model"])
     record = folder / "train_config.json"
-    return json.loads(record.read_text())["train"]["steps"] if record.is_file() else None
+    return read_json(record)["train"]["steps"] if record.is_file() else None
 
 
 def run_folder(arm: str, seed: int, steps: int) -> Path:
