@@ -41,6 +41,7 @@ from diffprune.importance import METHODS, setting_owners
 from diffprune.timesteps import STRATEGY_FIELDS, TIMESTEP_STRATEGIES
 from diffprune._fs import atomic_write_bytes, read_json
 from diffprune.pipeline import STAGES, load_run_config, run_pipeline, stage_complete, stage_hashes
+from diffprune.report import _flow_order, width_changes
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", default="demo", choices=sorted(DEMOS.values()))
@@ -118,12 +119,12 @@ def pruned_eval(run: Path, cfg) -> dict:
                     overwrite=True)
 
 
-METRICS = {"fid": "FID (student)", "ssim": "SSIM to teacher", "class_accuracy": "class accuracy",
+METRICS = {"params": "parameters", "fid": "FID (student)", "ssim": "SSIM to teacher", "class_accuracy": "class accuracy",
            "speedup": "measured speedup", "calibration_timesteps": "calibration timesteps",
            "calibration_seconds": "calibration (wall s)", "calibration_cpu_seconds": "calibration (CPU s)",
            "prune_seconds": "prune stage (s)",
            "pruned_ssim": "SSIM before fine-tuning"}
-DECIMALS = {"fid": 2, "ssim": 3, "class_accuracy": 3, "speedup": 2, "calibration_timesteps": 0,
+DECIMALS = {"params": 0, "fid": 2, "ssim": 3, "class_accuracy": 3, "speedup": 2, "calibration_timesteps": 0,
             "calibration_seconds": 0, "calibration_cpu_seconds": 0, "prune_seconds": 0, "pruned_ssim": 3}
 
 
@@ -224,7 +225,7 @@ def write_results(results: list[dict]) -> list[str]:
                          if teacher_steps and b else "")
                       + "\n"]
         lines += table(summaries[b]) + [""]
-    lines += ["* p < 0.05 (paired t-test over seeds).", ""]
+    lines += ["* p < 0.05 (paired t-test over seeds).", ""] + widths_table(results)
     plot(results, summaries[budgets[-1]], out.with_suffix(".png"))
     lines += [f"![{name}]({out.with_suffix('.png').name})"]
     if args.budgets:
@@ -235,6 +236,25 @@ def write_results(results: list[dict]) -> list[str]:
         lines += ["", f"![{name}: metrics against {args.against}]({name}-against-{args.against}.png)"]
     atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     return lines
+
+
+def widths_table(results: list[dict]) -> list[str]:
+    """Kept output channels of each layer whose kept width differs between the runs, per arm one value per seed."""
+    rows = sorted((r for r in results if r.get("widths")), key=lambda r: r["seed"])
+    if not rows:
+        return []
+    rows = [r for r in rows if r["steps"] == max(q["steps"] for q in rows)]  # one row per (arm, seed)
+    names = sorted(sorted({n for r in rows for n in r["widths"]}), key=_flow_order)
+    varying = [n for n in names if len({r["widths"].get(n) for r in rows}) > 1]
+    if not varying:
+        return []
+    lines = ["## Kept output channels\n", "Layers whose kept width differs between runs, teacher width in brackets; "
+             "per arm one value per seed, in seed order.\n", "| layer | " + " | ".join(args.arms) + " |",
+             "| --- |" + " ---: |" * len(args.arms)]
+    for n in varying:
+        cells = ["/".join(str(r["widths"].get(n, "—")) for r in rows if r["arm"] == arm) or "—" for arm in args.arms]
+        lines.append(f"| {n} ({teacher_widths[n]}) | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def panels(plt, n: int):
@@ -350,6 +370,7 @@ def run_folder(arm: str, seed: int, steps: int) -> Path:
 
 
 teacher_steps = teacher_training_steps() if args.budgets else None
+teacher_widths = {}  # output channels of the teacher's layers, read with the runs' pruning records
 results = []
 for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm on its first seeds
     for arm in args.arms:
@@ -379,7 +400,9 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             row = {"arm": arm, "seed": seed, "steps": steps, "fid": m["fid"], "fid_teacher": m["fid_teacher"],
                    "ssim": m["ssim"], "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
                    "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"], **prune,
-                   "seconds": None if args.report else round(time.time() - t0, 1)}
+                   "seconds": None if args.report else round(time.time() - t0, 1),
+                   "widths": {n: after for n, (_, after) in width_changes(pruning).items()}}
+            teacher_widths.update({n: before for n, (before, _) in width_changes(pruning).items()})
             if args.pruned_ssim or 0 in budgets:
                 before = pruned_eval(run_folder(arm, seed, order[0]), cfg)
                 if args.pruned_ssim and "ssim" in before:
