@@ -14,7 +14,8 @@ the evaluation seeds) in its own run folder under ``--work``: a killed benchmark
 skipped by their hashes. With ``--pruned-ssim`` each pruned model is also compared with the teacher before any
 fine-tuning. Per metric: mean ± std over seeds, a 95% t-interval, and for each arm the per-seed paired difference
 to the reference arm (``--reference``, default the first) with its 95% interval and a paired t-test (with 3 seeds
-only large effects can show). Writes benchmarks/results/<name>.json, .md and .png.
+only large effects can show), and the kept output channels of every layer whose width differs between the runs.
+Writes benchmarks/results/<name>.json, .md and .png.
 
 ``--budgets`` repeats every (arm, seed) at several fine-tuning step counts, each a run of its own with the config's
 other settings (its own EMA horizon and schedule, exactly as a user would run that many steps), so that the run
