@@ -120,10 +120,10 @@ def pruned_eval(run: Path, cfg) -> dict:
                     overwrite=True)
 
 
-METRICS = {"params": "parameters", "fid": "FID (student)", "ssim": "SSIM to teacher", "class_accuracy": "class accuracy",
-           "speedup": "measured speedup", "calibration_timesteps": "calibration timesteps",
-           "calibration_seconds": "calibration (wall s)", "calibration_cpu_seconds": "calibration (CPU s)",
-           "prune_seconds": "prune stage (s)",
+METRICS = {"params": "parameters", "fid": "FID (student)", "ssim": "SSIM to teacher",
+           "class_accuracy": "class accuracy", "speedup": "measured speedup",
+           "calibration_timesteps": "calibration timesteps", "calibration_seconds": "calibration (wall s)",
+           "calibration_cpu_seconds": "calibration (CPU s)", "prune_seconds": "prune stage (s)",
            "pruned_ssim": "SSIM before fine-tuning"}
 DECIMALS = {"params": 0, "fid": 2, "ssim": 3, "class_accuracy": 3, "speedup": 2, "calibration_timesteps": 0,
             "calibration_seconds": 0, "calibration_cpu_seconds": 0, "prune_seconds": 0, "pruned_ssim": 3}
@@ -253,7 +253,8 @@ def widths_table(results: list[dict]) -> list[str]:
              "per arm one value per seed, in seed order.\n", "| layer | " + " | ".join(args.arms) + " |",
              "| --- |" + " ---: |" * len(args.arms)]
     for n in varying:
-        cells = ["/".join(str(r["widths"].get(n, "—")) for r in rows if r["arm"] == arm) or "—" for arm in args.arms]
+        cells = ["/".join(str(r["widths"].get(n, "—")) for r in rows if r["arm"] == arm) or "—"
+                 for arm in args.arms]
         lines.append(f"| {n} ({teacher_widths[n]}) | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -398,12 +399,13 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
                      "calibration_seconds": (pruning.get("calibration") or {}).get("seconds"),
                      "calibration_cpu_seconds": (pruning.get("calibration") or {}).get("cpu_seconds"),
                      "prune_seconds": read_json(run / "prune" / "stage.json")["seconds"]}
+            widths = width_changes(pruning)  # {layer: (teacher's output channels, kept)}
             row = {"arm": arm, "seed": seed, "steps": steps, "fid": m["fid"], "fid_teacher": m["fid_teacher"],
                    "ssim": m["ssim"], "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
                    "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"], **prune,
                    "seconds": None if args.report else round(time.time() - t0, 1),
-                   "widths": {n: after for n, (_, after) in width_changes(pruning).items()}}
-            teacher_widths.update({n: before for n, (before, _) in width_changes(pruning).items()})
+                   "widths": {n: kept for n, (_, kept) in widths.items()}}
+            teacher_widths.update({n: full for n, (full, _) in widths.items()})
             if args.pruned_ssim or 0 in budgets:
                 before = pruned_eval(run_folder(arm, seed, order[0]), cfg)
                 if args.pruned_ssim and "ssim" in before:
