@@ -241,12 +241,10 @@ def write_results(results: list[dict]) -> list[str]:
 
 def widths_table(results: list[dict]) -> list[str]:
     """Kept output channels of each layer whose kept width differs between the runs, per arm one value per seed."""
-    rows = sorted((r for r in results if r.get("widths")), key=lambda r: r["seed"])
-    if not rows:
-        return []
-    rows = [r for r in rows if r["steps"] == max(q["steps"] for q in rows)]  # one row per (arm, seed)
+    # one row per (arm, seed): every budget of a run shares its pruning
+    rows = sorted({(r["arm"], r["seed"]): r for r in results if r.get("widths")}.values(), key=lambda r: r["seed"])
     names = sorted(sorted({n for r in rows for n in r["widths"]}), key=_flow_order)
-    varying = [n for n in names if len({r["widths"].get(n) for r in rows}) > 1]
+    varying = [n for n in names if len({r["widths"].get(n) for r in rows}) > 1]  # none when there are no rows
     if not varying:
         return []
     lines = ["## Kept output channels\n", "Layers whose kept width differs between runs, teacher width in brackets; "
