@@ -269,7 +269,7 @@ def panels(plt, n: int):
 
 def plot(results: list[dict], summary: dict, path: Path) -> None:
     """One panel per metric: each seed's value (dots) and the mean with its 95% interval (bar), arm by arm (at the
-    largest budget)."""
+    largest budget); a log axis where the values span more than 4x, so one far-off arm does not flatten the rest."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -281,6 +281,7 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
     rows_ = [r for r in results if r["steps"] == budgets[-1]]
     fig, axes = panels(plt, len(keys))
     for ax, key in zip(axes, keys):
+        shown = []  # every seed's value and every mean
         for i, arm in enumerate(args.arms):
             vals = [r[key] for r in rows_ if r["arm"] == arm and r.get(key) is not None]
             ax.scatter([i] * len(vals), vals, s=14, color="0.55", zorder=2)
@@ -288,6 +289,9 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
             if e is not None:
                 ax.errorbar([i], [e["mean"]], yerr=[0 if math.isnan(e["ci95"]) else e["ci95"]], fmt="o",
                             color="C0", capsize=4, zorder=3)
+                shown += vals + [e["mean"]]
+        if shown and min(shown) > 0 and max(shown) > 4 * min(shown):  # e.g. reinit's FID beside the others'
+            ax.set_yscale("log")
         ax.set_xticks(range(len(args.arms)), args.arms, rotation=45, ha="right", fontsize=8)
         ax.set_title(METRICS[key], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
