@@ -127,6 +127,7 @@ METRICS = {"params": "parameters", "fid": "FID (student)", "ssim": "SSIM to teac
            "pruned_ssim": "SSIM before fine-tuning"}
 DECIMALS = {"params": 0, "fid": 2, "ssim": 3, "class_accuracy": 3, "speedup": 2, "calibration_timesteps": 0,
             "calibration_seconds": 0, "calibration_cpu_seconds": 0, "prune_seconds": 0, "pruned_ssim": 3}
+BOUNDED = {"ssim", "pruned_ssim", "class_accuracy"}  # plotted on a linear axis whatever their spread
 
 
 def cell(key: str, e: dict) -> str:
@@ -225,7 +226,8 @@ def write_results(results: list[dict]) -> list[str]:
                       + (f" ({100 * b / teacher_steps:.3g}% of the teacher's {teacher_steps})"
                          if teacher_steps and b else "")
                       + "\n"]
-        lines += table(summaries[b]) + [""]
+        finished = any(r["steps"] == b for r in results)
+        lines += (table(summaries[b]) if finished else ["No run at this budget has finished yet."]) + [""]
     lines += ["* p < 0.05 (paired t-test over seeds).", ""] + widths_table(results)
     plot(results, summaries[budgets[-1]], out.with_suffix(".png"))
     lines += [f"![{name}]({out.with_suffix('.png').name})"]
@@ -267,9 +269,16 @@ def panels(plt, n: int):
     return fig, list(axes.flat[:n])
 
 
+def log_if_wide(ax, key: str, values: list[float]) -> None:
+    """A log y axis where an unbounded metric's values span more than 4x, so one far-off arm or budget (reinit's
+    FID, a student before fine-tuning) does not flatten the others into a line. SSIM and accuracy stay linear."""
+    if key not in BOUNDED and values and min(values) > 0 and max(values) > 4 * min(values):
+        ax.set_yscale("log")
+
+
 def plot(results: list[dict], summary: dict, path: Path) -> None:
     """One panel per metric: each seed's value (dots) and the mean with its 95% interval (bar), arm by arm (at the
-    largest budget); a log axis where the values span more than 4x, so one far-off arm does not flatten the rest."""
+    largest budget)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -290,8 +299,7 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
                 ax.errorbar([i], [e["mean"]], yerr=[0 if math.isnan(e["ci95"]) else e["ci95"]], fmt="o",
                             color="C0", capsize=4, zorder=3)
                 shown += vals + [e["mean"]]
-        if shown and min(shown) > 0 and max(shown) > 4 * min(shown):  # e.g. reinit's FID beside the others'
-            ax.set_yscale("log")
+        log_if_wide(ax, key, shown)
         ax.set_xticks(range(len(args.arms)), args.arms, rotation=45, ha="right", fontsize=8)
         ax.set_title(METRICS[key], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -316,6 +324,8 @@ def plot_budgets(summaries: dict, path: Path) -> None:
             if pts:
                 ax.errorbar([b for b, _ in pts], [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4,
                             yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts], label=arm, color=f"C{i}")
+        log_if_wide(ax, key, [summaries[b][arm][key]["mean"] for b in budgets for arm in args.arms
+                         if key in summaries[b][arm]])
         ax.set_xscale("symlog", linthresh=max(1, min([b for b in budgets if b] or [1])))
         ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=8)
         ax.minorticks_off()
@@ -345,6 +355,7 @@ def plot_against(summary: dict, path: Path) -> None:
         pts = [(xs[a], summary[a][key]) for a in arms if key in summary[a]]
         ax.errorbar([x for x, _ in pts], [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4,
                     yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts])
+        log_if_wide(ax, key, [e["mean"] for _, e in pts])
         positive = [x for x, _ in pts if x > 0]
         ax.set_xscale("symlog", linthresh=min(positive or [1]))
         ax.set_xticks([x for x, _ in pts], [f"{x:g}" for x, _ in pts], fontsize=8)
