@@ -131,11 +131,13 @@ BOUNDED = {"ssim", "pruned_ssim", "class_accuracy"}  # plotted on a linear axis 
 
 
 def cell(key: str, e: dict) -> str:
-    """mean ± std [95% half-width], or the one value where there is one seed."""
+    """mean ± std [95% half-width], or the one value where there is one seed; a metric that fewer seeds than
+    asked for recorded says how many it has."""
     d = DECIMALS[key]
     if e["n"] < 2:
         return f"{e['mean']:.{d}f} (1 seed)"
-    return f"{e['mean']:.{d}f} ± {e['std']:.{d}f} [±{e['ci95']:.{d}f}]"
+    short = f" ({e['n']} seeds)" if e["n"] < len(args.seeds) else ""
+    return f"{e['mean']:.{d}f} ± {e['std']:.{d}f} [±{e['ci95']:.{d}f}]{short}"
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
