@@ -237,7 +237,7 @@ def write_results(results: list[dict]) -> list[str]:
         plot_budgets(summaries, out.with_name(f"{name}-curve.png"))
         lines += ["", f"![{name}: metrics against fine-tuning steps]({name}-curve.png)"]
     if args.against:
-        plot_against(summaries[budgets[-1]], out.with_name(f"{name}-against-{args.against}.png"))
+        plot_against(results, summaries[budgets[-1]], out.with_name(f"{name}-against-{args.against}.png"))
         lines += ["", f"![{name}: metrics against {args.against}]({name}-against-{args.against}.png)"]
     atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     return lines
@@ -340,8 +340,10 @@ def plot_budgets(summaries: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_against(summary: dict, path: Path) -> None:
-    """Each metric against the arms' value of the ``--against`` prune setting: mean with its 95% interval."""
+def plot_against(results: list[dict], summary: dict, path: Path) -> None:
+    """Each metric against the arms' value of the ``--against`` prune setting: each seed's values joined across the
+    setting (grey: the seeds are paired, so a seed's line shows the effect its spread would hide), and the mean with
+    its 95% interval (blue)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -353,11 +355,18 @@ def plot_against(summary: dict, path: Path) -> None:
     if not keys:
         return
     fig, axes = panels(plt, len(keys))
+    rows_ = [r for r in results if r["steps"] == budgets[-1]]
     for ax, key in zip(axes, keys):
+        shown = []
+        for seed in args.seeds:
+            line = [(xs[r["arm"]], r[key]) for a in arms for r in rows_
+                    if r["arm"] == a and r["seed"] == seed and r.get(key) is not None]
+            ax.plot([x for x, _ in line], [v for _, v in line], color="0.6", lw=0.8, marker=".", ms=5, zorder=2)
+            shown += [v for _, v in line]
         pts = [(xs[a], summary[a][key]) for a in arms if key in summary[a]]
-        ax.errorbar([x for x, _ in pts], [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4,
-                    yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts])
-        log_if_wide(ax, key, [e["mean"] for _, e in pts])
+        ax.errorbar([x for x, _ in pts], [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4, color="C0",
+                    yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts], zorder=3)
+        log_if_wide(ax, key, shown + [e["mean"] for _, e in pts])
         positive = [x for x, _ in pts if x > 0]
         ax.set_xscale("symlog", linthresh=min(positive or [1]))
         ax.set_xticks([x for x, _ in pts], [f"{x:g}" for x, _ in pts], fontsize=8)
@@ -365,7 +374,8 @@ def plot_against(summary: dict, path: Path) -> None:
         ax.set_xlabel(args.against, fontsize=8)
         ax.set_title(METRICS[key], fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{name}: mean and 95% interval over seeds against {args.against}", fontsize=9)
+    fig.suptitle(f"{name} against {args.against}: each seed (grey), mean and 95% interval over seeds (blue)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
