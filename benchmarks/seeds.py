@@ -275,7 +275,12 @@ def log_if_wide(ax, key: str, values: list[float]) -> None:
     """A log y axis where an unbounded metric's values span more than 4x, so one far-off arm or budget (reinit's
     FID, a student before fine-tuning) does not flatten the others into a line. SSIM and accuracy stay linear."""
     if key not in BOUNDED and values and min(values) > 0 and max(values) > 4 * min(values):
-        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+        ax.set_yscale("log")  # labelled at 1, 2 and 5 per decade: a span under 10x would show one label or none
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
 
 
 def plot(results: list[dict], summary: dict, path: Path) -> None:
