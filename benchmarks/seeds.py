@@ -231,8 +231,10 @@ def write_results(results: list[dict]) -> list[str]:
         finished = any(r["steps"] == b for r in results)
         lines += (table(summaries[b]) if finished else ["No run at this budget has finished yet."]) + [""]
     lines += ["* p < 0.05 (paired t-test over seeds).", ""] + widths_table(results)
-    plot(results, summaries[budgets[-1]], out.with_suffix(".png"))
-    lines += [f"![{name}]({out.with_suffix('.png').name})"]
+    # the largest budget any run has reached: a partial budget benchmark still shows its arms side by side
+    shown = max((b for b in budgets if any(r["steps"] == b for r in results)), default=budgets[-1])
+    if plot(results, summaries[shown], shown, out.with_suffix(".png")):
+        lines += [f"![{name}]({out.with_suffix('.png').name})"]
     if args.budgets:
         plot_budgets(summaries, out.with_name(f"{name}-curve.png"))
         lines += ["", f"![{name}: metrics against fine-tuning steps]({name}-curve.png)"]
@@ -283,9 +285,18 @@ def log_if_wide(ax, key: str, values: list[float]) -> None:
         ax.yaxis.set_minor_locator(NullLocator())
 
 
-def plot(results: list[dict], summary: dict, path: Path) -> None:
-    """One panel per metric: each seed's value (dots) and the mean with its 95% interval (bar), arm by arm (at the
-    largest budget)."""
+def symlog_x(ax, xs: list[float]) -> None:
+    """An x axis logarithmic above the smallest positive value and linear through 0 (budget 0, thr 0), ticked at
+    the values shown."""
+    ax.set_xscale("symlog", linthresh=min([x for x in xs if x > 0] or [1]))
+    ax.margins(x=0.06)  # in the scaled space: after a log y axis the end points would otherwise sit on the frame
+    ax.set_xticks(xs, [f"{x:g}" for x in xs], fontsize=8)
+    ax.minorticks_off()
+
+
+def plot(results: list[dict], summary: dict, steps: int, path: Path) -> bool:
+    """One panel per metric: each seed's value (dots) and the mean with its 95% interval (bar), arm by arm, at
+    ``steps`` fine-tuning steps. False (and no file) where no run has finished there."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -293,8 +304,8 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
 
     keys = [k for k in METRICS if any(k in summary[a] for a in args.arms)]
     if not keys:  # no run at this budget yet
-        return
-    rows_ = [r for r in results if r["steps"] == budgets[-1]]
+        return False
+    rows_ = [r for r in results if r["steps"] == steps]
     fig, axes = panels(plt, len(keys))
     for ax, key in zip(axes, keys):
         shown = []  # every seed's value and every mean
@@ -311,10 +322,11 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
         ax.set_title(METRICS[key], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{name}: seeds (grey), mean and 95% interval (blue)"
-                 + (f", {budgets[-1]} steps" if args.budgets else ""), fontsize=9)
+                 + (f", {steps} steps" if args.budgets else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def plot_budgets(summaries: dict, path: Path) -> None:
@@ -333,9 +345,7 @@ def plot_budgets(summaries: dict, path: Path) -> None:
                             yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts], label=arm, color=f"C{i}")
         log_if_wide(ax, key, [summaries[b][arm][key]["mean"] for b in budgets for arm in args.arms
                          if key in summaries[b][arm]])
-        ax.set_xscale("symlog", linthresh=max(1, min([b for b in budgets if b] or [1])))
-        ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=8)
-        ax.minorticks_off()
+        symlog_x(ax, budgets)
         ax.set_xlabel("fine-tuning steps" + (f" (teacher: {teacher_steps})" if teacher_steps else ""))
         ax.set_title(METRICS[key] + " (mean, 95% interval)", fontsize=9)
         ax.grid(alpha=0.3)
@@ -372,10 +382,7 @@ def plot_against(results: list[dict], summary: dict, path: Path) -> None:
         ax.errorbar([x for x, _ in pts], [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4, color="C0",
                     yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts], zorder=3)
         log_if_wide(ax, key, shown + [e["mean"] for _, e in pts])
-        positive = [x for x, _ in pts if x > 0]
-        ax.set_xscale("symlog", linthresh=min(positive or [1]))
-        ax.set_xticks([x for x, _ in pts], [f"{x:g}" for x, _ in pts], fontsize=8)
-        ax.minorticks_off()
+        symlog_x(ax, [x for x, _ in pts])
         ax.set_xlabel(args.against, fontsize=8)
         ax.set_title(METRICS[key], fontsize=9)
         ax.grid(alpha=0.3)
