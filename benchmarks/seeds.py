@@ -25,6 +25,11 @@ finished prune stage. Budget 0 is the pruned model before fine-tuning. One table
 ``--against thr`` also plots every metric against that prune setting of the arms (``<name>-against-thr.png``).
 ``--report`` runs nothing: it writes the tables from the runs already finished under ``--work`` (those whose every
 stage is complete with the current settings), e.g. to commit a partial result while the benchmark runs elsewhere.
+
+Every row of the results file carries its run's eval-stage hash (which covers every stage's settings and the inputs'
+content). A row already in ``benchmarks/results/<name>.json`` with the hash the current settings give is kept as it
+is, not run again: the committed results are the durable record, so a benchmark resumes on a machine that has lost
+its run folders (or on another machine) without repeating what it measured.
 """
 import argparse
 import json
@@ -207,10 +212,10 @@ def write_results(results: list[dict]) -> list[str]:
                + (f" --against {args.against}" if args.against else "") + (f" --n {args.n}" if args.n else "")
                + (" --pruned-ssim" if args.pruned_ssim else "")
                + (f" --name {args.name}" if args.name else "") + (f" --runs {args.runs}" if args.runs else ""))
-    out = Path("benchmarks/results") / name
+    out = results_path.with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out.with_suffix(".json"), (json.dumps({
-        "command": command, "reference": reference, "rows": results,
+        "command": command, "reference": reference, "rows": results, "teacher_widths": teacher_widths,
         **({"budgets": {str(b): summaries[b] for b in budgets}} if args.budgets
            else {"summary": summaries[budgets[0]]}),
     }, indent=2) + "\n").encode())
@@ -409,7 +414,11 @@ def run_folder(arm: str, seed: int, steps: int) -> Path:
 
 
 teacher_steps = teacher_training_steps() if args.budgets else None
-teacher_widths = {}  # output channels of the teacher's layers, read with the runs' pruning records
+results_path = Path("benchmarks/results") / f"{name}.json"
+previous = read_json(results_path) if results_path.is_file() else {}
+# rows measured before, by (arm, seed, steps): kept where their hash is the one the current settings give
+recorded = {(r["arm"], r["seed"], r["steps"]): r for r in previous.get("rows", []) if r.get("hash")}
+teacher_widths = dict(previous.get("teacher_widths", {}))  # output channels of the teacher's layers
 results = []
 for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm on its first seeds
     for arm in args.arms:
@@ -418,6 +427,14 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
         for steps in order:
             run = run_folder(arm, seed, steps)
             cfg = load_run_config(arm_config(arm, seed, steps))
+            digest = stage_hashes(cfg)["eval"]
+            # this run's row, and budget 0's (the pruned model, evaluated in the shared run's folder)
+            wanted = [b for b in (steps, 0) if b in budgets and (b == steps or steps == order[0])]
+            kept = [recorded.get((arm, seed, b)) for b in wanted]
+            if wanted and all(r is not None and r["hash"] == digest for r in kept):
+                results += kept
+                print(f"{arm} seed {seed} at {steps} steps: recorded in {results_path}", flush=True)
+                continue
             shared = run_folder(arm, seed, order[0])
             if not run.exists() and not args.report and stage_complete(shared / "prune", stage_hashes(cfg)["prune"]):
                 # the same pruning (same hash): a run folder holding only it, whose prune stage is then skipped
@@ -441,10 +458,14 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
                    "ssim": m["ssim"], "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
                    "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"], **prune,
                    "seconds": None if args.report else round(time.time() - t0, 1),
-                   "widths": {n: kept for n, (_, kept) in widths.items()}}
+                   "widths": {n: kept for n, (_, kept) in widths.items()}, "hash": digest}
             teacher_widths.update({n: full for n, (full, _) in widths.items()})
-            if args.pruned_ssim or 0 in budgets:
-                before = pruned_eval(run_folder(arm, seed, order[0]), cfg)
+            before = {}
+            if args.pruned_ssim or (0 in budgets and steps == order[0]):
+                # the shared run's folder caches it; a run that pruned on its own (the shared one was recorded)
+                # evaluates its own pruned model, which has the same prune hash
+                where = shared if stage_complete(shared / "prune", stage_hashes(cfg)["prune"]) else run
+                before = pruned_eval(where, cfg)
                 if args.pruned_ssim and "ssim" in before:
                     row["pruned_ssim"] = before["ssim"]
             if steps in budgets:
@@ -453,7 +474,7 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             if 0 in budgets and steps == order[0] and before.get("fid") is not None:
                 results.append({"arm": arm, "seed": seed, "steps": 0, "fid": before["fid"],
                                 "fid_teacher": before["fid_teacher"], "ssim": before["ssim"],
-                                "class_accuracy": before.get("class_accuracy"), **prune})
+                                "class_accuracy": before.get("class_accuracy"), **prune, "hash": digest})
             write_results(results)
 
 print("\n".join(write_results(results)))
