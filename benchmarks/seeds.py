@@ -133,6 +133,15 @@ METRICS = {"params": "parameters", "fid": "FID (student)", "ssim": "SSIM to teac
 DECIMALS = {"params": 0, "fid": 2, "ssim": 3, "class_accuracy": 3, "speedup": 2, "calibration_timesteps": 0,
             "calibration_seconds": 0, "calibration_cpu_seconds": 0, "prune_seconds": 0, "pruned_ssim": 3}
 BOUNDED = {"ssim", "pruned_ssim", "class_accuracy"}  # plotted on a linear axis whatever their spread
+TIMED = {"calibration_seconds", "calibration_cpu_seconds", "prune_seconds"}
+
+
+def metric_keys(summary: dict, steps: int) -> list[str]:
+    """The metrics a table or plot shows. A budget benchmark times the pruning once, at budget 0: a fine-tuning
+    budget's run copies the shared run's prune stage (and its seconds) or, on a machine that lost that run, prunes
+    again on whatever hardware it has, so its seconds would mix machines."""
+    return [k for k in METRICS if any(k in summary[a] for a in args.arms)
+            and not (args.budgets and 0 in budgets and steps and k in TIMED)]
 
 
 def cell(key: str, e: dict) -> str:
@@ -177,9 +186,9 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
-def table(summary: dict) -> list[str]:
+def table(summary: dict, steps: int) -> list[str]:
     """The markdown tables of one summary: every arm, then every arm minus the reference arm."""
-    keys = [k for k in METRICS if any(k in summary[a] for a in args.arms)]
+    keys = metric_keys(summary, steps)
     lines = ["| arm | " + " | ".join(METRICS[k] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
     for arm in args.arms:
         cells = []
@@ -234,7 +243,7 @@ def write_results(results: list[dict]) -> list[str]:
                          if teacher_steps and b else "")
                       + "\n"]
         finished = any(r["steps"] == b for r in results)
-        lines += (table(summaries[b]) if finished else ["No run at this budget has finished yet."]) + [""]
+        lines += (table(summaries[b], b) if finished else ["No run at this budget has finished yet."]) + [""]
     lines += ["* p < 0.05 (paired t-test over seeds).", ""] + widths_table(results)
     # the largest budget any run has reached: a partial budget benchmark still shows its arms side by side
     shown = max((b for b in budgets if any(r["steps"] == b for r in results)), default=budgets[-1])
@@ -307,7 +316,7 @@ def plot(results: list[dict], summary: dict, steps: int, path: Path) -> bool:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    keys = [k for k in METRICS if any(k in summary[a] for a in args.arms)]
+    keys = metric_keys(summary, steps)
     if not keys:  # no run at this budget yet
         return False
     rows_ = [r for r in results if r["steps"] == steps]
