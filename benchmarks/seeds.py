@@ -444,8 +444,10 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
                 results += kept
                 print(f"{arm} seed {seed} at {steps} steps: recorded in {results_path}", flush=True)
                 continue
-            shared = run_folder(arm, seed, order[0])
-            if not run.exists() and not args.report and stage_complete(shared / "prune", stage_hashes(cfg)["prune"]):
+            # a run of this (arm, seed) that has pruned already, the shared one first (absent where it was recorded)
+            pruned = (run_folder(arm, seed, b) for b in order)
+            shared = next((f for f in pruned if stage_complete(f / "prune", stage_hashes(cfg)["prune"])), None)
+            if not run.exists() and not args.report and shared is not None:
                 # the same pruning (same hash): a run folder holding only it, whose prune stage is then skipped
                 shutil.copytree(shared, run, ignore=shutil.ignore_patterns("finetune", "eval", "pruned-ssim"))
             t0 = time.time()
@@ -471,10 +473,7 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             teacher_widths.update({n: full for n, (full, _) in widths.items()})
             before = {}
             if args.pruned_ssim or (0 in budgets and steps == order[0]):
-                # the shared run's folder caches it; a run that pruned on its own (the shared one was recorded)
-                # evaluates its own pruned model, which has the same prune hash
-                where = shared if stage_complete(shared / "prune", stage_hashes(cfg)["prune"]) else run
-                before = pruned_eval(where, cfg)
+                before = pruned_eval(shared or run, cfg)  # cached in the folder that pruned first
                 if args.pruned_ssim and "ssim" in before:
                     row["pruned_ssim"] = before["ssim"]
             if steps in budgets:
