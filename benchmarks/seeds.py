@@ -133,13 +133,14 @@ METRICS = {"params": "parameters", "fid": "FID (student)", "ssim": "SSIM to teac
 DECIMALS = {"params": 0, "fid": 2, "ssim": 3, "class_accuracy": 3, "speedup": 2, "calibration_timesteps": 0,
             "calibration_seconds": 0, "calibration_cpu_seconds": 0, "prune_seconds": 0, "pruned_ssim": 3}
 BOUNDED = {"ssim", "pruned_ssim", "class_accuracy"}  # plotted on a linear axis whatever their spread
-TIMED = {"calibration_seconds", "calibration_cpu_seconds", "prune_seconds"}
+TIMED = {"calibration_seconds", "calibration_cpu_seconds", "prune_seconds", "speedup"}
 
 
 def metric_keys(summary: dict, steps: int) -> list[str]:
-    """The metrics a table or plot shows. A budget benchmark times the pruning once, at budget 0: a fine-tuning
-    budget's run copies the shared run's prune stage (and its seconds) or, on a machine that lost that run, prunes
-    again on whatever hardware it has, so its seconds would mix machines."""
+    """The metrics a table or plot shows. A budget benchmark shows timings only at budget 0 (the pruning's): a
+    fine-tuning budget's run copies the shared run's prune stage (and its seconds) or, on a machine that lost that
+    run, prunes again on whatever hardware it has, and its latency is that of the same architecture at every budget,
+    measured on whichever machine ran it; across budgets and arms they would compare machines, not methods."""
     return [k for k in METRICS if any(k in summary[a] for a in args.arms)
             and not (args.budgets and 0 in budgets and steps and k in TIMED)]
 
