@@ -437,7 +437,8 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
         for steps in order:
             run = run_folder(arm, seed, steps)
             cfg = load_run_config(arm_config(arm, seed, steps))
-            digest = stage_hashes(cfg)["eval"]
+            hashes = stage_hashes(cfg)  # reads the inputs' content: once per run
+            digest = hashes["eval"]
             # this run's row, and budget 0's (the pruned model, evaluated in the shared run's folder)
             wanted = [b for b in (steps, 0) if b in budgets and (b == steps or steps == order[0])]
             kept = [recorded.get((arm, seed, b)) for b in wanted]
@@ -447,13 +448,12 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
                 continue
             # a run of this (arm, seed) that has pruned already, the shared one first (absent where it was recorded)
             pruned = (run_folder(arm, seed, b) for b in order)
-            shared = next((f for f in pruned if stage_complete(f / "prune", stage_hashes(cfg)["prune"])), None)
+            shared = next((f for f in pruned if stage_complete(f / "prune", hashes["prune"])), None)
             if not run.exists() and not args.report and shared is not None:
                 # the same pruning (same hash): a run folder holding only it, whose prune stage is then skipped
                 shutil.copytree(shared, run, ignore=shutil.ignore_patterns("finetune", "eval", "pruned-ssim"))
             t0 = time.time()
             if args.report:
-                hashes = stage_hashes(cfg)
                 if not all(stage_complete(run / s, hashes[s]) for s in STAGES):
                     continue
                 m = read_json(run / "eval" / "metrics.json")
