@@ -251,7 +251,7 @@ def write_results(results: list[dict]) -> list[str]:
     if plot(results, summaries[shown], shown, out.with_suffix(".png")):
         lines += [f"![{name}]({out.with_suffix('.png').name})"]
     if args.budgets:
-        plot_budgets(summaries, out.with_name(f"{name}-curve.png"))
+        plot_budgets(results, summaries, out.with_name(f"{name}-curve.png"))
         lines += ["", f"![{name}: metrics against fine-tuning steps]({name}-curve.png)"]
     if args.against:
         plot_against(results, summaries[budgets[-1]], out.with_name(f"{name}-against-{args.against}.png"))
@@ -344,25 +344,41 @@ def plot(results: list[dict], summary: dict, steps: int, path: Path) -> bool:
     return True
 
 
-def plot_budgets(summaries: dict, path: Path) -> None:
-    """FID and SSIM against fine-tuning steps: each arm's mean with its 95% interval."""
+def plot_budgets(results: list[dict], summaries: dict, path: Path) -> None:
+    """FID and SSIM against fine-tuning steps: each seed's run (thin line), each arm's mean with its 95% interval,
+    the arms drawn a few points apart at each budget so their bars do not hide each other, and the teachers' mean
+    FID (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
     for ax, key in zip(axes, ("fid", "ssim")):
+        shown = []
+        symlog_x(ax, budgets)
+        scale = ax.xaxis.get_transform()  # the arms' offset is even on the scaled axis, whatever the budget
+        step = 0.015 * float(scale.transform([max(budgets)])[0] - scale.transform([min(budgets)])[0])
         for i, arm in enumerate(args.arms):
+            def shift(xs: list[float], d: float = step * (i - (len(args.arms) - 1) / 2)) -> list[float]:
+                return list(scale.inverted().transform(scale.transform(xs) + d)) if xs else []
+
+            for seed in args.seeds:
+                line = sorted((r["steps"], r[key]) for r in results
+                              if r["arm"] == arm and r["seed"] == seed and r.get(key) is not None)
+                ax.plot(shift([b for b, _ in line]), [v for _, v in line], color=f"C{i}", lw=0.7, alpha=0.35,
+                        marker=".", ms=3, zorder=2)
+                shown += [v for _, v in line]
             pts = [(b, summaries[b][arm][key]) for b in budgets if key in summaries[b][arm]]
             if pts:
-                ax.errorbar([b for b, _ in pts], [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4,
-                            yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts], label=arm, color=f"C{i}")
-        log_if_wide(ax, key, [summaries[b][arm][key]["mean"] for b in budgets for arm in args.arms
-                         if key in summaries[b][arm]])
-        symlog_x(ax, budgets)
+                ax.errorbar(shift([b for b, _ in pts]), [e["mean"] for _, e in pts], capsize=3, marker="o", ms=4,
+                            yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts], label=arm,
+                            color=f"C{i}", zorder=3)
+        teacher = [r["fid_teacher"] for r in results if key == "fid" and r.get("fid_teacher") is not None]
+        if teacher:
+            ax.axhline(sum(teacher) / len(teacher), color="0.3", ls="--", lw=0.8, label="teacher", zorder=1)
+        log_if_wide(ax, key, shown)
         ax.set_xlabel("fine-tuning steps" + (f" (teacher: {teacher_steps})" if teacher_steps else ""))
-        ax.set_title(METRICS[key] + " (mean, 95% interval)", fontsize=9)
+        ax.set_title(METRICS[key] + ": seeds (thin), mean and 95% interval", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
