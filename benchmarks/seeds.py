@@ -29,7 +29,9 @@ stage is complete with the current settings), e.g. to commit a partial result wh
 Every row of the results file carries its run's eval-stage hash (which covers every stage's settings and the inputs'
 content). A row already in ``benchmarks/results/<name>.json`` with the hash the current settings give is kept as it
 is, not run again: the committed results are the durable record, so a benchmark resumes on a machine that has lost
-its run folders (or on another machine) without repeating what it measured.
+its run folders (or on another machine) without repeating what it measured. A row also carries the device, torch
+threads and versions its evaluation recorded (the .md names them). ``--report`` does not overwrite a results file
+with fewer rows than it holds.
 """
 import argparse
 import json
@@ -136,6 +138,24 @@ BOUNDED = {"ssim", "pruned_ssim", "class_accuracy"}  # plotted on a linear axis 
 TIMED = {"calibration_seconds", "calibration_cpu_seconds", "prune_seconds", "speedup"}
 
 
+def environment(metrics: dict) -> dict:
+    """Where a row was measured, as its evaluation recorded it: device, torch threads and versions."""
+    return {k: metrics.get(k) for k in ("device", "threads", "versions")}
+
+
+def environments(results: list[dict]) -> str:
+    """One line naming every environment the rows were measured in, with how many rows each."""
+    counts: dict[str, int] = {}
+    for r in results:
+        e = r.get("environment")
+        key = ("not recorded: measured before rows carried it" if not e else
+               f"{e['device']} with {e['threads']} torch threads, "
+               + ", ".join(f"{k} {v}" for k, v in (e.get("versions") or {}).items() if v))
+        counts[key] = counts.get(key, 0) + 1
+    recorded_first = sorted(counts.items(), key=lambda kv: kv[0].startswith("not recorded"))
+    return "Measured on: " + "; ".join(f"{k} ({n} rows)" for k, n in recorded_first) + ".\n"
+
+
 def metric_keys(summary: dict, steps: int) -> list[str]:
     """The metrics a table or plot shows. A budget benchmark shows timings only at budget 0 (the pruning's): a
     fine-tuning budget's run copies the shared run's prune stage (and its seconds) or, on a machine that lost that
@@ -236,7 +256,7 @@ def write_results(results: list[dict]) -> list[str]:
                                         for (a, b), v in done.items()) + ")")
     lines = [f"# {name}: {len(args.seeds)} seeds per arm{status}\n", f"`{command}`\n",
              "Mean ± std over seeds [95% t-interval]. Below: each arm minus the reference arm "
-             f"(`{reference}`), paired by seed, with its 95% interval and paired t-test p.\n"]
+             f"(`{reference}`), paired by seed, with its 95% interval and paired t-test p.\n", environments(results)]
     for b in budgets:
         if args.budgets:
             lines += [f"## {b} fine-tuning steps" + (" (the pruned model, not fine-tuned)" if b == 0 else "")
@@ -490,7 +510,8 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
                    "ssim": m["ssim"], "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
                    "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"], **prune,
                    "seconds": None if args.report else round(time.time() - t0, 1),
-                   "widths": {n: kept for n, (_, kept) in widths.items()}, "hash": digest}
+                   "widths": {n: kept for n, (_, kept) in widths.items()}, "hash": digest,
+                   "environment": environment(m)}
             teacher_widths.update({n: full for n, (full, _) in widths.items()})
             before = {}
             if args.pruned_ssim or (0 in budgets and steps == order[0]):
@@ -503,7 +524,14 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             if 0 in budgets and steps == order[0] and before.get("fid") is not None:
                 results.append({"arm": arm, "seed": seed, "steps": 0, "fid": before["fid"],
                                 "fid_teacher": before["fid_teacher"], "ssim": before["ssim"],
-                                "class_accuracy": before.get("class_accuracy"), **prune, "hash": digest})
-            write_results(results)
+                                "class_accuracy": before.get("class_accuracy"), **prune, "hash": digest,
+                                "environment": environment(before)})
+            if not args.report:  # a stopped benchmark leaves its partial result
+                write_results(results)
 
+lost = len(previous.get("rows", [])) - len(results)
+if args.report and lost > 0:  # e.g. --work without the run folders, for rows that carry no hash
+    raise SystemExit(f"--report found {len(results)} of the {len(previous['rows'])} rows of {results_path} (the others "
+                     f"have neither a run folder under --work {args.work} nor the hash the current settings give); "
+                     "not overwriting it: point --work at the runs, or run without --report")
 print("\n".join(write_results(results)))
