@@ -150,7 +150,7 @@ def environments(results: list[dict]) -> str:
         e = r.get("environment")
         key = ("not recorded: measured before rows carried it" if not e else
                f"{e['device']} with {e['threads']} torch threads, "
-               + ", ".join(f"{k} {v}" for k, v in (e.get("versions") or {}).items() if v))
+               + ", ".join(f"{k} {v}" for k, v in sorted((e.get("versions") or {}).items()) if v))
         counts[key] = counts.get(key, 0) + 1
     recorded_first = sorted(counts.items(), key=lambda kv: kv[0].startswith("not recorded"))
     return "Measured on: " + "; ".join(f"{k} ({n} rows)" for k, n in recorded_first) + ".\n"
