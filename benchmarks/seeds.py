@@ -396,9 +396,10 @@ def plot_budgets(results: list[dict], summaries: dict, path: Path) -> None:
                 ax.errorbar(shift([b for b, _ in pts]), [y(e["mean"]) for _, e in pts], capsize=3, marker="o", ms=4,
                             yerr=[0 if math.isnan(e["ci95"]) else e["ci95"] for _, e in pts], label=arm,
                             color=f"C{i}", zorder=3)
-        teacher = [r["fid_teacher"] for r in results if key == "fid" and r.get("fid_teacher") is not None]
+        # one teacher FID per seed (every row of a seed repeats it), so a seed with more finished budgets weighs no more
+        teacher = {r["seed"]: r["fid_teacher"] for r in results if key == "fid" and r.get("fid_teacher") is not None}
         if teacher:
-            ax.axhline(sum(teacher) / len(teacher), color="0.3", ls="--", lw=0.8, label="teacher", zorder=1)
+            ax.axhline(sum(teacher.values()) / len(teacher), color="0.3", ls="--", lw=0.8, label="teacher", zorder=1)
         log_if_wide(ax, "fid", shown)  # both unbounded here
         ax.set_xlabel("fine-tuning steps" + (f" (teacher: {teacher_steps})" if teacher_steps else ""))
         ax.set_title(("1 − " if key == "ssim" else "") + METRICS[key] + ": seeds (thin), mean, 95% interval",
