@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import diffprune.assets as assets
-from diffprune.assets import sha256_file, shipped_model_path
+from diffprune._hashing import file_sha256 as sha256_file
+from diffprune.assets import shipped_model_path
 from diffprune.classifier import load_classifier, predict
-from diffprune.data import bundled_path, load_images, mnist_labels, to_model_range
+from diffprune.assets import bundled_path
+from diffprune.data import load_images, mnist_labels, to_model_range
 from diffprune.errors import DiffPruneError
 
 

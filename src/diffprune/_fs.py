@@ -55,11 +55,16 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_path(folder)
 
 
+def _tmp_prefix(name: str) -> str:
+    """Temporaries are named ``.NAME.tmp-PID-…``: :func:`clean_stale_temporaries` removes those of dead processes."""
+    return f".{name}.tmp-{os.getpid()}-"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a fsynced temporary file and a rename; fsync the folder after."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -74,22 +79,55 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` as UTF-8 (whatever the locale's encoding), atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """The cache folder (reference statistics, latents): ``path``, else ``$DIFFPRUNE_CACHE``, else
-    ``~/.cache/diffprune``."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get("DIFFPRUNE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "diffprune"
+# --- leftovers of killed processes -----------------------------------------------------------------------------
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)(-.*)?$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Remove ``.NAME.tmp-PID-…`` temporaries of dead processes in ``folder``, and recover an interrupted swap: a
+    ``.NAME.old-PID`` folder of a dead process goes back to ``NAME`` when ``NAME`` is missing (the kill fell between
+    the two renames of :func:`atomic_dir`), else it is removed. Returns what was done, one line each."""
+    folder = Path(folder)
+    done = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _LEFTOVER.match(p.name)
+        if m is None or _alive(int(m["pid"])):
+            continue
+        target = folder / m["name"]
+        if m["what"] == "old" and not target.exists():
+            os.replace(p, target)
+            done.append(f"recovered {str(target)!r} from an interrupted replacement")
+        else:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            done.append(f"removed the leftover {str(p)!r}")
+    return done
 
 
 # --- local path or hub id -------------------------------------------------------------------------------------
@@ -154,8 +192,12 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs: Iterable =
     one of its parents. Refused unless ``overwrite``: a non-empty folder. Refused even with ``overwrite``: a
     non-empty folder that diffprune did not write (no :data:`MARKER`).
     """
+    from .assets import SHIPPED_MODELS
+
     require(str(out).strip() != "", "--out is empty; pass the path of a new folder, e.g. --out runs/pruned")
-    out = Path(out)
+    require(str(out) not in SHIPPED_MODELS, f"--out {str(out)!r} is the name of a shipped model, which that name "
+                                            f"would keep meaning; write ./{out} to mean a folder here, or another name")
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise DiffPruneError(f"--out {str(out)!r} is an existing file; pass a folder path")
     here = out.resolve()
@@ -254,7 +296,9 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, kind: str = "
     out = check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        clean_stale_temporaries(out.parent)
+        out = check_output_dir(out, overwrite, inputs)  # a recovered folder is checked like any other
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name), dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
         try:
             yield tmp
@@ -263,11 +307,17 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, kind: str = "
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        fsync_path(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out)
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Replace folder ``out`` by folder ``new`` (same parent) with two renames; the old one is removed after. A kill
+    between the renames leaves ``.OUT.old-PID``, which :func:`clean_stale_temporaries` puts back."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(new, out)
+    fsync_path(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

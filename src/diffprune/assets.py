@@ -5,27 +5,25 @@
 """
 from __future__ import annotations
 
-import hashlib
+import json
+import sys
+from importlib import resources
 from pathlib import Path
 
-from ._fs import read_json
-from .data import bundled_path
+from ._hashing import file_sha256
 from .errors import DiffPruneError
 
 SHIPPED_MODELS = {"mnist-teacher": "mnist-teacher", "mnist-dit": "mnist-dit", "mnist-classifier": "mnist-classifier"}
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def bundled_path(name: str) -> Path:
+    """A file or folder under the installed package's ``assets/``."""
+    return Path(str(resources.files("diffprune") / "assets" / name))
 
 
 def verify_asset_dir(folder: Path) -> None:
     """Check every file of a shipped folder against the manifest; raise on a mismatch."""
-    manifest = read_json(bundled_path("manifest.json"))
+    manifest = json.loads(bundled_path("manifest.json").read_text(encoding="utf-8"))
     root = bundled_path("")
     prefix = folder.relative_to(root).as_posix() + "/"
     entries = {k: v for k, v in manifest.items() if k.startswith(prefix)}
@@ -33,13 +31,18 @@ def verify_asset_dir(folder: Path) -> None:
         raise DiffPruneError(f"shipped folder {folder.name!r} is missing from assets/manifest.json; reinstall diffprune")
     for rel, digest in entries.items():
         p = root / rel
-        if not p.is_file() or sha256_file(p) != digest:
+        if not p.is_file() or file_sha256(p) != digest:
             raise DiffPruneError(f"shipped file {rel!r} is missing or its sha256 differs from the manifest; reinstall diffprune")
 
 
 def shipped_model_path(name: str) -> Path | None:
-    """The verified folder of a shipped model name, or None if ``name`` is not one."""
+    """The verified folder of a shipped model name, or None if ``name`` is not one. One rule everywhere: a local
+    folder of that name wins over the shipped model (with a one-line notice), as it does for data."""
     if name not in SHIPPED_MODELS:
+        return None
+    if Path(name).is_dir():
+        print(f"diffprune: using the local folder {name!r}, not the shipped model of that name (write "
+              f"./{name} to silence this notice, or rename the folder to use the shipped one)", file=sys.stderr)
         return None
     folder = bundled_path(SHIPPED_MODELS[name])
     if not folder.is_dir():

@@ -11,11 +11,9 @@ anything else is centre-cropped to a square and resized with antialiasing (MNIST
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._hashing import content_sha256
+from .assets import bundled_path
 from .errors import DiffPruneError, require
 from .registry import Registry
 
@@ -52,19 +52,6 @@ class ImageData:
     @property
     def num_classes(self) -> int | None:
         return None if self.labels is None else len(self.class_names or []) or int(self.labels.max()) + 1
-
-
-def content_sha256(images: torch.Tensor, labels: torch.Tensor | None = None, captions=None) -> str:
-    h = hashlib.sha256(images.contiguous().numpy().tobytes())
-    if labels is not None:
-        h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
-    if captions is not None:
-        h.update(json.dumps(list(captions)).encode())
-    return h.hexdigest()
-
-
-def bundled_path(name: str) -> Path:
-    return Path(str(resources.files("diffprune") / "assets" / name))
 
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")

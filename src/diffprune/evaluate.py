@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from .errors import require, require_int, require_seed
 from .metrics import SampleSet
+from .records import eval_versions, read_log
 
 __all__ = ["EvalConfig", "evaluate", "load_for_eval", "default_extractor"]
 
@@ -129,7 +129,6 @@ def load_for_eval(name_or_path: str | os.PathLike):
     The one place the evaluation loads models (through :func:`diffprune.io.load_model`).
     """
     from .io import load_model
-    from .train import read_log
 
     loaded = load_model(str(name_or_path))
     folder = Path(loaded.source)  # a hub id is no folder: read_log then finds no log
@@ -193,7 +192,8 @@ def _teacher_samples(model, scheduler, config: EvalConfig, device, progress: boo
     import diffusers
     from safetensors.torch import load_file, save
 
-    from ._fs import atomic_write_bytes, cache_dir
+    from ._cache import cache_dir
+    from ._fs import atomic_write_bytes
 
     h = hashlib.sha256()
 
@@ -315,25 +315,6 @@ def _clip_scores(config: EvalConfig, sets: dict[str, SampleSet], device) -> dict
                            "definition": "100 * max(cos(image, prompt), 0), mean over samples"}}
 
 
-def _versions() -> dict:
-    """:func:`diffprune.train.run_info`'s versions plus the evaluation's own dependencies (None when absent)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import numpy
-    import scipy
-
-    from .train import run_info
-
-    v = {**run_info()["versions"], "numpy": numpy.__version__, "scipy": scipy.__version__,
-         "python": platform.python_version()}
-    for dist in ("pytorch-msssim", "pytorch-fid"):
-        try:
-            v[dist.replace("-", "_")] = version(dist)
-        except PackageNotFoundError:  # each optional package on its own: one missing must not hide the other
-            v[dist.replace("-", "_")] = None
-    return v
-
-
 def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
@@ -368,7 +349,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     check_output_dir(out_dir, overwrite, inputs)
     scheduler = scheduler if scheduler is not None else default_scheduler()
     device = _device_of(student if student is not None else teacher, device)
-    from .io import require_finite_weights
+    from ._torch import require_finite_weights
 
     for role, m in (("student", student), ("teacher", teacher)):
         if m is not None:
@@ -401,7 +382,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     sets = {role: m.samples for role, m in models.items()}
 
     metrics: dict[str, Any] = {"config": config.to_dict(), "device": str(device), "threads": torch.get_num_threads(),
-                               "versions": _versions(), "seeds": {"first": config.seed, "n": config.n},
+                               "versions": eval_versions(), "seeds": {"first": config.seed, "n": config.n},
                                "sampler": {"name": "ddim", "eta": 0.0, "steps": config.steps, "skip": config.skip},
                                "names": names or {}, "teacher_samples_cache": cached}
     # One name per figure: the figures at the top level, the nested records hold only how they were measured.

@@ -9,8 +9,6 @@ data never reuses stale latents. Captions are encoded once the same way (:meth:`
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
@@ -59,28 +57,26 @@ def encode_cached(codec, images: torch.Tensor, data_sha256: str, *, cache_dir=No
                   progress: bool = False) -> tuple[torch.Tensor, str]:
     """Latents of ``images`` (uint8, or float in [-1, 1]), encoded once then read from the cache; returns
     ``(latents, cache key)``."""
-    from safetensors.torch import load_file, save
-
-    from ._fs import atomic_write_bytes, cache_dir as _cache
+    from ._cache import cached
+    from ._hashing import json_sha256
     from .data import to_model_range
 
-    key = hashlib.sha256(json.dumps({"format": LATENT_FORMAT, "autoencoder": codec.identity(),
-                                     "data": data_sha256, "n": len(images)}).encode()).hexdigest()[:32]
-    path = _cache(cache_dir) / "latents" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            z = load_file(str(path))["latents"]
-            if len(z) == len(images):
-                return z, key
-        except Exception:  # a damaged cache entry is recomputed
-            pass
-    chunks = []
-    for i in tqdm(range(0, len(images), batch_size), desc="encoding latents", disable=not progress):
-        x = images[i:i + batch_size]
-        chunks.append(codec.encode(to_model_range(x) if x.dtype == torch.uint8 else x.float()).cpu())
-    z = torch.cat(chunks).contiguous()
-    atomic_write_bytes(path, save({"latents": z}))
-    return z, key
+    key = json_sha256({"format": LATENT_FORMAT, "autoencoder": codec.identity(), "data": data_sha256,
+                       "n": len(images)}, 32)
+
+    def encode() -> dict:
+        chunks = []
+        for i in tqdm(range(0, len(images), batch_size), desc="encoding latents", disable=not progress):
+            x = images[i:i + batch_size]
+            chunks.append(codec.encode(to_model_range(x) if x.dtype == torch.uint8 else x.float()).cpu())
+        return {"latents": torch.cat(chunks)}
+
+    def check(t: dict) -> str | None:
+        z = t.get("latents")
+        return None if z is not None and len(z) == len(images) else f"it holds no latents for {len(images)} images"
+
+    tensors, _ = cached("latents", key, encode, root=cache_dir, check=check)
+    return tensors["latents"], key
 
 
 def denoiser_data(model, data, *, codec=None, text_encoder=None, cache_dir=None,

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ._fs import cache_dir
+from ._cache import cache_dir
 from ._torch import eval_mode
 from .errors import DiffPruneError, require
 from .registry import Registry
@@ -130,9 +130,9 @@ def load_extractor(name: str, weights: str | os.PathLike | None = None, *, cache
 
 
 def _sha256(path: Path) -> str:
-    from .assets import sha256_file
+    from ._hashing import file_sha256
 
-    return sha256_file(path)
+    return file_sha256(path)
 
 
 @EXTRACTORS.register("mnist-classifier")

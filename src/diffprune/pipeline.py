@@ -109,8 +109,9 @@ def input_fingerprint(cfg: RunConfig) -> dict:
     """The content behind the run's names: every shipped file (teacher, classifier, MNIST) through the assets
     manifest, and a local model folder through the sha256 of the files that define it: a changed teacher redoes
     every stage. Hub ids and data folders count by name only."""
-    from .assets import bundled_path, sha256_file
-    from .io import model_files
+    from ._hashing import file_sha256 as sha256_file
+    from .assets import bundled_path
+    from .layout import model_files
 
     key: dict = {"shipped": sha256_file(bundled_path("manifest.json"))}
     folder = Path(cfg.model)
@@ -122,7 +123,7 @@ def input_fingerprint(cfg: RunConfig) -> dict:
 def stage_hashes(cfg: RunConfig) -> dict[str, str]:
     """Each stage's hash covers its own settings, the run's inputs (by content, see :func:`input_fingerprint`) and
     every upstream stage's hash; eval's also covers the device and the FID extractor's weights file."""
-    from .assets import sha256_file
+    from ._hashing import file_sha256 as sha256_file
 
     out, upstream = {}, {"model": cfg.model, "data": cfg.data, "content": input_fingerprint(cfg)}
     weights = cfg.eval.extractor_weights

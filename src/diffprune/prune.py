@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.metadata
 import math
 import os
 import time
@@ -48,23 +47,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._torch import shape_mismatch, state_shapes
+from ._torch import state_shapes
 from .adapters import ModelAdapter, adapter_for
 from .errors import DiffPruneError, require, require_int, require_seed
 from .importance import METHODS, TAYLOR_FORMS, get_method, setting_owners
 from .macs import count_macs
 from .seed import seed_everything
+from .structure import STRUCTURE_FORMAT, TORCH_PRUNING_VERSION, chain_records, layer_widths, replay_structure_
 from .timesteps import STRATEGY_FIELDS, TimestepStrategy, make_strategy
 
 RATIO_MODES = ("paper", "uniform")
 LATENCY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DATA_FREE = "data-free"
-STRUCTURE_FORMAT = "diffprune-structure/1"
 _MAX_SEARCH_RATIO = 0.9
 _MIN_RATIO_STEP = 2e-3  # the search stops once its bracket is narrower (ratios a few channels per thousand apart)
 _MAX_FILL = 4  # positions the target search may keep out of rank order to step past a jump in the cost
-# The installed distribution's version: torch_pruning.__version__ of the 1.6.1 wheel still says "1.6.0".
-TORCH_PRUNING_VERSION = importlib.metadata.version("torch-pruning")
 
 
 @dataclass(frozen=True)
@@ -319,7 +316,8 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
     text model, seed ``s`` is generated from ``prompts[s mod len(prompts)]``, without guidance). When more than
     ``batch_size`` images are available a seeded random subset is used.
     """
-    from .data import ImageData, content_sha256
+    from ._hashing import content_sha256
+    from .data import ImageData
     from .inputs import denoiser_data, pixel_shape
 
     device = device if device is not None else next(model.parameters()).device
@@ -576,21 +574,6 @@ class _RecordingImportance:
         return imp
 
 
-def layer_widths(model: nn.Module) -> dict[str, list[int]]:
-    """``name -> [in, out]`` channels of every Conv/Linear/GroupNorm layer (Embedding: ``[rows, width]``)."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            out[name] = [m.in_channels, m.out_channels]
-        elif isinstance(m, nn.Linear):
-            out[name] = [m.in_features, m.out_features]
-        elif isinstance(m, nn.GroupNorm):
-            out[name] = [m.num_channels, m.num_channels]
-        elif isinstance(m, nn.Embedding):
-            out[name] = [m.num_embeddings, m.embedding_dim]
-    return out
-
-
 def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance,
                 cached: dict | None = None, skip=()) -> tuple[list, dict, dict, "_SelectingPruner"]:
     """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores, the
@@ -830,7 +813,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     timer of your own, e.g. of a whole pipeline call).
     """
     require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}")
-    from .io import require_finite_weights
+    from ._torch import require_finite_weights
 
     t0 = time.time()
     adapter = adapter_for(unet)
@@ -940,48 +923,9 @@ def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None,
     return loaded, report
 
 
-def replay_structure_(unet: nn.Module, structure: dict) -> None:
-    """Re-apply a recorded pruning structure to a freshly built (unpruned) model, in place.
-
-    Replays Torch-Pruning's history on a freshly traced dependency graph, then the adapter's metadata (attention
-    heads and scale, resampling channels); finally checks every parameter shape against the record.
-    """
-    require(structure.get("format") == STRUCTURE_FORMAT,
-            f"unknown pruning structure format {structure.get('format')!r}; expected {STRUCTURE_FORMAT!r} "
-            "(written by a newer diffprune?)")
-    adapter = adapter_for(unet)
-    with adapter.tracing(unet):
-        dg = tp.DependencyGraph().build_dependency(unet, example_inputs=adapter.example_inputs(unet), verbose=False)
-        try:
-            dg.load_pruning_history([tuple(h) for h in structure["history"]])
-        except (AttributeError, IndexError, KeyError) as e:
-            raise DiffPruneError(f"the pruning record does not fit this base model ({e}); is config.json the right one?") from None
-        adapter.restore_(unet, structure.get("meta", {}))
-    recorded = structure.get("shapes")
-    bad = shape_mismatch(state_shapes(unet), recorded) if recorded is not None else []
-    if bad:
-        raise DiffPruneError(f"replayed pruning gives other shapes than recorded (e.g. {bad}); the record is corrupt")
-
-
 __all__ = [
     "PruneConfig", "PruneReport", "CalibrationResult", "PaperPruner", "prune_", "accumulate_gradients",
     "calibration_batch", "calibration_noise", "layer_widths", "prune_model", "replay_structure_", "chain_records",
     "RATIO_MODES",
     "DATA_FREE", "METHODS",
 ]
-
-
-def chain_records(previous: dict, current: dict) -> dict:
-    """Pruning record of a model pruned twice: ``previous`` (the loaded model's) then ``current``.
-
-    The structure history is the concatenation (replayed in order on the base model); ``base_params``,
-    ``base_macs``, ``base_widths`` and ``base_macs_per_layer`` refer to the original base model.
-    """
-    require(isinstance(previous.get("structure"), dict), "the previous pruning record has no 'structure'")
-    out = dict(current)
-    out["structure"] = {**current["structure"],
-                        "history": list(previous["structure"]["history"]) + list(current["structure"]["history"])}
-    for key in ("base_params", "base_macs", "base_widths", "base_macs_per_layer"):
-        out[key] = previous.get(key, current[key])
-    out["previous"] = {k: previous.get(k) for k in ("method", "config", "params", "macs", "previous")}
-    return out

@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 from ._fs import atomic_write_json, read_json
 from .data import to_uint8
 from .errors import DiffPruneError, require, require_int, require_seed
+from .records import LOG_FIELDS, read_log, run_info
 
 CHECKPOINT_PREFIX = "step-"
-LOG_FIELDS = ["step", "loss", "lr", "images_per_s"]
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -191,7 +191,7 @@ def _save_checkpoint(folder: Path, step: int, model, ema, optimizer, keep: int) 
             else:
                 scalars[f"{i}.{k}"] = v
     save_file(tensors, tmp / "optimizer.safetensors")
-    from .assets import sha256_file
+    from ._hashing import file_sha256 as sha256_file
 
     atomic_write_json(tmp / "state.json", {
         "step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
@@ -218,7 +218,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 def verify_checkpoint(ckpt: Path) -> str | None:
     """None if ``ckpt`` is whole (state.json parses, every file matches its recorded sha256); else the reason."""
-    from .assets import sha256_file
+    from ._hashing import file_sha256 as sha256_file
 
     try:
         state = read_json(ckpt / "state.json")
@@ -399,7 +399,8 @@ def _all_finite(tensors) -> bool:
 
 def _as_denoiser_data(model, data):
     """:class:`~diffprune.inputs.DenoiserData` from what ``train`` accepts (checked against the model)."""
-    from .data import ImageData, content_sha256
+    from ._hashing import content_sha256
+    from .data import ImageData
     from .inputs import DenoiserData, denoiser_data
 
     if isinstance(data, DenoiserData):
@@ -681,31 +682,9 @@ def _whole_row(row: dict) -> bool:
         return False
 
 
-def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A training log as columns of floats (empty dict if there is no log)."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {k: np.array([float(r[k]) for r in rows]) for k in LOG_FIELDS}
-
-
 def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard is an optional extra
         return None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def run_info(**extra) -> dict:
-    """Versions and anything else worth recording beside a run's outputs."""
-    import diffusers
-
-    from . import __version__
-    from .prune import TORCH_PRUNING_VERSION
-
-    return {"versions": {"diffprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "torch_pruning": TORCH_PRUNING_VERSION}, **extra}
-

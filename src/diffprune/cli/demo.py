@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 
 
 def config_path(quick: bool, model: str = "mnist-teacher"):
-    from ..data import bundled_path
+    from ..assets import bundled_path
 
     return bundled_path("").parent / "configs" / (DEMOS[model] + ("-quick" if quick else "") + ".yaml")
 

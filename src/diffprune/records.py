@@ -1,0 +1,53 @@
+"""What a run records beside its outputs: the versions it ran with, and the training log's columns."""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LOG_FIELDS = ["step", "loss", "lr", "images_per_s"]
+
+
+def run_info(**extra) -> dict:
+    """Versions and anything else worth recording beside a run's outputs."""
+    import diffusers
+
+    from . import __version__
+    from .structure import TORCH_PRUNING_VERSION
+
+    return {"versions": {"diffprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "torch_pruning": TORCH_PRUNING_VERSION}, **extra}
+
+
+def eval_versions() -> dict:
+    """:func:`run_info`'s versions plus the evaluation's own dependencies (None when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import numpy
+    import scipy
+
+    v = {**run_info()["versions"], "numpy": numpy.__version__, "scipy": scipy.__version__,
+         "python": platform.python_version()}
+    for dist in ("pytorch-msssim", "pytorch-fid"):
+        try:
+            v[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:  # each optional package on its own: one missing must not hide the other
+            v[dist.replace("-", "_")] = None
+    return v
+
+
+def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A training log as columns of floats (empty dict if there is no log)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) for r in rows]) for k in LOG_FIELDS}
+
+
+__all__ = ["LOG_FIELDS", "eval_versions", "read_log", "run_info"]
