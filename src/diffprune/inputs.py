@@ -45,11 +45,11 @@ class DenoiserData:
         return x.to(device), (None if self.cond is None else self.cond[idx].to(device))
 
 
-def pixel_shape(model, codec=None) -> tuple[int, int, int]:
+def pixel_shape(model, codec=None, *, adapter=None) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images the model's data must have (through the autoencoder for latent models)."""
-    from .adapters import adapter_for
+    from .adapters import resolve_adapter
 
-    shape = adapter_for(model).input_shape(model)
+    shape = resolve_adapter(model, adapter).input_shape(model)
     return codec.image_shape(shape) if codec is not None else shape
 
 
@@ -80,13 +80,13 @@ def encode_cached(codec, images: torch.Tensor, data_sha256: str, *, cache_dir=No
 
 
 def denoiser_data(model, data, *, codec=None, text_encoder=None, cache_dir=None,
-                  progress: bool = False) -> DenoiserData:
+                  progress: bool = False, adapter=None) -> DenoiserData:
     """The model's clean inputs for :class:`~diffprune.data.ImageData` ``data`` (labels checked for a
     class-conditional model, captions encoded with ``text_encoder`` for a text-to-image one, images encoded with
     ``codec`` for a latent one)."""
-    from .adapters import adapter_for
+    from .adapters import resolve_adapter
 
-    adapter = adapter_for(model)
+    adapter = resolve_adapter(model, adapter)
     spec = adapter.conditioning(model)
     source = data.record.get("source", "the data")
     record = dict(data.record)
@@ -121,14 +121,16 @@ def denoiser_data(model, data, *, codec=None, text_encoder=None, cache_dir=None,
 
 
 def load_denoiser_data(model, source, *, codec=None, text_encoder=None, split: str = "train",
-                       limit: int | None = None, cache_dir=None, progress: bool = False) -> DenoiserData:
+                       limit: int | None = None, cache_dir=None, progress: bool = False,
+                       adapter=None) -> DenoiserData:
     """Load ``source`` (see :func:`diffprune.data.load_data`) fitted to what the model (and autoencoder) take."""
     from .data import load_data
 
-    c, h, w = pixel_shape(model, codec)
+    c, h, w = pixel_shape(model, codec, adapter=adapter)
     require(h == w, f"the model takes {h}x{w} inputs; diffprune's data loaders make square images")
     data = load_data(source, resolution=h, channels=c, split=split, limit=limit)
-    return denoiser_data(model, data, codec=codec, text_encoder=text_encoder, cache_dir=cache_dir, progress=progress)
+    return denoiser_data(model, data, codec=codec, text_encoder=text_encoder, cache_dir=cache_dir, progress=progress,
+                         adapter=adapter)
 
 
 __all__ = ["DenoiserData", "denoiser_data", "encode_cached", "load_denoiser_data", "pixel_shape"]

@@ -81,17 +81,17 @@ def measure(fn: Callable[[], object], *, device, repeats: int = MIN_REPEATS, war
 
 @torch.no_grad()
 def denoiser_latency(model, *, device, batch_sizes: Sequence[int] = (1, 16, 64), repeats: int = MIN_REPEATS,
-                     warmup: int = 2, timestep: int = 500) -> dict[str, dict]:
+                     warmup: int = 2, timestep: int = 500, adapter=None) -> dict[str, dict]:
     """Latency of one denoiser call (conditioning included) per batch size: ``{"1": {median_s, per_image_s, ...}}``.
 
     The model runs where its parameters are; ``device`` must be that device (checked).
     """
-    from .adapters import adapter_for
+    from .adapters import resolve_adapter
 
     device = torch.device(device)
     p = next(model.parameters())
     require(p.device.type == device.type, f"the model is on {p.device} but device={device}; move it first")
-    adapter = adapter_for(model)
+    adapter = resolve_adapter(model, adapter)
     shape = adapter.input_shape(model)
     out = {}
     with eval_mode(model):
@@ -108,20 +108,22 @@ def denoiser_latency(model, *, device, batch_sizes: Sequence[int] = (1, 16, 64),
 
 
 def sampler_latency(model, scheduler, *, device, steps: int, batch_size: int = 16, repeats: int = MIN_REPEATS,
-                    warmup: int = 1, skip: str = "uniform", codec=None, guidance_scale: float = 1.0) -> dict:
+                    warmup: int = 1, skip: str = "uniform", codec=None, guidance_scale: float = 1.0,
+                    adapter=None) -> dict:
     """Latency of the full DDIM sampler (``steps`` steps, η = 0, decoding included) on a batch; ``per_image_s`` =
     median / batch. A text model runs on an all-zero context of its ``context_length`` (the text encoder, called
     once per prompt, is not the denoiser's cost)."""
-    from .adapters import adapter_for
+    from .adapters import resolve_adapter
     from .sampling import sample
 
+    adapter = resolve_adapter(model, adapter)
     seeds = list(range(batch_size))
-    spec = adapter_for(model).conditioning(model)
+    spec = adapter.conditioning(model)
     context = spec.example(1) if spec is not None and spec.kind == "text" else None
     rec = measure(lambda: sample(model, scheduler, seeds=seeds, num_inference_steps=steps, sampler="ddim",
                                  skip=skip, batch_size=batch_size, device=device, progress=False, codec=codec,
                                  guidance_scale=guidance_scale, prompt_embeds=context,
-                                 negative_prompt_embeds=context),
+                                 negative_prompt_embeds=context, adapter=adapter),
                   device=device, repeats=repeats, warmup=warmup)
     rec.update(batch_size=batch_size, steps=steps, per_image_s=rec["median_s"] / batch_size)
     return rec

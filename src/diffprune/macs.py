@@ -47,12 +47,13 @@ def _custom_mapping() -> dict:
     return mapping
 
 
-def count_macs(model: nn.Module, example_inputs: dict | None = None, *, device=None) -> MacsReport:
-    """Count MACs of one call at batch 1 (``example_inputs`` default: the model adapter's, conditioning included)."""
+def count_macs(model: nn.Module, example_inputs: dict | None = None, *, device=None, adapter=None) -> MacsReport:
+    """Count MACs of one call at batch 1 (``example_inputs`` default: ``adapter``'s, conditioning included; the
+    model's own adapter when none is given)."""
     if example_inputs is None:
-        from .adapters import adapter_for
+        from .adapters import resolve_adapter
 
-        example_inputs = adapter_for(model).example_inputs(model, 1, device)
+        example_inputs = resolve_adapter(model, adapter).example_inputs(model, 1, device)
     inputs = example_inputs
     counter = FlopCounterMode(display=False, depth=None, custom_mapping=_custom_mapping())
     with eval_mode(model), torch.no_grad(), counter:

@@ -13,9 +13,11 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from ._torch import eval_mode
+from .adapters import resolve_adapter
 from .errors import DiffPruneError, require
 
 SAMPLERS = ("ddim", "ddpm")
+
 SKIPS = ("uniform", "quad")
 
 
@@ -94,7 +96,8 @@ class QuadDDIMScheduler(DDIMScheduler):
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
-def labels_for(model, seeds: Sequence[int], class_labels=None, num_classes: int | None = None) -> torch.Tensor | None:
+def labels_for(model, seeds: Sequence[int], class_labels=None, num_classes: int | None = None, *,
+               adapter=None) -> torch.Tensor | None:
     """The class label of each seed for a class-conditional model (None for an unconditional one).
 
     ``class_labels``: one label per seed, or a single label for all; None balances the classes by seed: seed ``s``
@@ -102,9 +105,7 @@ def labels_for(model, seeds: Sequence[int], class_labels=None, num_classes: int 
     ``num_classes``: the classes the model was trained on (``LoadedModel.class_names``), when fewer than its label
     table has rows (a 10-digit DiT with DiT-XL/2's 1,000-class table); default: the whole table.
     """
-    from .adapters import adapter_for
-
-    spec = adapter_for(model).conditioning(model)
+    spec = resolve_adapter(model, adapter).conditioning(model)
     if spec is None:
         require(class_labels is None, "this model is unconditional: it takes no class labels (drop --class-labels)")
         return None
@@ -127,16 +128,15 @@ def prompts_for(seeds: Sequence[int], prompts: Sequence[str]) -> list[str]:
 
 
 def conditioning_for(model, seeds: Sequence[int], class_labels=None, prompt_embeds=None,
-                     num_classes: int | None = None) -> torch.Tensor | None:
+                     num_classes: int | None = None, *, adapter=None) -> torch.Tensor | None:
     """Each seed's conditioning: class labels (:func:`labels_for`) for a class-conditional model, the context
     ``prompt_embeds`` (``[N, L, D]``, or ``[1, L, D]`` for all) for a text-conditioned one, None for an
     unconditional one."""
-    from .adapters import adapter_for
-
-    spec = adapter_for(model).conditioning(model)
+    adapter = resolve_adapter(model, adapter)
+    spec = adapter.conditioning(model)
     if spec is None or spec.kind != "text":
         require(prompt_embeds is None, "this model is not text-conditioned: it takes no prompt (drop --prompt)")
-        return labels_for(model, seeds, class_labels, num_classes)
+        return labels_for(model, seeds, class_labels, num_classes, adapter=adapter)
     require(class_labels is None, "this model is text-conditioned: it takes a prompt, not class labels")
     require(prompt_embeds is not None, "this model is text-conditioned: pass prompt_embeds (TextEncoder.encode"
                                        "(prompts); CLI: --prompt TEXT or --prompt-file FILE)")
@@ -165,7 +165,8 @@ def guided_prediction(adapter, model, x: torch.Tensor, t: torch.Tensor, cond, gu
 def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_embeds=None,
            negative_prompt_embeds=None, guidance_scale: float = 1.0, codec=None, num_inference_steps: int = 50,
            sampler: str = "ddim", skip: str = "uniform", eta: float | None = None, batch_size: int = 64,
-           device=None, decode: bool = True, num_classes: int | None = None, progress: bool = True) -> torch.Tensor:
+           device=None, decode: bool = True, num_classes: int | None = None, progress: bool = True,
+           adapter=None) -> torch.Tensor:
     """Generate ``len(seeds)`` images; returns float32 ``[N, C, H, W]`` in [-1, 1] on the CPU.
 
     ``sampler="ddim"`` is deterministic (eta 0 unless given). ``sampler="ddpm"`` is DDIM with eta 1, which over all
@@ -179,13 +180,11 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_
     ``decode=False``, and predicted latents are never clipped to [-1, 1] (a scheduler's ``clip_sample`` is meant
     for pixels; latents range wider). ``device`` defaults to the model's device.
     """
-    from .adapters import adapter_for
-
     require(sampler in SAMPLERS, f"unknown sampler {sampler!r}; choose from {list(SAMPLERS)}")
     require(batch_size >= 1, f"batch_size={batch_size} must be >= 1")
-    adapter = adapter_for(model)
+    adapter = resolve_adapter(model, adapter)
     seeds = [int(s) for s in seeds]
-    conds = conditioning_for(model, seeds, class_labels, prompt_embeds, num_classes)
+    conds = conditioning_for(model, seeds, class_labels, prompt_embeds, num_classes, adapter=adapter)
     spec = adapter.conditioning(model)
     require(isinstance(guidance_scale, (int, float)) and guidance_scale >= 1.0,
             f"guidance_scale={guidance_scale!r} must be >= 1 (1 = no guidance)")

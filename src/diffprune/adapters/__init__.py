@@ -235,6 +235,12 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
                          f"{supported_classes()}")
 
 
+def resolve_adapter(model: nn.Module, adapter: ModelAdapter | None = None) -> ModelAdapter:
+    """``adapter`` when the caller resolved it already (once per command, handed down), else the model's own: what
+    a public function that takes a bare model calls."""
+    return adapter if adapter is not None else adapter_for(model)
+
+
 def adapter_for_class_name(class_name: str) -> ModelAdapter:
     """The adapter for a model class name as written in a diffusers ``config.json`` (``_class_name``)."""
     _load_families()
@@ -245,4 +251,5 @@ def adapter_for_class_name(class_name: str) -> ModelAdapter:
     raise DiffPruneError(f"no pruning adapter for model class {class_name!r}; supported: {supported_classes()}")
 
 
-__all__ = ["ADAPTERS", "Conditioning", "ModelAdapter", "adapter_for", "adapter_for_class_name", "supported_classes"]
+__all__ = ["ADAPTERS", "Conditioning", "ModelAdapter", "adapter_for", "adapter_for_class_name", "resolve_adapter",
+           "supported_classes"]
