@@ -46,7 +46,7 @@ def test_student_loads_and_beats_an_untrained_twin(run_dir):
     student = load_sample_folder(run_dir / "eval" / "samples" / "student")
     assert student.seeds == teacher.seeds == list(range(cfg["seed"], cfg["seed"] + cfg["n"]))
     # the saved student reproduces its own evaluation samples from the same seeds
-    again = sample(loaded.unet, loaded.scheduler, seeds=teacher.seeds[:4], num_inference_steps=cfg["steps"],
+    again = sample(loaded.denoiser, loaded.scheduler, seeds=teacher.seeds[:4], num_inference_steps=cfg["steps"],
                    progress=False)
     assert (to_uint8(again).int() - student.images[:4].int()).abs().max() <= 1
     # an untrained model of the same (pruned) shape, same seeds: far less like the teacher

@@ -31,8 +31,8 @@ def test_finetune_recovers_pruned_model(models, tmp_path, kd):
     loaded = load_model(out)
     assert loaded.pruning is not None and loaded.pruning["method"] == "magnitude"
     pruned = load_model(models / "pruned")
-    assert {k: v.shape for k, v in loaded.unet.state_dict().items()} == \
-        {k: v.shape for k, v in pruned.unet.state_dict().items()}
+    assert {k: v.shape for k, v in loaded.denoiser.state_dict().items()} == \
+        {k: v.shape for k, v in pruned.denoiser.state_dict().items()}
 
 
 def test_finetune_teacher_without_weight_is_refused(models, tmp_path, capsys):

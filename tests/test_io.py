@@ -71,10 +71,10 @@ def test_pipelines_sample_from_the_loaded_unet(pruned):
     m = load_model(out)
     assert isinstance(m.scheduler, DDPMScheduler) and m.pruning["method"] == "diff-pruning"
     g = torch.Generator().manual_seed(0)
-    images = DDPMPipeline(unet=m.unet, scheduler=m.scheduler)(batch_size=2, generator=g, num_inference_steps=10,
+    images = DDPMPipeline(unet=m.denoiser, scheduler=m.scheduler)(batch_size=2, generator=g, num_inference_steps=10,
                                                                   output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
-    ddim = DDIMPipeline(unet=m.unet, scheduler=DDIMScheduler.from_config(m.scheduler.config))
+    ddim = DDIMPipeline(unet=m.denoiser, scheduler=DDIMScheduler.from_config(m.scheduler.config))
     images = ddim(batch_size=2, num_inference_steps=3, generator=g, output_type="np").images
     assert images.shape == (2, 8, 8, 1) and 0 <= images.min() and images.max() <= 1
 
@@ -93,7 +93,7 @@ def test_plain_diffusers_and_pipeline_folders_load_unpruned(tmp_path):
     unet.save_pretrained(tmp_path / "model", safe_serialization=True)
     m = load_model(tmp_path / "model")
     assert m.pruning is None and m.scheduler is None
-    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), m.unet.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), m.denoiser.state_dict().values()))
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "pipe")
     m = load_model(tmp_path / "pipe")
     assert m.pruning is None and isinstance(m.scheduler, DDPMScheduler)
@@ -155,7 +155,7 @@ def test_hub_ids_load_pruned_models_and_fetch_no_pickles(pruned, tmp_path, monke
                                "scheduler/scheduler_config.json", "vae/diffusion_pytorch_model.safetensors"]
     assert m.source == "someone/pruned-unet" and m.pruning["method"] == "diff-pruning"
     assert isinstance(m.scheduler, DDPMScheduler)
-    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), m.unet.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), m.denoiser.state_dict().values()))
 
     def offline(repo_id, allow_patterns):
         raise OSError("We have no connection")

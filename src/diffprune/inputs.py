@@ -5,7 +5,7 @@ context for a text-to-image model.
 Latents are encoded once with the pipeline's autoencoder and cached on disk (safetensors) under a key made of the
 autoencoder's identity (class, config, weights) and the data's content hash, so a changed autoencoder or changed
 data never reuses stale latents. Captions are encoded once the same way (:meth:`TextEncoder.encode_cached
-<diffprune.adapters.pipelines.TextEncoder.encode_cached>`), keyed by the tokenizer and text encoder.
+<diffprune.components.TextEncoder.encode_cached>`), keyed by the tokenizer and text encoder.
 """
 from __future__ import annotations
 

@@ -267,7 +267,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def load_clip(folder: str | os.PathLike):
     """``(CLIPModel, tokenizer)`` from a local folder holding a transformers ``CLIPModel`` (``model.safetensors``)
     and its tokenizer, e.g. a copy of openai/clip-vit-large-patch14. Never downloads."""
-    from .adapters.pipelines import _transformers
+    from .components import require_transformers
 
     folder = Path(folder)
     require(folder.is_dir() and (folder / "config.json").is_file(),
@@ -276,7 +276,7 @@ def load_clip(folder: str | os.PathLike):
     require((folder / "model.safetensors").is_file(),
             f"{str(folder)!r} has no model.safetensors; diffprune never loads pickles (save it with "
             "safe_serialization=True)")
-    transformers = _transformers()
+    transformers = require_transformers()
     model = transformers.CLIPModel.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
     return model, transformers.AutoTokenizer.from_pretrained(folder)
 

@@ -173,7 +173,7 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_
     T steps is exactly ancestral DDPM with the posterior variance (and its strided generalisation for fewer steps).
     A class-conditional model takes ``class_labels`` (see :func:`labels_for`, with ``num_classes``); a
     text-conditioned one ``prompt_embeds`` (its text encoder's context, one per seed or one for all; see
-    :func:`prompts_for` and :class:`~diffprune.adapters.pipelines.TextEncoder`). ``guidance_scale``:
+    :func:`prompts_for` and :class:`~diffprune.components.TextEncoder`). ``guidance_scale``:
     classifier-free guidance (1 = none) through the model's null label, or for a text model the
     ``negative_prompt_embeds`` (the empty prompt's context, ``TextEncoder.null()``, for plain guidance), as
     diffusers names them. ``codec``: a latent pipeline's autoencoder; the latents are decoded into images unless

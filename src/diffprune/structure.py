@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ._torch import shape_mismatch, state_shapes
-from .adapters import adapter_for
+from .adapters import ModelAdapter, resolve_adapter
 from .errors import DiffPruneError, require
 
 STRUCTURE_FORMAT = "diffprune-structure/1"
@@ -36,7 +36,7 @@ def layer_widths(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
-def replay_structure_(unet: nn.Module, structure: dict) -> None:
+def replay_structure_(unet: nn.Module, structure: dict, *, adapter: ModelAdapter | None = None) -> None:
     """Re-apply a recorded pruning structure to a freshly built (unpruned) model, in place.
 
     Replays Torch-Pruning's history on a freshly traced dependency graph, then the adapter's metadata (attention
@@ -45,7 +45,7 @@ def replay_structure_(unet: nn.Module, structure: dict) -> None:
     require(structure.get("format") == STRUCTURE_FORMAT,
             f"unknown pruning structure format {structure.get('format')!r}; expected {STRUCTURE_FORMAT!r} "
             "(written by a newer diffprune?)")
-    adapter = adapter_for(unet)
+    adapter = resolve_adapter(unet, adapter)
     with adapter.tracing(unet):
         dg = tp.DependencyGraph().build_dependency(unet, example_inputs=adapter.example_inputs(unet), verbose=False)
         try:

@@ -104,12 +104,15 @@ def run(args) -> int:
     model = build_model(dict(arch))
     scheduler = default_scheduler(clip_sample=args.autoencoder is None)  # latents are not clipped to [-1, 1]
     with tempfile.TemporaryDirectory(prefix="diffprune-pipeline-") as staging:
-        from ..adapters.pipelines import assemble_pipeline, load_codec
+        from ..adapters import adapter_for
+        from ..io import assemble_pipeline, load_codec
 
+        adapter = adapter_for(model)
         codec = load_codec(args.autoencoder) if args.autoencoder is not None else None
-        images = load_denoiser_data(model, args.data, codec=codec, cache_dir=args.cache_dir, progress=True)
+        images = load_denoiser_data(model, args.data, codec=codec, cache_dir=args.cache_dir, progress=True,
+                                    adapter=adapter)
         pipeline = None if codec is None else assemble_pipeline(Path(staging) / "pipeline", model, args.autoencoder,
-                                                                scheduler, images.class_names)
+                                                                scheduler, images.class_names, adapter=adapter)
         info = run_info(command=" ".join(["diffprune"] + sys.argv[1:]), data=args.data, data_record=images.record,
                         architecture=arch, autoencoder=args.autoencoder, num_images=len(images))
         res = train(model, scheduler, images, config, args.out, resume=args.resume, overwrite=args.overwrite,

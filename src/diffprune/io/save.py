@@ -1,0 +1,139 @@
+"""Writing models: the safe pruned-model format (safetensors + JSON, never pickles) and pipeline folders.
+
+A pruned *pipeline* is a pipeline folder: ``model_index.json``, every other component copied from the source
+pipeline (only what the safe format allows: JSON, safetensors and tokenizer files; anything else, ``.py`` files and
+pickles included, is left out and named on stderr), and the denoiser's folder (``unet/`` or ``transformer/``) in
+the layout of :mod:`diffprune.layout`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._fs import atomic_dir, atomic_write_json
+from .._torch import shape_mismatch, state_shapes
+from ..adapters.pipelines import latent_family
+from ..errors import DiffPruneError, require
+from ..layout import CONFIG_NAME, INDEX_NAME, PRUNING_NAME, WEIGHTS_NAME
+from .load import PipelineSource, load_codec
+
+# what a pipeline component may hold, by suffix or by name: weights and configs, and the tokenizers' own files
+SAFE_SUFFIXES = (".json", ".safetensors", ".txt")
+SAFE_NAMES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def _check_record(model: nn.Module, pruning: dict) -> None:
+    require(isinstance(pruning, dict) and isinstance(pruning.get("structure"), dict),
+            "pruning must be the pruning record (PruneReport.to_dict() or LoadedModel.pruning) with a 'structure'")
+    recorded = pruning["structure"].get("shapes")
+    bad = shape_mismatch(state_shapes(model), recorded) if recorded is not None else []
+    if bad:
+        raise DiffPruneError(f"the model's shapes differ from the pruning record (e.g. {bad}); save the model "
+                             "that this record describes")
+
+
+def copy_component(src: Path, dst: Path) -> list[str]:
+    """Copy the safe files of a pipeline component folder (recursively); return what was left out."""
+    left_out = []
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if p.is_dir() or p.is_symlink():
+            if p.is_symlink():
+                left_out.append(rel.as_posix())
+            continue
+        if p.suffix.lower() in SAFE_SUFFIXES or p.name in SAFE_NAMES:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dst / rel)
+        else:
+            left_out.append(rel.as_posix())
+    dst.mkdir(parents=True, exist_ok=True)
+    return [f"{dst.name}/{r}" for r in left_out]
+
+
+def _copy_pipeline(pipeline: PipelineSource, folder: Path) -> Path:
+    """Copy the source pipeline's other components into ``folder``; return the denoiser's target folder."""
+    left_out = []
+    for name in pipeline.components():
+        if name != pipeline.family.denoiser:
+            left_out += copy_component(pipeline.folder / name, folder / name)
+    shutil.copy2(pipeline.folder / INDEX_NAME, folder / INDEX_NAME)
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        print(f"diffprune: left out of the output pipeline (not JSON, safetensors or tokenizer files): {shown}",
+              file=sys.stderr)
+    return folder / pipeline.family.denoiser
+
+
+def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | None = None, scheduler=None,
+                pipeline: PipelineSource | None = None) -> None:
+    """Write ``model`` into the new folder ``folder``: pruned (with ``pruning``) or plain; bare or, with
+    ``pipeline``, as a pipeline folder whose other components are copied from the source pipeline."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    target = folder
+    if pipeline is not None:
+        target = _copy_pipeline(pipeline, folder)
+    elif scheduler is not None:
+        scheduler.save_pretrained(folder / "scheduler")
+    if pruning is None:
+        model.save_pretrained(target, safe_serialization=True)
+        return
+    _check_record(model, pruning)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_config(target)
+    save_file(_state_dict_for_saving(model), str(target / WEIGHTS_NAME), metadata={"format": "pt"})
+    atomic_write_json(target / PRUNING_NAME, pruning)
+
+
+def save_pruned(model: nn.Module, out_dir: str | os.PathLike, pruning: dict, scheduler=None,
+                overwrite: bool = False, inputs=(), pipeline: PipelineSource | None = None) -> Path:
+    """Write a pruned model folder atomically (``pruning``: ``PruneReport.to_dict()`` or a loaded record); with
+    ``pipeline`` (``LoadedModel.pipeline``), a pipeline folder.
+
+    Refuses an existing non-empty ``out_dir`` unless ``overwrite`` (and then only a folder diffprune wrote, never
+    one that is or contains one of ``inputs``). The record's structure must match the model's parameter shapes.
+    """
+    _check_record(model, pruning)
+    with atomic_dir(out_dir, overwrite=overwrite, kind="pruned-model", inputs=inputs) as tmp:
+        write_model(tmp, model, pruning=pruning, scheduler=scheduler, pipeline=pipeline)
+    return Path(out_dir)
+
+
+def assemble_pipeline(folder, denoiser: nn.Module, autoencoder_dir, scheduler, class_names=None, *,
+                      adapter) -> PipelineSource:
+    """Lay out a latent pipeline's fixed components in the new folder ``folder`` (model_index.json naming the
+    denoiser's pipeline class, the autoencoder copied from ``autoencoder_dir``, the scheduler, and the class names
+    where the pipeline keeps them, e.g. DiT's ``id2label``), for training a new denoiser into it; returns its
+    :class:`PipelineSource`."""
+    import diffusers
+
+    folder, autoencoder_dir = Path(folder), Path(autoencoder_dir)
+    codec = load_codec(autoencoder_dir)
+    family = latent_family(adapter.name)
+    ae = folder / family.autoencoder
+    ae.mkdir(parents=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copy2(autoencoder_dir / name, ae / name)
+    scheduler.save_pretrained(folder / "scheduler")
+    labels = {family.label_map: {str(i): n for i, n in enumerate(class_names)}} if family.label_map and class_names \
+        else {}
+    index = {"_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
+             family.denoiser: ["diffusers", type(denoiser).__name__],
+             family.autoencoder: ["diffusers", type(codec.autoencoder).__name__],
+             "scheduler": ["diffusers", type(scheduler).__name__], **labels}
+    atomic_write_json(folder / INDEX_NAME, index)
+    codec.image_shape(adapter.input_shape(denoiser))  # the autoencoder's latents fit the denoiser
+    return PipelineSource(folder, family, index)
+
+
+__all__ = ["assemble_pipeline", "copy_component", "save_pruned", "write_model"]
