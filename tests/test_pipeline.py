@@ -62,36 +62,77 @@ def test_missing_config_file(tmp_path):
 
 
 def test_interrupted_finetune_stage_resumes(tmp_path, monkeypatch):
-    """A finetune stage folder left by the same settings resumes (train_config.json lives in finetune/model); one
-    left with fewer steps is continued (more steps), not deleted; other settings or fewer steps start over."""
+    """The finetune stage works in .finetune.next: one left by the same settings resumes (train_config.json lives in
+    its model/), a finished one is continued from a copy when only the steps grew (the finished folder untouched
+    until the new one is done), fewer steps than the last checkpoint or other settings start over."""
     import diffprune.finetune
+    from diffprune._fs import swap_in
     from diffprune.pipeline import _run_finetune
 
     calls = []
     monkeypatch.setattr(diffprune.finetune, "finetune", lambda *a, **k: calls.append(k))
     cfg = load_run_config(BASE)
-    folder = tmp_path / "finetune"
-    _run_finetune(cfg, tmp_path, folder, stage_hashes(cfg), device="cpu", progress=False)
+    staging = _run_finetune(cfg, tmp_path, stage_hashes(cfg), device="cpu", progress=False)
+    assert staging == tmp_path / ".finetune.next"
     assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (False, True)  # fresh stage
-    (folder / "model" / "checkpoints" / "step-0000010").mkdir(parents=True)
-    (folder / "model" / "checkpoints" / "step-0000010" / "state.json").write_text("{}")
-    (folder / "model" / "train_config.json").write_text("{}")  # what an interrupted (or finished) train() leaves
-    _run_finetune(cfg, tmp_path, folder, stage_hashes(cfg), device="cpu", progress=False)
+    (staging / "model" / "checkpoints" / "step-0000010").mkdir(parents=True)
+    (staging / "model" / "checkpoints" / "step-0000010" / "state.json").write_text("{}")
+    (staging / "model" / "train_config.json").write_text("{}")  # what an interrupted (or finished) train() leaves
+    assert _run_finetune(cfg, tmp_path, stage_hashes(cfg), device="cpu", progress=False) == staging
     assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (True, False)
+    swap_in(staging, tmp_path / "finetune")  # finished: what the run does after the stage returns
     more = load_run_config(_with("finetune", steps=20))  # only the steps grew: continue the run
     assert stage_hashes(more)["finetune"] != stage_hashes(cfg)["finetune"]  # (so the stage is not skipped)
-    _run_finetune(more, tmp_path, folder, stage_hashes(more), device="cpu", progress=False)
-    assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (True, False) and (folder / "model").is_dir()
+    staging = _run_finetune(more, tmp_path, stage_hashes(more), device="cpu", progress=False)
+    assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (True, False)
+    assert (staging / "model" / "train_config.json").is_file()
+    assert (tmp_path / "finetune" / "model" / "train_config.json").is_file()  # the finished one stays
     fewer = load_run_config(_with("finetune", steps=5))  # below the last checkpoint: start over
-    _run_finetune(fewer, tmp_path, folder, stage_hashes(fewer), device="cpu", progress=False)
+    staging = _run_finetune(fewer, tmp_path, stage_hashes(fewer), device="cpu", progress=False)
     assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (False, True)
-    assert not (folder / "model").exists()
-    (folder / "model").mkdir()
-    (folder / "model" / "train_config.json").write_text("{}")
+    assert not (staging / "model").exists() and (tmp_path / "finetune" / "model" / "train_config.json").is_file()
+    (staging / "model").mkdir()
+    (staging / "model" / "train_config.json").write_text("{}")
     other = load_run_config(_with("finetune", steps=5, lr=1e-3))  # other settings: start over
-    _run_finetune(other, tmp_path, folder, stage_hashes(other), device="cpu", progress=False)
+    staging = _run_finetune(other, tmp_path, stage_hashes(other), device="cpu", progress=False)
     assert (calls[-1]["resume"], calls[-1]["overwrite"]) == (False, True)
-    assert not (folder / "model").exists()
+    assert not (staging / "model").exists()
+
+
+def test_bad_config_or_failed_stage_loses_no_finished_stage(tmp_path, monkeypatch):
+    """A config whose model is a typo is refused before anything is written; a stage that fails leaves the finished
+    stage it would have replaced (and every later one) in place, so the good config skips them all again."""
+    import json
+
+    import diffprune.pipeline as pipeline
+    import diffprune.prune
+
+    def stage(name):
+        def run(config, run, hashes, *, device, progress):
+            folder = run / f".{name}.next"
+            folder.mkdir()
+            (folder / "result").write_text(name)
+            return folder
+        return run
+
+    monkeypatch.setattr(pipeline, "_STAGE_FUNCS", {s: stage(s) for s in pipeline.STAGES})
+    monkeypatch.setattr(pipeline, "read_json", lambda p: {"fid": 1.0} if p.name == "metrics.json" else
+                        json.loads(p.read_text()))
+    good = load_run_config(BASE)
+    pipeline.run_pipeline(good, tmp_path, progress=False, log=lambda m: None)
+    saved = (tmp_path / "run_config.json").read_text()
+    with pytest.raises(DiffPruneError, match="mnist-teachr"):
+        pipeline.run_pipeline(load_run_config(_with(None, model="mnist-teachr")), tmp_path, progress=False)
+    assert (tmp_path / "run_config.json").read_text() == saved
+    monkeypatch.setattr(pipeline, "_STAGE_FUNCS", {**pipeline._STAGE_FUNCS, "prune": pipeline._run_prune})
+    monkeypatch.setattr(diffprune.prune, "prune_model", lambda *a, **k: (_ for _ in ()).throw(
+        DiffPruneError("calibration failed")))
+    with pytest.raises(DiffPruneError, match="calibration failed"):
+        pipeline.run_pipeline(load_run_config(_with("prune", thr=0.1)), tmp_path, progress=False)
+    logs = []
+    pipeline.run_pipeline(good, tmp_path, progress=False, log=logs.append)
+    assert [m.split("]")[0] for m in logs if "skipped" in m] == ["[prune", "[finetune", "[eval"]
+    assert all((tmp_path / s / "result").read_text() == s for s in pipeline.STAGES)
 
 
 def test_run_refuses_a_folder_that_is_not_a_run_folder(tmp_path):

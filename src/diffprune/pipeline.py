@@ -18,8 +18,6 @@ Config file (YAML), every key validated up front::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -28,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ._config import config_from_dict
-from ._fs import atomic_write_bytes, atomic_write_json, mark_output, read_json
+from ._fs import atomic_write_bytes, atomic_write_json, mark_output, read_json, swap_in
+from ._hashing import json_sha256
 from .errors import DiffPruneError, require
 
 STAGES = ("prune", "finetune", "eval")
@@ -102,19 +101,19 @@ def load_run_config(source: str | os.PathLike | dict) -> RunConfig:
 
 
 def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_sha256(obj, 16)
 
 
 def input_fingerprint(cfg: RunConfig) -> dict:
     """The content behind the run's names: every shipped file (teacher, classifier, MNIST) through the assets
     manifest, and a local model folder through the sha256 of the files that define it: a changed teacher redoes
     every stage. Hub ids and data folders count by name only."""
+    from . import assets
     from ._hashing import file_sha256 as sha256_file
-    from .assets import bundled_path
     from .layout import model_files
 
-    key: dict = {"shipped": sha256_file(bundled_path("manifest.json"))}
-    folder = Path(cfg.model)
+    key: dict = {"shipped": sha256_file(assets.bundled_path("manifest.json"))}
+    folder = Path(cfg.model).expanduser()
     if folder.is_dir():
         key["model"] = {p.relative_to(folder).as_posix(): sha256_file(p) for p in model_files(folder)}
     return key
@@ -144,15 +143,20 @@ def stage_complete(folder: Path, digest: str) -> bool:
 
 def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, *, force: tuple[str, ...] = (), device=None,
                  progress: bool = True, log=print) -> dict:
-    """Run (or resume) every stage; returns the eval metrics. ``device``: where models run (CLI picks one)."""
+    """Run (or resume) every stage; returns the eval metrics. ``device``: where models run (CLI picks one).
+
+    Everything is checked before any stage starts (settings, the model and data names, the device, the run folder);
+    a finished stage is replaced only once its replacement has finished (each stage runs in ``.STAGE.next`` and is
+    swapped in), so a bad config or an interrupted stage never loses a finished one."""
     from ._fs import check_output_dir, mark_output, output_lock
     from .train import check_training_device
 
     for name in force:
         require(name in STAGES, f"unknown stage {name!r} for --force; choose from {list(STAGES)}")
     check_training_device(device)  # before any stage starts, not after the pruning
-    run = Path(run_dir)
-    # Stage folders of a stale run are deleted; never do that to a folder that is not a run folder.
+    check_inputs(config)
+    run = Path(run_dir).expanduser()
+    # Stage folders of a stale run are replaced; never do that to a folder that is not a run folder.
     require(not run.exists() or (run.is_dir() and (not any(run.iterdir()) or (run / "run_config.json").is_file())),
             f"--out {str(run)!r} exists and is not a diffprune run folder (no run_config.json); choose a new or "
             "empty folder (an existing run folder is resumed)")
@@ -163,38 +167,56 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, *, force: tuple[
         return _run_stages(config, run, force, device, progress, log)
 
 
+def check_inputs(config: RunConfig) -> None:
+    """The model and the data must name something that exists (a shipped name, a folder, a bundled dataset, a hub
+    id) before any stage runs: a typo must not cost a finished stage."""
+    from ._fs import is_hub_id, missing_path_message
+    from .assets import SHIPPED_MODELS
+    from .data import DATASETS
+
+    for what, name, names in (("model", config.model, SHIPPED_MODELS), ("data", config.data, DATASETS)):
+        if name in names or Path(name).expanduser().exists() or is_hub_id(name):
+            continue
+        raise DiffPruneError(missing_path_message(what, name) if "/" in name or name.startswith((".", "~")) else
+                             f"{what} {name!r} is not a folder here, nor one of {sorted(names)}, nor a hub id "
+                             "(owner/name); fix the config's '" + what + "'")
+
+
 def _run_stages(config: RunConfig, run: Path, force, device, progress: bool, log) -> dict:
     hashes = stage_hashes(config)
-    forced_from = min((STAGES.index(s) for s in force), default=len(STAGES))
     atomic_write_json(run / "run_config.json", {
         "model": config.model, "data": config.data, "seed": config.seed, "device": config.device,
         **{s: config.section(s) for s in STAGES}, "hashes": hashes,
     })
-    for i, stage in enumerate(STAGES):
+    for stage in STAGES:
         folder = run / stage
-        redo = i >= forced_from
-        if not redo and stage_complete(folder, hashes[stage]):
+        if stage not in force and stage_complete(folder, hashes[stage]):
             log(f"[{stage}] complete with the same settings; skipped ({folder})")
             continue
-        if redo:
-            shutil.rmtree(folder, ignore_errors=True)
         t0 = time.time()
         log(f"[{stage}] running -> {folder}")
-        _STAGE_FUNCS[stage](config, run, folder, hashes, device=device, progress=progress)
-        atomic_write_json(folder / "stage.json", {"stage": stage, "hash": hashes[stage], "settings":
-                                                  config.section(stage), "seconds": round(time.time() - t0, 1)})
-        forced_from = min(forced_from, i + 1)  # a redone stage invalidates everything after it
+        staging = _STAGE_FUNCS[stage](config, run, hashes, device=device, progress=progress)
+        atomic_write_json(staging / "stage.json", {"stage": stage, "hash": hashes[stage], "settings":
+                                                   config.section(stage), "seconds": round(time.time() - t0, 1)})
+        swap_in(staging, folder)  # the finished stage replaces the old one only now
     return read_json(run / "eval" / "metrics.json")
 
 
-def _stale(folder: Path, digest: str, resumable: bool) -> None:
-    """Clear a stage folder left by other settings; keep a resumable one whose resume key is ``digest``."""
-    marker = folder / ".hash"
-    if folder.exists() and not (resumable and marker.is_file() and marker.read_text() == digest):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    mark_output(folder, "stage")
-    atomic_write_bytes(marker, digest.encode())
+def _staging(run: Path, stage: str, key: str, *, resume_from: Path | None = None) -> Path:
+    """The stage's work folder ``run/.STAGE.next``: kept when it was left by the same resume ``key`` (an
+    interrupted resumable stage), else made anew, seeded with a copy of ``resume_from`` when that finished folder
+    can be continued. Deleting it loses nothing finished."""
+    staging = run / f".{stage}.next"
+    marker = staging / ".hash"
+    if staging.exists() and not (marker.is_file() and marker.read_text() == key):
+        shutil.rmtree(staging)
+    if not staging.exists() and resume_from is not None:
+        shutil.copytree(resume_from, staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "stage.json").unlink(missing_ok=True)  # complete only once the stage finishes again
+    mark_output(staging, "stage")
+    atomic_write_bytes(marker, key.encode())
+    return staging
 
 
 def finetune_resume_key(config: RunConfig, hashes: dict[str, str]) -> str:
@@ -204,36 +226,49 @@ def finetune_resume_key(config: RunConfig, hashes: dict[str, str]) -> str:
     return _hash({"stage": "finetune", "settings": settings, "upstream": hashes["prune"]})
 
 
-def _run_prune(config: RunConfig, run: Path, folder: Path, hashes: dict, *, device, progress: bool) -> None:
+def _run_prune(config: RunConfig, run: Path, hashes: dict, *, device, progress: bool) -> Path:
     from .io import save_pruned
     from .prune import prune_model
 
-    _stale(folder, hashes["prune"], resumable=False)
+    folder = _staging(run, "prune", hashes["prune"])
     loaded, _ = prune_model(config.model, config.prune, config.data, device=device, progress=progress)
     save_pruned(loaded.denoiser.cpu(), folder / "model", loaded.pruning, scheduler=loaded.scheduler,
                 overwrite=True, pipeline=loaded.pipeline)
+    return folder
 
 
-def _run_finetune(config: RunConfig, run: Path, folder: Path, hashes: dict, *, device, progress: bool) -> None:
+def _steps_done(model_dir: Path) -> int:
+    from .train import list_checkpoints
+
+    return max([int(p.name.split("-")[1]) for p in list_checkpoints(model_dir / "checkpoints")], default=0)
+
+
+def _run_finetune(config: RunConfig, run: Path, hashes: dict, *, device, progress: bool) -> Path:
     from .finetune import finetune
-    from .train import list_checkpoints, make_accelerator
+    from .train import make_accelerator
 
+    key = finetune_resume_key(config, hashes)
+    done = run / "finetune"
+    # a finished (or interrupted) fine-tuning with the same settings and no more steps than asked is continued
+    can_continue = (done / ".hash").is_file() and (done / ".hash").read_text() == key \
+        and _steps_done(done / "model") <= config.finetune.steps
+    staging = run / ".finetune.next"
+    if (staging / "model").is_dir() and _steps_done(staging / "model") > config.finetune.steps:
+        shutil.rmtree(staging)  # fewer steps than its last checkpoint: start over
+    folder = _staging(run, "finetune", key, resume_from=done if can_continue else None)
     out = folder / "model"
-    steps_done = max([int(p.name.split("-")[1]) for p in list_checkpoints(out / "checkpoints")], default=0)
-    # more steps than the run in the folder took: continue it; fewer than its last checkpoint: redo it
-    key = finetune_resume_key(config, hashes) if steps_done <= config.finetune.steps else "fewer steps"
-    _stale(folder, key, resumable=True)
     resume = (out / "train_config.json").is_file()  # train() writes it into its own output folder
     teacher = config.model if config.finetune.kd_weight > 0 else None
     finetune(run / "prune" / "model", config.data, config.finetune, out, teacher=teacher,
              resume=resume, overwrite=not resume, accelerator=make_accelerator(device),
              progress=progress, command=f"diffprune run (stage finetune, hash {hashes['finetune']})")
+    return folder
 
 
-def _run_eval(config: RunConfig, run: Path, folder: Path, hashes: dict, *, device, progress: bool) -> None:
+def _run_eval(config: RunConfig, run: Path, hashes: dict, *, device, progress: bool) -> Path:
     from .evaluate import evaluate, load_for_eval
 
-    _stale(folder, hashes["eval"], resumable=False)
+    folder = _staging(run, "eval", hashes["eval"])
     student, log = load_for_eval(run / "finetune" / "model")
     teacher, _ = load_for_eval(config.model)
     if device:
@@ -244,6 +279,7 @@ def _run_eval(config: RunConfig, run: Path, folder: Path, hashes: dict, *, devic
              pruning=student.pruning, train_log=log, device=device, overwrite=True, progress=progress,
              names={"student": "pruned + fine-tuned", "teacher": str(config.model)}, codec=student.codec,
              class_names=student.class_names, text_encoder=student.text_encoder)
+    return folder
 
 
 _STAGE_FUNCS = {"prune": _run_prune, "finetune": _run_finetune, "eval": _run_eval}
