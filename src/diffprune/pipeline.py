@@ -188,9 +188,10 @@ def _run_stages(config: RunConfig, run: Path, force, device, progress: bool, log
         "model": config.model, "data": config.data, "seed": config.seed, "device": config.device,
         **{s: config.section(s) for s in STAGES}, "hashes": hashes,
     })
-    for stage in STAGES:
+    forced_from = min((STAGES.index(s) for s in force), default=len(STAGES))  # --force: that stage and later ones
+    for i, stage in enumerate(STAGES):
         folder = run / stage
-        if stage not in force and stage_complete(folder, hashes[stage]):
+        if i < forced_from and stage_complete(folder, hashes[stage]):
             log(f"[{stage}] complete with the same settings; skipped ({folder})")
             continue
         t0 = time.time()
