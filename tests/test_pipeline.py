@@ -174,3 +174,17 @@ def test_stage_hashes_follow_the_content_behind_the_names(tmp_path, monkeypatch)
     monkeypatch.setattr(assets, "bundled_path", lambda name: root / name)
     h1 = stage_hashes(shipped)
     assert len({h0[s] for s in h0} & {h1[s] for s in h1}) == 0
+
+
+def test_yaml_quirks_in_a_run_config():
+    """A section given as a string is a one-line error; YAML 1.1's string '1e-3' is taken as the number it means."""
+    import yaml
+
+    with pytest.raises(DiffPruneError, match="config section 'prune' is 'magnitude'; it must be a mapping"):
+        load_run_config(_with(None, prune="magnitude"))
+    cfg = yaml.safe_load("model: mnist-teacher\ndata: mnist\nprune: {method: magnitude, target_macs: 0.5}\n"
+                         "finetune: {steps: 10, lr: 1e-3}\neval: {n: 8}\n")
+    assert cfg["finetune"]["lr"] == "1e-3" and load_run_config(cfg).finetune.lr == 0.001
+    cfg["finetune"]["lr"] = "fast"
+    with pytest.raises(DiffPruneError, match=r"finetune.lr='fast' has the wrong type; expected a number"):
+        load_run_config(cfg)

@@ -31,6 +31,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def _number(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DiffPruneError(f"{where}={text!r} has the wrong type; expected a number, e.g. 1.0e-3") from None
+
+
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -41,8 +48,10 @@ def config_from_dict(cls: type, values: dict | None, section: str | None = None)
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
     fields = sorted(f.name for f in dataclasses.fields(cls))
-    for key, value in values.items():
+    for key, value in list(values.items()):
         require(key in hints, f"unknown key {section}.{key}; allowed: {fields}")
+        if isinstance(value, str) and _type_ok(1.0, hints[key]) and not _type_ok(value, hints[key]):
+            value = values[key] = _number(value, f"{section}.{key}")  # YAML 1.1 reads 1e-3 as a string
         require(_type_ok(value, hints[key]),
                 f"{section}.{key}={value!r} has the wrong type; expected {_type_name(hints[key])}")
         if isinstance(value, list) and typing.get_origin(hints[key]) is not list:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -155,11 +156,29 @@ def missing_path_message(what: str, name: str | os.PathLike) -> str:
 
 # --- whose folder is it ----------------------------------------------------------------------------------------
 
-def mark_output(folder: str | os.PathLike, kind: str) -> None:
-    """Mark ``folder`` as written by diffprune (what lets ``--overwrite`` replace it later)."""
+def mark_output(folder: str | os.PathLike, kind: str, *, files: list[str] | None = None) -> None:
+    """Mark ``folder`` as written by diffprune (what lets ``--overwrite`` replace it later); ``files``: every file
+    diffprune put there, when the folder is written whole (``--overwrite`` then refuses a folder holding others)."""
     from . import __version__
 
-    atomic_write_json(Path(folder) / MARKER, {"written_by": "diffprune", "kind": kind, "version": __version__})
+    atomic_write_json(Path(folder) / MARKER, {"written_by": "diffprune", "kind": kind, "version": __version__,
+                                              **({"files": files} if files is not None else {})})
+
+
+def _files_below(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _foreign_file(folder: Path) -> str | None:
+    """The first file in ``folder`` that its marker's file list does not name (None without a list)."""
+    try:
+        listed = read_json(folder / MARKER).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(listed, list):
+        return None
+    known = set(listed) | {MARKER}
+    return next((f for f in _files_below(folder) if f not in known), None)
 
 
 def is_diffprune_output(folder: str | os.PathLike) -> bool:
@@ -216,6 +235,9 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs: Iterable =
     require(is_diffprune_output(out),
             f"--out {str(out)!r} was not written by diffprune (no {MARKER} marker), so --overwrite will not delete "
             "it; choose a new folder, or remove it yourself")
+    foreign = _foreign_file(out)
+    require(foreign is None, f"--out {str(out)!r} holds {foreign!r}, which diffprune did not write, so --overwrite "
+                             "will not delete the folder; move that file out first, or choose another folder")
     return out
 
 
@@ -226,7 +248,7 @@ def lock_path(out: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
-def _try_lock(fd: int) -> bool:
+def _try_lock(fd: int, path: Path) -> bool:
     try:
         import fcntl
     except ImportError:  # Windows
@@ -242,6 +264,14 @@ def _try_lock(fd: int) -> bool:
         return True
     except BlockingIOError:
         return False
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        os.close(fd)
+        raise DiffPruneError(
+            f"cannot lock {str(path)!r}: this file system has no file locks "
+            f"({e.strerror}); write --out on a local disk, or set DIFFPRUNE_NO_LOCK=1 to run unlocked at your own risk "
+            "(then never run two diffprune commands on one folder)") from None
 
 
 @contextlib.contextmanager
@@ -249,6 +279,9 @@ def output_lock(out: str | os.PathLike) -> Iterator[None]:
     """Hold the lock of output folder ``out`` (re-entrant within a process); a second process gets an error."""
     path = lock_path(out)
     key = str(path)
+    if os.environ.get("DIFFPRUNE_NO_LOCK") == "1":  # a file system without locks, at the user's risk
+        yield
+        return
     if key in _HELD:
         _HELD[key][1] += 1
         try:
@@ -259,7 +292,7 @@ def output_lock(out: str | os.PathLike) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_lock(fd):
+        if not _try_lock(fd, path):
             holder = "unknown"
             with contextlib.suppress(OSError):
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
@@ -302,7 +335,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, kind: str = "
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
         try:
             yield tmp
-            mark_output(tmp, kind)
+            mark_output(tmp, kind, files=_files_below(tmp))
             fsync_tree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

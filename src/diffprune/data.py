@@ -149,7 +149,11 @@ def read_captions(folder: Path, files: list[Path]) -> tuple[str, ...] | None:
     if not path.is_file():
         return None
     captions: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DiffPruneError(f"{str(path)!r} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

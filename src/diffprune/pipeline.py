@@ -93,6 +93,9 @@ def load_run_config(source: str | os.PathLike | dict) -> RunConfig:
     classes = _section_classes()
     sections = {}
     for stage in STAGES:
+        require(raw[stage] is None or isinstance(raw[stage], dict),
+                f"config section {stage!r} is {raw[stage]!r}; it must be a mapping of settings, e.g. "
+                f"{stage}: {{{'method: magnitude' if stage == 'prune' else 'steps: 100' if stage == 'finetune' else 'n: 100'}}}")
         values = dict(raw[stage] or {})
         if stage == "eval":
             values.setdefault("data", raw["data"])

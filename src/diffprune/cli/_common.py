@@ -41,8 +41,19 @@ def read_prompts(args) -> list[str] | None:
         path = Path(args.prompt_file)
         require(path.is_file(), f"--prompt-file {args.prompt_file!r} does not exist; pass a text file with one "
                                 "prompt per line")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in read_text_file(path, "--prompt-file").splitlines()]
         found = [line for line in lines if line]
         require(found, f"--prompt-file {args.prompt_file!r} holds no prompt; write one prompt per line")
         prompts += found
     return prompts or None
+
+
+def read_text_file(path, what: str) -> str:
+    """A UTF-8 text file (with or without a byte-order mark); any other encoding is a one-line error."""
+    from ..errors import DiffPruneError
+
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DiffPruneError(f"{what} {str(path)!r} is not UTF-8 (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                             "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None

@@ -1,0 +1,79 @@
+"""Reliability of output folders and names: foreign files survive --overwrite, file systems without locks get a
+clear error, shipped names never hide (or get overwritten by) a local folder."""
+import errno
+
+import pytest
+
+import diffprune._fs as fs
+from diffprune.cli import main
+from diffprune.errors import DiffPruneError
+from diffprune.presets import build_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("m") / "tiny"
+    build_model("tiny").save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def test_overwrite_refuses_a_folder_holding_a_users_file(model_dir, tmp_path, capsys):
+    out = tmp_path / "exp"
+    args = ["sample", str(model_dir), "--n", "2", "--steps", "2", "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    (out / "mine").mkdir()
+    (out / "mine" / "chapter1.tex").write_text("my thesis")
+    capsys.readouterr()
+    assert main(args + ["--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "mine/chapter1.tex" in err and "did not write" in err and len(err.strip().splitlines()) == 1
+    assert (out / "mine" / "chapter1.tex").read_text() == "my thesis"
+    (out / "mine" / "chapter1.tex").unlink()
+    (out / "mine").rmdir()
+    assert main(args + ["--overwrite"]) == 0  # only diffprune's own files: replaced
+
+
+def test_a_file_system_without_locks_says_what_to_do(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(DiffPruneError, match=r"cannot lock '.*\.out\.lock': this file system has no file locks.*"
+                                             "DIFFPRUNE_NO_LOCK=1"):
+        with fs.output_lock(tmp_path / "out"):
+            pass
+    monkeypatch.setenv("DIFFPRUNE_NO_LOCK", "1")
+    with fs.output_lock(tmp_path / "out"):
+        pass
+
+
+def test_shipped_names_neither_hide_nor_get_overwritten(tmp_path, monkeypatch, capsys):
+    from diffprune.assets import shipped_model_path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DiffPruneError, match="is the name of a shipped model.*write ./mnist-teacher"):
+        fs.check_output_dir("mnist-teacher", overwrite=False)
+    assert fs.check_output_dir("./mnist-teacher", overwrite=False).name == "mnist-teacher"
+    assert shipped_model_path("mnist-teacher") is not None  # no local folder: the shipped one
+    (tmp_path / "mnist-teacher").mkdir()
+    capsys.readouterr()
+    assert shipped_model_path("mnist-teacher") is None  # a local folder wins, with a notice
+    assert "using the local folder 'mnist-teacher'" in capsys.readouterr().err
+
+
+def test_prompt_files_utf8_with_or_without_bom(tmp_path):
+    from types import SimpleNamespace
+
+    from diffprune.cli._common import read_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffa café — at dusk\n\nsecond\n".encode("utf-8"))
+    assert read_prompts(SimpleNamespace(prompt=None, prompt_file=str(f))) == ["a café — at dusk", "second"]
+    f.write_bytes("a café\n".encode("latin-1"))
+    with pytest.raises(DiffPruneError, match=r"--prompt-file '.*p.txt' is not UTF-8 .*save it as UTF-8"):
+        read_prompts(SimpleNamespace(prompt=None, prompt_file=str(f)))
