@@ -77,3 +77,38 @@ def test_prompt_files_utf8_with_or_without_bom(tmp_path):
     f.write_bytes("a café\n".encode("latin-1"))
     with pytest.raises(DiffPruneError, match=r"--prompt-file '.*p.txt' is not UTF-8 .*save it as UTF-8"):
         read_prompts(SimpleNamespace(prompt=None, prompt_file=str(f)))
+
+
+@pytest.fixture()
+def ddpm_pipeline(model_dir, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    folder = tmp_path / "pipe"
+    DDPMPipeline(unet=UNet2DModel.from_pretrained(model_dir), scheduler=DDPMScheduler(num_train_timesteps=50)) \
+        .save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_component_names_must_stay_inside_the_pipeline(ddpm_pipeline, tmp_path, capsys):
+    import json
+
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key.json").write_text("{}")
+    index = json.loads((ddpm_pipeline / "model_index.json").read_text())
+    (ddpm_pipeline / "model_index.json").write_text(json.dumps({**index, "../secret": ["diffusers", "x"]}))
+    outs = tmp_path / "outs"
+    code = main(["prune", "--model", str(ddpm_pipeline), "--method", "magnitude", "--ratio", "0.3",
+                 "--out", str(outs / "pruned"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'../secret', which is not a plain folder name" in err
+    assert not outs.exists() or list(outs.iterdir()) == []  # nothing written, nothing copied out of the pipeline
+
+
+def test_pipeline_outputs_copy_only_safe_files(ddpm_pipeline, tmp_path, capsys):
+    (ddpm_pipeline / "scheduler" / "evil.py").write_text("import os")
+    (ddpm_pipeline / "scheduler" / "extra.bin").write_bytes(b"\x80pickle")
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(ddpm_pipeline), "--method", "magnitude", "--ratio", "0.3",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert "left out of the output pipeline" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "scheduler").iterdir()) == ["scheduler_config.json"]
