@@ -112,3 +112,33 @@ def test_pipeline_outputs_copy_only_safe_files(ddpm_pipeline, tmp_path, capsys):
                  "--out", str(out), "--device", "cpu"]) == 0
     assert "left out of the output pipeline" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "scheduler").iterdir()) == ["scheduler_config.json"]
+
+
+def test_damaged_weights_and_mismatched_pipelines_are_one_line_errors(model_dir, ddpm_pipeline, tmp_path, capsys):
+    import json
+    import shutil
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(model_dir, bad)
+    w = bad / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the weights in" in err and "restore the folder" in err and len(err.strip().splitlines()) == 1
+    index = json.loads((ddpm_pipeline / "model_index.json").read_text())
+    (ddpm_pipeline / "model_index.json").write_text(json.dumps({**index, "unet": ["diffusers", "UNet2DConditionModel"]}))
+    assert main(["info", str(ddpm_pipeline)]) == 2
+    assert "model_index.json names unet=['diffusers', 'UNet2DConditionModel'] but unet/config.json holds a " \
+           "'UNet2DModel'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("foo", "is not a torch device"), ("cuda:7", "CUDA")])
+def test_bad_device_is_refused_before_anything_is_written(model_dir, tmp_path, capsys, device, message):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    out = tmp_path / "s"
+    assert main(["sample", str(model_dir), "--n", "2", "--out", str(out), "--device", device]) == 2
+    assert message in capsys.readouterr().err and not out.exists()

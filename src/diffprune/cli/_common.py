@@ -19,7 +19,26 @@ def add_prediction_type_flag(p) -> None:
 
 
 def device_of(args) -> str:
-    return args.device or default_device()
+    """``--device`` checked (a device torch knows, and one this machine has), or the default."""
+    return check_device(args.device) if args.device else default_device()
+
+
+def check_device(name: str) -> str:
+    import torch
+
+    from ..errors import DiffPruneError, require
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DiffPruneError(f"--device {name!r} is not a torch device; pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), f"--device {name!r}: this torch ({torch.__version__}) has no CUDA device "
+                                           "available; pass --device cpu, or install a CUDA build of torch")
+        require(device.index is None or device.index < torch.cuda.device_count(),
+                f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); pass cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}")
+    return name
 
 
 def add_prompt_flags(p, what: str) -> None:

@@ -147,10 +147,26 @@ def _load_denoiser(folder: Path, device, dtype) -> tuple[nn.Module, dict | None,
         return model, read_json(folder / PRUNING_NAME), adapter
     check_weights(folder)
     cls, adapter = _model_class(_read_config(folder / CONFIG_NAME).get("_class_name"), str(folder / CONFIG_NAME))
-    model = cls.from_pretrained(folder, use_safetensors=True).eval()
+    model = _from_pretrained(cls, folder).eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model, None, adapter
+
+
+def _from_pretrained(cls, folder: Path):
+    """``cls.from_pretrained`` (safetensors only) with damaged or incomplete weights as one-line errors."""
+    try:
+        model = cls.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the system's own error (disk, permissions): the CLI says it in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffPruneError(f"cannot load the weights in {str(folder)!r} ({first[:200]}); the file is damaged or does "
+                             "not fit its config.json: restore the folder") from None
+    empty = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    require(not empty, f"the weights in {str(folder)!r} lack {len(empty)} tensor(s) that its config.json needs (e.g. "
+                       f"{empty[0] if empty else ''!r}); the file is incomplete: restore the folder")
+    return model
 
 
 def _family(folder: Path, index: dict) -> PipelineFamily:
@@ -169,7 +185,7 @@ def load_codec(folder) -> LatentCodec:
     require(name in AUTOENCODER_CLASSES, f"{str(folder)!r} holds a {name!r}; supported autoencoders: "
                                          f"{list(AUTOENCODER_CLASSES)}")
     check_weights(folder)
-    return LatentCodec(getattr(diffusers, name).from_pretrained(folder, use_safetensors=True))
+    return LatentCodec(_from_pretrained(getattr(diffusers, name), folder))
 
 
 def load_text_encoder(folder, family: PipelineFamily, index: dict) -> TextEncoder:
@@ -196,6 +212,11 @@ def _load_pipeline_folder(folder: Path, device, dtype) -> LoadedModel:
     family = _family(folder, index)
     den_dir = folder / family.denoiser
     require((den_dir / CONFIG_NAME).is_file(), f"pipeline {str(folder)!r} has no {family.denoiser}/{CONFIG_NAME}")
+    named = index.get(family.denoiser)
+    found = _read_config(den_dir / CONFIG_NAME).get("_class_name")
+    require(isinstance(named, list) and len(named) == 2 and named[1] == found,
+            f"pipeline {str(folder)!r}: model_index.json names {family.denoiser}={named!r} but "
+            f"{family.denoiser}/{CONFIG_NAME} holds a {found!r}; restore the pipeline's own files")
     denoiser, pruning, adapter = _load_denoiser(den_dir, device, dtype)
     require(adapter.name == family.adapter,
             f"pipeline {str(folder)!r} is a {family.pipeline_class}, whose denoiser is a {family.adapter!r} model, but "
