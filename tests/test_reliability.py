@@ -338,7 +338,8 @@ KILLER = r'''
 import os, signal, sys
 import torch
 torch.set_num_threads(1)
-import diffprune.train as T
+import diffprune.train.checkpoints as C
+import diffprune.train.outputs as F
 where, n = sys.argv[1], int(sys.argv[2])
 calls = {"n": 0}
 def hit():
@@ -355,7 +356,7 @@ if where == "step":  # inside the n-th training step, before its loss
     O.loss_at = loss
 elif where == "torn-file":  # half-way through writing the n-th tensor file of a checkpoint
     import safetensors.torch as st
-    real_save = T.save_file
+    real_save = C.save_file
     def save(tensors, path, metadata=None):
         if hit():
             data = st.save(tensors, metadata)
@@ -363,13 +364,13 @@ elif where == "torn-file":  # half-way through writing the n-th tensor file of a
                 f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
             die()
         return real_save(tensors, path, metadata)
-    T.save_file = save
+    C.save_file = save
 elif where == "final":  # between writing the raw and the EMA final model
-    real_copy = T.ema_copy
+    real_copy = F.ema_copy
     def ema_copy(*a, **k):
         if hit(): die()
         return real_copy(*a, **k)
-    T.ema_copy = ema_copy
+    F.ema_copy = ema_copy
 from diffprune.cli import main
 sys.exit(main(sys.argv[3:]))
 '''
