@@ -89,6 +89,41 @@ def test_overwrite_never_deletes_inputs_user_folders_or_the_cwd(model_dir, tmp_p
     assert not (ours / "stale.txt").exists()
 
 
+def test_an_interrupted_overwrite_leaves_the_old_result_whole(images, tmp_path, capsys):
+    """--overwrite trains beside the old folder, which stays untouched until the new run has finished; --resume
+    continues the interrupted overwrite, a new --overwrite starts it anew."""
+    out = tmp_path / "out"
+    train(_unet(), default_scheduler(), images, _cfg(steps=2), out, progress=False)
+    before = _tree(out)
+    assert "diffusion_pytorch_model.safetensors" in before and "raw/diffusion_pytorch_model.safetensors" in before
+
+    def interrupt(step, loss):
+        if step == 3:  # after the new run's checkpoint of step 2
+            raise KeyboardInterrupt
+
+    new = _cfg(steps=4, lr=1e-3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_unet(), default_scheduler(), images, new, out, progress=False, overwrite=True, on_step=interrupt)
+    assert _tree(out) == before  # every file of the old result, bitwise
+    capsys.readouterr()
+    train(_unet(), default_scheduler(), images, new, out, progress=False, resume=True)
+    assert "resuming the interrupted --overwrite run" in capsys.readouterr().err
+    train(_unet(), default_scheduler(), images, new, tmp_path / "ref", progress=False)
+    for name in ("diffusion_pytorch_model.safetensors", "raw/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "ref" / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    segments = json.loads((out / "train_config.json").read_text())["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 4), (2, 4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref"]  # no staging folder or lock left
+    with pytest.raises(KeyboardInterrupt):
+        train(_unet(), default_scheduler(), images, _cfg(steps=4), out, progress=False, overwrite=True,
+              on_step=interrupt)
+    train(_unet(), default_scheduler(), images, _cfg(steps=4), out, progress=False, overwrite=True)
+    segments = json.loads((out / "train_config.json").read_text())["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 4)]  # started anew, not resumed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref"]
+
+
 # --- 2. a local-looking path never becomes a hub call ------------------------------------------------------------
 
 def test_local_looking_paths_never_reach_the_hub(tmp_path, monkeypatch, capsys):
@@ -338,7 +373,8 @@ KILLER = r'''
 import os, signal, sys
 import torch
 torch.set_num_threads(1)
-import diffprune.train as T
+import diffprune.train.checkpoints as C
+import diffprune.train.outputs as F
 where, n = sys.argv[1], int(sys.argv[2])
 calls = {"n": 0}
 def hit():
@@ -355,7 +391,7 @@ if where == "step":  # inside the n-th training step, before its loss
     O.loss_at = loss
 elif where == "torn-file":  # half-way through writing the n-th tensor file of a checkpoint
     import safetensors.torch as st
-    real_save = T.save_file
+    real_save = C.save_file
     def save(tensors, path, metadata=None):
         if hit():
             data = st.save(tensors, metadata)
@@ -363,13 +399,13 @@ elif where == "torn-file":  # half-way through writing the n-th tensor file of a
                 f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
             die()
         return real_save(tensors, path, metadata)
-    T.save_file = save
+    C.save_file = save
 elif where == "final":  # between writing the raw and the EMA final model
-    real_copy = T.ema_copy
+    real_copy = F.ema_copy
     def ema_copy(*a, **k):
         if hit(): die()
         return real_copy(*a, **k)
-    T.ema_copy = ema_copy
+    F.ema_copy = ema_copy
 from diffprune.cli import main
 sys.exit(main(sys.argv[3:]))
 '''

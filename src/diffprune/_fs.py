@@ -6,8 +6,8 @@
 * A writer holds a lock beside its output folder (:func:`output_lock`, ``fcntl.flock``: released by the kernel when
   the process dies, so a killed run leaves no stale lock); a second writer gets an error naming the holder's pid.
 * Files are written to a temporary name, flushed and fsynced, then renamed; the folder is fsynced after the rename
-  (:func:`atomic_write_bytes`, :func:`atomic_dir`, :func:`fsync_tree`), so a crash or power loss leaves either the
-  old or the new file, never a torn one.
+  (:func:`atomic_write_bytes`, :func:`atomic_dir`, :func:`staged_dir`, :func:`fsync_tree`), so a crash or power
+  loss leaves either the old or the new file, never a torn one.
 """
 from __future__ import annotations
 
@@ -331,16 +331,42 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, kind: str = "
     with output_lock(out):
         clean_stale_temporaries(out.parent)
         out = check_output_dir(out, overwrite, inputs)  # a recovered folder is checked like any other
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name), dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
-        try:
+        with staged_dir(out) as tmp:
             yield tmp
             mark_output(tmp, kind, files=_files_below(tmp))
-            fsync_tree(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        swap_in(tmp, out)
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike, *, merge: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder for what folder ``target`` is to hold; publish it when the block succeeds.
+
+    The temporary is named by :func:`_tmp_prefix` (so :func:`clean_stale_temporaries` removes it if this process is
+    killed) and removed on an error. On success it is fsynced whole, then replaces ``target`` by :func:`swap_in`;
+    with ``merge`` it is made inside ``target`` and each of its entries replaces the entry of that name (a file by
+    one rename, a folder by :func:`swap_in`), while ``target``'s other entries stay: for a folder that holds more
+    than what is written (a training run's checkpoints and logs beside its final model). No lock is taken.
+    """
+    target = Path(target)
+    home = target if merge else target.parent
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target.name), dir=home))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
+    try:
+        yield tmp
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not merge:
+        swap_in(tmp, target)
+        return
+    for entry in sorted(tmp.iterdir()):
+        if entry.is_dir():
+            swap_in(entry, target / entry.name)
+        else:
+            os.replace(entry, target / entry.name)
+    tmp.rmdir()
+    fsync_path(target)
 
 
 def swap_in(new: Path, out: Path) -> None:

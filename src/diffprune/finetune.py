@@ -5,7 +5,8 @@ import os
 
 from .errors import require
 from .seed import seed_everything
-from .train import TrainConfig, TrainResult, run_info, train
+from .records import run_info
+from .train import TrainConfig, TrainResult, train
 
 
 def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainConfig, out_dir: str | os.PathLike, *,
@@ -27,13 +28,14 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainCon
     loaded = load_model(model)
     scheduler = resolve_scheduler(loaded.scheduler, prediction_type)
     denoiser = loaded.denoiser
+    adapter = loaded.adapter  # looked up once, handed down
     prepared = load_denoiser_data(denoiser, data, codec=loaded.codec, text_encoder=loaded.text_encoder,
-                                  cache_dir=cache_dir, progress=progress)
+                                  cache_dir=cache_dir, progress=progress, adapter=adapter)
     teacher_model = None
     if teacher is not None:
         teacher_model = load_model(teacher).denoiser
         require(type(teacher_model) is type(denoiser)
-                and loaded.adapter.conditioning(teacher_model) == loaded.adapter.conditioning(denoiser),
+                and adapter.conditioning(teacher_model) == adapter.conditioning(denoiser),
                 f"teacher {str(teacher)!r} is a {type(teacher_model).__name__} but the student is a "
                 f"{type(denoiser).__name__} (or they take other conditioning); distil from the unpruned original")
     info = run_info(command=command, model=str(model), model_revision=loaded.revision,
@@ -42,4 +44,4 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainCon
     return train(denoiser, scheduler, prepared, config, out_dir, teacher=teacher_model,
                  pruning=loaded.pruning, resume=resume, overwrite=overwrite, run_info=info,
                  accelerator=accelerator, progress=progress, inputs=(model, data, teacher), pipeline=loaded.pipeline,
-                 codec=loaded.codec)
+                 codec=loaded.codec, adapter=adapter)
