@@ -142,3 +142,29 @@ def test_bad_device_is_refused_before_anything_is_written(model_dir, tmp_path, c
     out = tmp_path / "s"
     assert main(["sample", str(model_dir), "--n", "2", "--out", str(out), "--device", device]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_class_folders_map_to_the_models_classes_by_name():
+    import torch
+    from diffusers import UNet2DModel
+
+    from diffprune.data import ImageData
+    from diffprune.inputs import denoiser_data
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+                       num_class_embeds=4)
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+
+    def data(names, labels):
+        return ImageData(images, torch.tensor(labels), names, {"source": "folder", "sha256": "x"})
+
+    trained = ["zero", "one", "two"]  # the model's id2label; its label table has a fourth, untrained row
+    got = denoiser_data(unet, data(["one", "two", "zero"], [0, 1, 2, 0]), class_names=trained)
+    assert got.cond.tolist() == [1, 2, 0, 1] and got.class_names == trained
+    with pytest.raises(DiffPruneError, match=r"classes \['three'\] that the model was not trained on"):
+        denoiser_data(unet, data(["one", "three", "two", "zero"], [0, 1, 2, 3]), class_names=trained)
+    with pytest.raises(DiffPruneError, match=r"class labels \[3\] .* trained on 3 classes"):
+        denoiser_data(unet, data(None, [0, 1, 2, 3]), class_names=trained)
+    assert denoiser_data(unet, data(None, [0, 1, 2, 3])).cond.tolist() == [0, 1, 2, 3]  # no names: the table rules

@@ -30,7 +30,8 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, config: TrainCon
     denoiser = loaded.denoiser
     adapter = loaded.adapter  # looked up once, handed down
     prepared = load_denoiser_data(denoiser, data, codec=loaded.codec, text_encoder=loaded.text_encoder,
-                                  cache_dir=cache_dir, progress=progress, adapter=adapter)
+                                  cache_dir=cache_dir, progress=progress, adapter=adapter,
+                                  class_names=loaded.class_names)
     teacher_model = None
     if teacher is not None:
         teacher_model = load_model(teacher).denoiser

@@ -80,10 +80,11 @@ def encode_cached(codec, images: torch.Tensor, data_sha256: str, *, cache_dir=No
 
 
 def denoiser_data(model, data, *, codec=None, text_encoder=None, cache_dir=None,
-                  progress: bool = False, adapter=None) -> DenoiserData:
+                  progress: bool = False, adapter=None, class_names: list[str] | None = None) -> DenoiserData:
     """The model's clean inputs for :class:`~diffprune.data.ImageData` ``data`` (labels checked for a
     class-conditional model, captions encoded with ``text_encoder`` for a text-to-image one, images encoded with
-    ``codec`` for a latent one)."""
+    ``codec`` for a latent one). ``class_names``: the classes the model was trained on (``LoadedModel.class_names``):
+    the data's classes are mapped to them by name, and a class the model does not know is refused."""
     from .adapters import resolve_adapter
 
     adapter = resolve_adapter(model, adapter)
@@ -106,7 +107,8 @@ def denoiser_data(model, data, *, codec=None, text_encoder=None, cache_dir=None,
                 f"the model is class-conditional ({spec.num_classes} classes) but data {source!r} has no labels; "
                 "label it: a folder with one sub-folder per class (root/<class>/image.png, classes in sorted order), "
                 "a dataset with a 'label' column, or pass --data data-free")
-        cond, null = spec.check_labels(data.labels, f"class labels of {source!r}"), spec.null()
+        labels = _labels_by_name(data, class_names, source)
+        cond, null = spec.check_labels(labels, f"class labels of {source!r}"), spec.null()
     if codec is not None:
         x0, key = encode_cached(codec, data.images, data.record["sha256"], cache_dir=cache_dir, progress=progress)
         record["latent_cache_key"] = key
@@ -116,13 +118,32 @@ def denoiser_data(model, data, *, codec=None, text_encoder=None, cache_dir=None,
     if tuple(x0.shape[1:]) != expect:
         raise DiffPruneError(f"data {source!r} gives inputs of shape {tuple(x0.shape[1:])} but the model takes "
                              f"{expect}; the autoencoder and the denoiser do not fit")
-    names = data.class_names if spec is not None and spec.kind == "class" else None
+    names = (class_names or data.class_names) if spec is not None and spec.kind == "class" else None
     return DenoiserData(x0, cond, record, names, null)
+
+
+def _labels_by_name(data, class_names: list[str] | None, source: str) -> torch.Tensor:
+    """The data's labels in the model's label space: mapped by class name when both sides have names, checked
+    against the trained classes (not only the label table) either way."""
+    labels = data.labels
+    if class_names is None:
+        return labels
+    if data.class_names is not None:
+        index = {str(n): i for i, n in enumerate(class_names)}
+        unknown = [n for n in data.class_names if str(n) not in index]
+        require(not unknown, f"data {source!r} has classes {unknown[:5]} that the model was not trained on (its "
+                             f"classes: {list(class_names)[:10]}{' ...' if len(class_names) > 10 else ''}); remove "
+                             "those class folders, or rename them to the model's class names")
+        labels = torch.tensor([index[str(n)] for n in data.class_names], dtype=torch.long)[labels]
+    bad = sorted(set(labels[(labels < 0) | (labels >= len(class_names))].tolist()))
+    require(not bad, f"class labels {bad[:5]} of {source!r} are out of range: the model was trained on "
+                     f"{len(class_names)} classes (0..{len(class_names) - 1})")
+    return labels
 
 
 def load_denoiser_data(model, source, *, codec=None, text_encoder=None, split: str = "train",
                        limit: int | None = None, cache_dir=None, progress: bool = False,
-                       adapter=None) -> DenoiserData:
+                       adapter=None, class_names: list[str] | None = None) -> DenoiserData:
     """Load ``source`` (see :func:`diffprune.data.load_data`) fitted to what the model (and autoencoder) take."""
     from .data import load_data
 
@@ -130,7 +151,7 @@ def load_denoiser_data(model, source, *, codec=None, text_encoder=None, split: s
     require(h == w, f"the model takes {h}x{w} inputs; diffprune's data loaders make square images")
     data = load_data(source, resolution=h, channels=c, split=split, limit=limit)
     return denoiser_data(model, data, codec=codec, text_encoder=text_encoder, cache_dir=cache_dir, progress=progress,
-                         adapter=adapter)
+                         adapter=adapter, class_names=class_names)
 
 
 __all__ = ["DenoiserData", "denoiser_data", "encode_cached", "load_denoiser_data", "pixel_shape"]
