@@ -50,7 +50,7 @@ from . import __version__
 from ._torch import state_shapes
 from .adapters import ModelAdapter, adapter_for
 from .errors import DiffPruneError, require, require_int, require_seed
-from .importance import METHODS, TAYLOR_FORMS, get_method, setting_owners
+from .importance import METHODS, TAYLOR_FORMS, setting_owners
 from .macs import count_macs
 from .seed import seed_everything
 from .structure import STRUCTURE_FORMAT, TORCH_PRUNING_VERSION, chain_records, layer_widths, replay_structure_
@@ -112,7 +112,7 @@ class PruneConfig:
     taylor_form: str | None = None
 
     def __post_init__(self):
-        method = get_method(self.method)  # unknown name -> error listing the choices
+        method = METHODS.get(self.method)  # unknown name -> error listing the choices
         require(sum(v is not None for v in (self.ratio, self.target_macs, self.target_latency)) == 1,
                 "give exactly one of ratio (e.g. --ratio 0.3), target_macs (e.g. --target-macs 0.5) and "
                 "target_latency (e.g. --target-latency 0.6)")
@@ -175,7 +175,7 @@ class PruneConfig:
     def timestep_strategy(self) -> TimestepStrategy | None:
         """The timestep strategy of a gradient method (None for data-free criteria): the strategy named by
         ``timesteps`` (or the method's default) with the fields of this config that carry its field names."""
-        method = get_method(self.method)
+        method = METHODS.get(self.method)
         if not method.needs_gradients:
             return None
         return make_strategy(self.timesteps or method.default_timesteps,
@@ -817,7 +817,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
 
     t0 = time.time()
     adapter = adapter_for(unet)
-    method = get_method(config.method)
+    method = METHODS.get(config.method)
     require_finite_weights(unet, "model to prune")
     if device is not None:
         unet.to(device)
