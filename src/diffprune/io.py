@@ -14,7 +14,7 @@ A pruned *pipeline* (the input was a diffusers pipeline folder or hub id, ``mode
 folder (``unet/`` or ``transformer/``) in the layout above.
 
 :func:`load_pruned` rebuilds the base model from ``config.json``, replays the recorded structure
-(:func:`diffprune.prune.replay_structure_`) and loads the safetensors weights; outputs are bitwise equal to the
+(:func:`diffprune.structure.replay_structure_`) and loads the safetensors weights; outputs are bitwise equal to the
 model that was saved. :func:`load_model` accepts a shipped model name, a pruned folder, a plain diffusers model or
 pipeline folder, or (online) a Hugging Face hub id; :func:`load_pipeline` returns the stock diffusers pipeline with
 the (pruned) denoiser in place. Pickle checkpoints are refused.
@@ -203,7 +203,7 @@ def load_pruned(path: str | os.PathLike, *, device=None, dtype: torch.dtype | No
     ``path``: the pruned denoiser's folder, or a pruned pipeline folder (its denoiser is loaded)."""
     from safetensors.torch import load_file
 
-    from .prune import replay_structure_
+    from .structure import replay_structure_
 
     folder = Path(path)
     require(folder.is_dir(), f"pruned model folder {str(folder)!r} does not exist")
