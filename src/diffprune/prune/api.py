@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._torch import state_shapes
-from ..adapters import adapter_for
+from ..adapters import resolve_adapter
 from ..errors import require
 from ..importance import METHODS
 from ..macs import count_macs
@@ -20,7 +20,7 @@ from .selection import _prune_once
 
 def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
            split: str = "train", cache_dir=None, num_classes: int | None = None, text_encoder=None, prompts=None,
-           timer=None, progress: bool = True) -> PruneReport:
+           timer=None, progress: bool = True, adapter=None) -> PruneReport:
     """Prune the denoiser ``unet`` (any supported family) in place according to ``config``; returns a
     :class:`PruneReport`.
 
@@ -39,7 +39,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     from .._torch import require_finite_weights
 
     t0 = time.time()
-    adapter = adapter_for(unet)
+    adapter = resolve_adapter(unet, adapter)  # once; everything below is handed it
     method = METHODS.get(config.method)
     require_finite_weights(unet, "model to prune")
     if device is not None:
@@ -47,7 +47,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     device = next(unet.parameters()).device
     calibration_record = latency = None
     with adapter.tracing(unet):
-        before = count_macs(unet)
+        before = count_macs(unet, adapter=adapter)
         widths_before = layer_widths(unet)
         snapshot = adapter.snapshot(unet)
         if method.needs_gradients:
@@ -59,10 +59,11 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
             x0, cond, desc = calibration_batch(
                 unet, calibration, batch_size=config.calib_batch, seed=config.seed, scheduler=scheduler, codec=codec,
                 split=split, data_free_steps=config.data_free_steps, device=device, cache_dir=cache_dir,
-                num_classes=num_classes, text_encoder=text_encoder, prompts=prompts, progress=progress)
+                num_classes=num_classes, text_encoder=text_encoder, prompts=prompts, progress=progress,
+                adapter=adapter)
             noise = calibration_noise(x0.shape, config.seed, device=device)
             result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), cond=cond,
-                                          timestep_batch=config.timestep_batch, progress=progress)
+                                          adapter=adapter, timestep_batch=config.timestep_batch, progress=progress)
             calibration_record = {**desc, "noise_seed": config.seed, **result.to_dict()}
         importance = method.make(config)
         search: list[dict] = []
@@ -75,7 +76,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
                 ratio, search, skip = _search_ratio(unet, adapter, config, importance, snapshot, before.macs,
                                                     progress)
             elif config.target_latency is not None:
-                timer = timer or latency_timer(config, device)
+                timer = timer or latency_timer(config, device, adapter)
                 base_s = timer(unet)
                 target = _Target("latency", float(config.target_latency), float(config.latency_tolerance),
                                  lambda m: timer(m) / base_s, "--latency-tolerance")
@@ -89,7 +90,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         if method.after_pruning is not None:
             method.after_pruning(unet, config.seed)
             adapter.check(unet)
-        after = count_macs(unet)
+        after = count_macs(unet, adapter=adapter)
         if config.target_latency is not None:  # the pruned model itself, timed as the probes were
             achieved = timer(unet)
             latency = {"base_s": base_s, "s": achieved, "fraction": achieved / base_s, "batch": config.latency_batch,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import adapter_for
+from ..adapters import resolve_adapter
 from ..errors import DiffPruneError, require, require_int
 from ..timesteps import TimestepStrategy
 from .config import DATA_FREE, CalibrationResult
@@ -59,8 +59,8 @@ def _load_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def calibration_batch(model, source, *, batch_size: int, seed: int = 0, scheduler=None, codec=None,
                       split: str = "train", data_free_steps: int = 10, device=None, cache_dir=None,
-                      num_classes: int | None = None, text_encoder=None, prompts=None, progress: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+                      num_classes: int | None = None, text_encoder=None, prompts=None, progress: bool = False,
+                      adapter=None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """The calibration batch: clean inputs ``x0`` in model range (images in [-1, 1], or latents for a latent
     model), each image's conditioning (its label for a class-conditional model, its caption's context for a
     text-conditioned one, encoded with ``text_encoder``; else None), and a JSON description of the source.
@@ -77,6 +77,7 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
     from ..data import ImageData
     from ..inputs import denoiser_data, pixel_shape
 
+    adapter = resolve_adapter(model, adapter)
     device = device if device is not None else next(model.parameters()).device
     if isinstance(source, str) and source == DATA_FREE:
         require(scheduler is not None, "data-free calibration samples from the model and needs its noise scheduler")
@@ -84,7 +85,7 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
 
         seeds = list(range(seed, seed + batch_size))
         desc = {"source": DATA_FREE, "ddim_steps": data_free_steps, "sample_seeds": [seeds[0], seeds[-1]]}
-        spec = adapter_for(model).conditioning(model)
+        spec = adapter.conditioning(model)
         labels = context = None
         if spec is not None and spec.kind == "text":
             require(text_encoder is not None and prompts,
@@ -93,12 +94,13 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
             context = text_encoder.encode(prompts_for(seeds, prompts))
             desc["prompts"] = len(prompts)
         else:
-            labels = labels_for(model, seeds, num_classes=num_classes)
+            labels = labels_for(model, seeds, num_classes=num_classes, adapter=adapter)
         x0 = sample(model, scheduler, seeds=seeds, class_labels=labels, prompt_embeds=context,
-                    num_inference_steps=data_free_steps, device=device, progress=progress, codec=codec, decode=False)
+                    num_inference_steps=data_free_steps, device=device, progress=progress, codec=codec, decode=False,
+                    adapter=adapter)
         cond = labels if context is None else context
         return x0.to(device), None if cond is None else cond.to(device), {**desc, "batch": len(seeds)}
-    shape = pixel_shape(model, codec)
+    shape = pixel_shape(model, codec, adapter=adapter)
     labels = captions = None
     if isinstance(source, torch.Tensor):
         images, desc = _check_tensor(source, shape, "calibration images"), {"source": "tensor"}
@@ -123,7 +125,8 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
         desc["subset_seed"] = int(seed)
     data = ImageData(images, labels, None, {"source": desc["source"], "sha256": content_sha256(images, labels,
                                                                                              captions)}, captions)
-    prepared = denoiser_data(model, data, codec=codec, text_encoder=text_encoder, cache_dir=cache_dir)
+    prepared = denoiser_data(model, data, codec=codec, text_encoder=text_encoder, cache_dir=cache_dir,
+                             adapter=adapter)
     x0, y = prepared.batch(torch.arange(len(prepared)), device=device)
     desc["batch"] = int(x0.shape[0])
     return x0, y, desc
@@ -144,12 +147,11 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     ones adds the same gradient as ``k`` separate passes (equal up to float summation order; the model's layers
     act on each sample alone). At most ``k - 1`` forward passes past the stop are wasted; memory grows ``k``-fold.
     """
-    from ..adapters import adapter_for
     from ..objective import prediction_target
 
     require_int("timestep_batch", timestep_batch, 1)
     started, started_cpu = time.perf_counter(), time.process_time()
-    adapter = adapter or adapter_for(model)
+    adapter = resolve_adapter(model, adapter)
     require(hasattr(scheduler, "add_noise"), "the scheduler must have add_noise (a diffusers noise scheduler)")
     T = int(scheduler.config.num_train_timesteps)
     plan = strategy.plan(T)

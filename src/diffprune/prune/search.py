@@ -29,12 +29,12 @@ class _Target:
     flag: str
 
 
-def _macs_target(config: PruneConfig, macs_before: int) -> _Target:
+def _macs_target(config: PruneConfig, macs_before: int, adapter) -> _Target:
     return _Target("macs", float(config.target_macs), float(config.macs_tolerance),
-                   lambda m: count_macs(m).macs / macs_before, "--macs-tolerance")
+                   lambda m: count_macs(m, adapter=adapter).macs / macs_before, "--macs-tolerance")
 
 
-def latency_timer(config: PruneConfig, device):
+def latency_timer(config: PruneConfig, device, adapter=None):
     """``timer(model) -> seconds``: the median of ``latency_repeats`` denoiser calls at ``latency_batch``, in
     ``latency_dtype``, on ``device``, after warm-up (as :mod:`diffprune.latency` measures)."""
     from ..latency import denoiser_latency
@@ -44,7 +44,7 @@ def latency_timer(config: PruneConfig, device):
     def timer(model) -> float:
         timed = copy.deepcopy(model).to(device=device, dtype=dtype)
         rec = denoiser_latency(timed, device=device, batch_sizes=(config.latency_batch,),
-                               repeats=config.latency_repeats)
+                               repeats=config.latency_repeats, adapter=adapter)
         return rec[str(config.latency_batch)]["median_s"]
 
     return timer
@@ -65,7 +65,7 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     pruned positions, keeps it (``skip``) and prunes the next-ranked positions instead, up to ``_MAX_FILL`` times.
     The positions kept out of rank order are recorded with each probe (``kept_out_of_order``).
     """
-    target = target or _macs_target(config, macs_before)
+    target = target or _macs_target(config, macs_before, adapter)
     key = f"{target.name}_fraction"
     tol = target.tolerance
     trials: list[dict] = []
@@ -88,7 +88,7 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
             adapter.finalize_(twin, snapshot, heads)
         cache.update(scores)
         rel = target.measure(twin)
-        macs = rel if target.name == "macs" else count_macs(twin).macs / macs_before
+        macs = rel if target.name == "macs" else count_macs(twin, adapter=adapter).macs / macs_before
         trial = {"ratio": ratio, key: rel, "macs_fraction": macs}
         if pruner.total_positions is not None:  # global ranking: positions are what the ratio counts
             trial["positions"] = len(pruner.picks)
@@ -116,7 +116,7 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
 
     deepest = probe(_MAX_SEARCH_RATIO)
     if deepest > target.value * (1 + tol):
-        ignored = sum(count_macs(unet).per_layer.get(n, 0) for n, m in unet.named_modules()
+        ignored = sum(count_macs(unet, adapter=adapter).per_layer.get(n, 0) for n, m in unet.named_modules()
                       if m in adapter.ignored_layers(unet))
         raise DiffPruneError(
             f"target_{target.name}={target.value} is out of reach: pruning {_MAX_SEARCH_RATIO:.0%} of the channels "
@@ -174,7 +174,7 @@ def _prune_blocks(model, adapter, config: PruneConfig, score, macs_before: int):
     for k in range(len(order) + 1):
         twin = copy.deepcopy(model)
         adapter.remove_blocks_(twin, order[:k])
-        trials.append({"ratio": k / len(blocks), "blocks_removed": k, "macs_fraction": count_macs(twin).macs / macs_before})
+        trials.append({"ratio": k / len(blocks), "blocks_removed": k, "macs_fraction": count_macs(twin, adapter=adapter).macs / macs_before})
     if config.target_macs is not None:
         best = min(trials, key=lambda r: abs(r["macs_fraction"] / config.target_macs - 1))
         require(abs(best["macs_fraction"] / config.target_macs - 1) <= config.macs_tolerance,
