@@ -15,8 +15,7 @@ from ..macs import count_macs
 from ..structure import STRUCTURE_FORMAT, TORCH_PRUNING_VERSION, chain_records, layer_widths
 from .calibration import accumulate_gradients, calibration_batch, calibration_noise
 from .config import DATA_FREE, PruneConfig, PruneReport
-from .search import _Target, _prune_blocks, _search_ratio, latency_timer
-from .selection import _prune_once
+from .search import _latency_target, _macs_target, _prune_blocks, _prune_channels, _Pruned, latency_timer
 
 def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
            split: str = "train", cache_dir=None, num_classes: int | None = None, text_encoder=None, prompts=None,
@@ -31,15 +30,16 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     autoencoder (:class:`~diffprune.adapters.pipelines.LatentCodec`): calibration images are encoded with it
     (cached under ``cache_dir``). ``num_classes``: the classes a conditional model was trained on, for data-free
     calibration. ``text_encoder`` (a text-to-image pipeline's :class:`~diffprune.adapters.pipelines.TextEncoder`):
-    encodes the calibration captions, or the ``prompts`` of data-free calibration. ``device``: where to run (default: where the model is; the model is moved there); a
-    ``target_latency`` is timed there. ``timer(model) -> seconds``: replaces the latency measurement (tests, or a
-    timer of your own, e.g. of a whole pipeline call).
+    encodes the calibration captions, or the ``prompts`` of data-free calibration. ``device``: where to run
+    (default: where the model is; the model is moved there); a ``target_latency`` is timed there. ``timer(model) ->
+    seconds``: replaces the latency measurement (tests, or a timer of your own, e.g. of a whole pipeline call).
+    ``adapter``: the model's adapter (default: its family's), resolved once and handed to every step.
     """
     require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}")
     from .._torch import require_finite_weights
 
     t0 = time.time()
-    adapter = resolve_adapter(unet, adapter)  # once; everything below is handed it
+    adapter = resolve_adapter(unet, adapter)
     method = METHODS.get(config.method)
     require_finite_weights(unet, "model to prune")
     if device is not None:
@@ -47,45 +47,21 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     device = next(unet.parameters()).device
     calibration_record = latency = None
     with adapter.tracing(unet):
-        before = count_macs(unet, adapter=adapter)
-        widths_before = layer_widths(unet)
-        snapshot = adapter.snapshot(unet)
+        before, widths_before, snapshot = count_macs(unet, adapter=adapter), layer_widths(unet), adapter.snapshot(unet)
         if method.needs_gradients:
-            require(calibration is not None,
-                    f"method {config.method!r} scores channels with gradients and needs calibration images: pass a "
-                    f"tensor, an image folder or dataset name, or {DATA_FREE!r} (CLI: --data DIR_OR_NAME)")
-            require(scheduler is not None,
-                    f"method {config.method!r} needs the model's noise scheduler (scheduler=...) to add noise")
-            x0, cond, desc = calibration_batch(
-                unet, calibration, batch_size=config.calib_batch, seed=config.seed, scheduler=scheduler, codec=codec,
-                split=split, data_free_steps=config.data_free_steps, device=device, cache_dir=cache_dir,
-                num_classes=num_classes, text_encoder=text_encoder, prompts=prompts, progress=progress,
-                adapter=adapter)
-            noise = calibration_noise(x0.shape, config.seed, device=device)
-            result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), cond=cond,
-                                          adapter=adapter, timestep_batch=config.timestep_batch, progress=progress)
-            calibration_record = {**desc, "noise_seed": config.seed, **result.to_dict()}
+            calibration_record = _calibrate(unet, adapter, config, calibration, scheduler, device, progress,
+                                            codec=codec, split=split, cache_dir=cache_dir, num_classes=num_classes,
+                                            text_encoder=text_encoder, prompts=prompts)
         importance = method.make(config)
-        search: list[dict] = []
-        skip: list[tuple[str, int]] = []
+        if config.target_latency is not None:
+            timer = timer or latency_timer(config, device, adapter)
+            base_s = timer(unet)
         if method.removes == "blocks":
-            ratio, search, meta, scores = _prune_blocks(unet, adapter, config, importance, before.macs)
-            history = []
+            pruned = _prune_blocks(unet, adapter, config, importance, before.macs)
         else:
-            if config.target_macs is not None:
-                ratio, search, skip = _search_ratio(unet, adapter, config, importance, snapshot, before.macs,
-                                                    progress)
-            elif config.target_latency is not None:
-                timer = timer or latency_timer(config, device, adapter)
-                base_s = timer(unet)
-                target = _Target("latency", float(config.target_latency), float(config.latency_tolerance),
-                                 lambda m: timer(m) / base_s, "--latency-tolerance")
-                ratio, search, skip = _search_ratio(unet, adapter, config, importance, snapshot, before.macs,
-                                                    progress, target)
-            else:
-                ratio = float(config.ratio)
-            history, heads, scores, _ = _prune_once(unet, adapter, config, ratio, importance, skip=skip)
-            meta = adapter.finalize_(unet, snapshot, heads)
+            target = (_macs_target(config, before.macs, adapter) if config.target_macs is not None else
+                      _latency_target(config, timer, base_s) if config.target_latency is not None else None)
+            pruned = _prune_channels(unet, adapter, config, importance, snapshot, before.macs, progress, target)
         unet.zero_grad(set_to_none=True)
         if method.after_pruning is not None:
             method.after_pruning(unet, config.seed)
@@ -96,19 +72,43 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
             latency = {"base_s": base_s, "s": achieved, "fraction": achieved / base_s, "batch": config.latency_batch,
                        "dtype": config.latency_dtype, "device": str(device), "threads": torch.get_num_threads(),
                        "repeats": config.latency_repeats}
+    return _report(unet, config, adapter, pruned, before, after, widths_before, calibration_record, latency,
+                   seconds=round(time.time() - t0, 3))
+
+
+def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, device, progress: bool, **sources) -> dict:
+    """The gradient step (Diff-Pruning's steps 1 and 2): the calibration batch and noise, then the gradients
+    accumulated over the timesteps; returns the calibration record. ``sources``: :func:`calibration_batch`'s."""
+    require(calibration is not None,
+            f"method {config.method!r} scores channels with gradients and needs calibration images: pass a "
+            f"tensor, an image folder or dataset name, or {DATA_FREE!r} (CLI: --data DIR_OR_NAME)")
+    require(scheduler is not None,
+            f"method {config.method!r} needs the model's noise scheduler (scheduler=...) to add noise")
+    x0, cond, desc = calibration_batch(
+        unet, calibration, batch_size=config.calib_batch, seed=config.seed, scheduler=scheduler,
+        data_free_steps=config.data_free_steps, device=device, progress=progress, adapter=adapter, **sources)
+    noise = calibration_noise(x0.shape, config.seed, device=device)
+    result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), cond=cond, adapter=adapter,
+                                  timestep_batch=config.timestep_batch, progress=progress)
+    return {**desc, "noise_seed": config.seed, **result.to_dict()}
+
+
+def _report(unet, config: PruneConfig, adapter, pruned: _Pruned, before, after, widths_before, calibration_record,
+            latency, seconds: float) -> PruneReport:
+    """The :class:`PruneReport` of a pruned model: the figures before and after, and the replayable structure."""
     structure = {
         "format": STRUCTURE_FORMAT, "adapter": adapter.name, "torch_pruning": TORCH_PRUNING_VERSION,
-        "history": history, "meta": meta,
+        "history": pruned.history, "meta": pruned.meta,
         "shapes": state_shapes(unet),
     }
     return PruneReport(
-        config=config.to_dict(), method=config.method, ratio=ratio, family=adapter.name,
+        config=config.to_dict(), method=config.method, ratio=pruned.ratio, family=adapter.name,
         base_params=before.params, params=after.params, base_macs=before.macs, macs=after.macs,
-        structure=structure, calibration=calibration_record, search=search,
+        structure=structure, calibration=calibration_record, search=pruned.search,
         base_widths=widths_before, widths=layer_widths(unet),
         base_macs_per_layer=before.per_layer, macs_per_layer=after.per_layer,
-        seconds=round(time.time() - t0, 3), scores=scores, latency=latency,
-        kept_out_of_order=[list(x) for x in skip],
+        seconds=seconds, scores=pruned.scores, latency=latency,
+        kept_out_of_order=[list(x) for x in pruned.skip],
     )
 
 

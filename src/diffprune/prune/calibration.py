@@ -71,7 +71,8 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
     labels); or ``"data-free"``: inputs sampled from the model itself with ``data_free_steps`` DDIM steps (latents
     for a latent model; class labels balanced by seed over ``num_classes``, default the model's label table; for a
     text model, seed ``s`` is generated from ``prompts[s mod len(prompts)]``, without guidance). When more than
-    ``batch_size`` images are available a seeded random subset is used.
+    ``batch_size`` images are available a seeded random subset is used. ``adapter``: the model's (default: its
+    family's).
     """
     from .._hashing import content_sha256
     from ..data import ImageData
@@ -80,27 +81,50 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
     adapter = resolve_adapter(model, adapter)
     device = device if device is not None else next(model.parameters()).device
     if isinstance(source, str) and source == DATA_FREE:
-        require(scheduler is not None, "data-free calibration samples from the model and needs its noise scheduler")
-        from ..sampling import labels_for, prompts_for, sample
+        return _data_free_batch(model, adapter, scheduler, seeds=list(range(seed, seed + batch_size)), codec=codec,
+                                steps=data_free_steps, device=device, num_classes=num_classes,
+                                text_encoder=text_encoder, prompts=prompts, progress=progress)
+    images, labels, captions, desc = _source_images(source, pixel_shape(model, codec, adapter=adapter), split)
+    if images.shape[0] > batch_size:
+        idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:batch_size]
+        images, labels = images[idx], (None if labels is None else labels[idx])
+        captions = None if captions is None else tuple(captions[i] for i in idx.tolist())
+        desc["subset_seed"] = int(seed)
+    data = ImageData(images, labels, None, {"source": desc["source"], "sha256": content_sha256(images, labels,
+                                                                                             captions)}, captions)
+    prepared = denoiser_data(model, data, codec=codec, text_encoder=text_encoder, cache_dir=cache_dir,
+                             adapter=adapter)
+    x0, y = prepared.batch(torch.arange(len(prepared)), device=device)
+    desc["batch"] = int(x0.shape[0])
+    return x0, y, desc
 
-        seeds = list(range(seed, seed + batch_size))
-        desc = {"source": DATA_FREE, "ddim_steps": data_free_steps, "sample_seeds": [seeds[0], seeds[-1]]}
-        spec = adapter.conditioning(model)
-        labels = context = None
-        if spec is not None and spec.kind == "text":
-            require(text_encoder is not None and prompts,
-                    "data-free calibration of a text model generates its inputs from prompts: pass the pipeline's "
-                    "text encoder and prompts (CLI: --prompt-file FILE, one prompt per line)")
-            context = text_encoder.encode(prompts_for(seeds, prompts))
-            desc["prompts"] = len(prompts)
-        else:
-            labels = labels_for(model, seeds, num_classes=num_classes, adapter=adapter)
-        x0 = sample(model, scheduler, seeds=seeds, class_labels=labels, prompt_embeds=context,
-                    num_inference_steps=data_free_steps, device=device, progress=progress, codec=codec, decode=False,
-                    adapter=adapter)
-        cond = labels if context is None else context
-        return x0.to(device), None if cond is None else cond.to(device), {**desc, "batch": len(seeds)}
-    shape = pixel_shape(model, codec, adapter=adapter)
+
+def _data_free_batch(model, adapter, scheduler, *, seeds: list[int], codec, steps: int, device, num_classes,
+                     text_encoder, prompts, progress: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Data-free calibration: inputs sampled from the model itself, one per seed (see :func:`calibration_batch`)."""
+    require(scheduler is not None, "data-free calibration samples from the model and needs its noise scheduler")
+    from ..sampling import labels_for, prompts_for, sample
+
+    desc = {"source": DATA_FREE, "ddim_steps": steps, "sample_seeds": [seeds[0], seeds[-1]]}
+    spec = adapter.conditioning(model)
+    labels = context = None
+    if spec is not None and spec.kind == "text":
+        require(text_encoder is not None and prompts,
+                "data-free calibration of a text model generates its inputs from prompts: pass the pipeline's "
+                "text encoder and prompts (CLI: --prompt-file FILE, one prompt per line)")
+        context = text_encoder.encode(prompts_for(seeds, prompts))
+        desc["prompts"] = len(prompts)
+    else:
+        labels = labels_for(model, seeds, num_classes=num_classes, adapter=adapter)
+    x0 = sample(model, scheduler, seeds=seeds, class_labels=labels, prompt_embeds=context, num_inference_steps=steps,
+                device=device, progress=progress, codec=codec, decode=False, adapter=adapter)
+    cond = labels if context is None else context
+    return x0.to(device), None if cond is None else cond.to(device), {**desc, "batch": len(seeds)}
+
+
+def _source_images(source, shape: tuple[int, int, int], split: str):
+    """``(images, labels, captions, description)`` from a tensor, a tensor file, or a folder or dataset name
+    (fitted to ``shape``, the model's ``(C, H, W)``)."""
     labels = captions = None
     if isinstance(source, torch.Tensor):
         images, desc = _check_tensor(source, shape, "calibration images"), {"source": "tensor"}
@@ -117,19 +141,9 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
         images, labels, captions = data.images, data.labels, data.captions
         desc = {"source": str(source), "split": split, "revision": data.record.get("revision")}
     else:
-        raise DiffPruneError(f"calibration must be a tensor, a path/dataset name or {DATA_FREE!r}, got {type(source).__name__}")
-    if images.shape[0] > batch_size:
-        idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:batch_size]
-        images, labels = images[idx], (None if labels is None else labels[idx])
-        captions = None if captions is None else tuple(captions[i] for i in idx.tolist())
-        desc["subset_seed"] = int(seed)
-    data = ImageData(images, labels, None, {"source": desc["source"], "sha256": content_sha256(images, labels,
-                                                                                             captions)}, captions)
-    prepared = denoiser_data(model, data, codec=codec, text_encoder=text_encoder, cache_dir=cache_dir,
-                             adapter=adapter)
-    x0, y = prepared.batch(torch.arange(len(prepared)), device=device)
-    desc["batch"] = int(x0.shape[0])
-    return x0, y, desc
+        raise DiffPruneError(f"calibration must be a tensor, a path/dataset name or {DATA_FREE!r}, got "
+                             f"{type(source).__name__}")
+    return images, labels, captions, desc
 
 
 def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Tensor,
@@ -147,8 +161,6 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     ones adds the same gradient as ``k`` separate passes (equal up to float summation order; the model's layers
     act on each sample alone). At most ``k - 1`` forward passes past the stop are wasted; memory grows ``k``-fold.
     """
-    from ..objective import prediction_target
-
     require_int("timestep_batch", timestep_batch, 1)
     started, started_cpu = time.perf_counter(), time.process_time()
     adapter = resolve_adapter(model, adapter)
@@ -159,21 +171,14 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     model.zero_grad(set_to_none=True)
     dtype = next(model.parameters()).dtype
     x0, noise = x0.to(dtype=dtype), noise.to(device=x0.device, dtype=dtype)
-    B = x0.shape[0]
     losses: list[tuple[int, float]] = []
     accumulated: list[int] = []
     stopped = False
     bar = tqdm(total=len(plan), desc="calibration", unit="t", disable=not progress)
     for start in range(0, len(plan), timestep_batch):
         chunk = plan[start:start + timestep_batch]
-        k = len(chunk)
-        tt = torch.tensor([t for t, _ in chunk], device=x0.device).repeat_interleave(B)
-        xx0, nn_ = x0.repeat(k, *([1] * (x0.ndim - 1))), noise.repeat(k, *([1] * (x0.ndim - 1)))
-        cc = None if cond is None else cond.repeat(k, *[1] * (cond.dim() - 1))
-        pred = adapter.forward(model, scheduler.add_noise(xx0, nn_, tt), tt, cc)
-        per_t = (pred - prediction_target(scheduler, xx0, nn_, tt)).pow(2).flatten(1).mean(1).view(k, B).mean(1)
         total = None
-        for (t, weight), loss in zip(chunk, per_t):
+        for (t, weight), loss in zip(chunk, _chunk_losses(model, adapter, scheduler, x0, noise, cond, chunk)):
             value = float(loss.detach())
             if not math.isfinite(value):  # a NaN score would prune arbitrary channels
                 raise DiffPruneError(f"calibration loss at t={t} is {value}; the model has non-finite weights or the "
@@ -197,3 +202,15 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     stopped_by = "threshold" if stopped else ("cap" if len(plan) < full else "end")
     return CalibrationResult(losses, accumulated, accumulated[-1] if accumulated else None, stopped_by,
                              strategy.to_dict(), time.perf_counter() - started, time.process_time() - started_cpu)
+
+
+def _chunk_losses(model, adapter, scheduler, x0, noise, cond, chunk: list[tuple[int, float]]) -> torch.Tensor:
+    """The loss at each of the chunk's timesteps, from one forward pass of the batch repeated once per timestep."""
+    from ..objective import prediction_target
+
+    k, B = len(chunk), x0.shape[0]
+    tt = torch.tensor([t for t, _ in chunk], device=x0.device).repeat_interleave(B)
+    xx0, nn_ = x0.repeat(k, *([1] * (x0.ndim - 1))), noise.repeat(k, *([1] * (x0.ndim - 1)))
+    cc = None if cond is None else cond.repeat(k, *[1] * (cond.dim() - 1))
+    pred = adapter.forward(model, scheduler.add_noise(xx0, nn_, tt), tt, cc)
+    return (pred - prediction_target(scheduler, xx0, nn_, tt)).pow(2).flatten(1).mean(1).view(k, B).mean(1)
