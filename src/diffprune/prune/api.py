@@ -16,6 +16,7 @@ from ..structure import STRUCTURE_FORMAT, TORCH_PRUNING_VERSION, chain_records, 
 from .calibration import accumulate_gradients, calibration_batch, calibration_noise
 from .config import DATA_FREE, PruneConfig, PruneReport
 from .search import _latency_target, _macs_target, _prune_blocks, _prune_channels, _Pruned, latency_timer
+from .selection import check_round_to
 
 def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
            split: str = "train", cache_dir=None, num_classes: int | None = None, text_encoder=None, prompts=None,
@@ -42,6 +43,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     adapter = resolve_adapter(unet, adapter)
     method = METHODS.get(config.method)
     require_finite_weights(unet, "model to prune")
+    check_round_to(unet, adapter, config.round_to)  # before the calibration pass, which may take minutes
     if device is not None:
         unet.to(device)
     device = next(unet.parameters()).device

@@ -67,6 +67,12 @@ class PruneConfig:
 
     def __post_init__(self):
         method = METHODS.get(self.method)  # unknown name -> error listing the choices
+        self._check_amount(method)
+        self._resolve_selection(method)
+        self._resolve_method_settings(method)
+
+    def _check_amount(self, method) -> None:
+        """How much to prune: exactly one of ratio, target_macs and target_latency (with its timing settings)."""
         require(sum(v is not None for v in (self.ratio, self.target_macs, self.target_latency)) == 1,
                 "give exactly one of ratio (e.g. --ratio 0.3), target_macs (e.g. --target-macs 0.5) and "
                 "target_latency (e.g. --target-latency 0.6)")
@@ -74,6 +80,9 @@ class PruneConfig:
             require(isinstance(self.target_latency, (int, float)) and 0.0 < self.target_latency < 1.0,
                     f"target_latency={self.target_latency!r} must be in (0, 1), the fraction of the measured latency "
                     "to keep; e.g. 0.6")
+            require(method.removes != "blocks",
+                    f"target_latency={self.target_latency!r} does not apply to method {self.method!r}: depth pruning "
+                    "takes ratio or target_macs (e.g. --target-macs 0.5); whole blocks are chosen by their MACs")
             require(self.latency_dtype in LATENCY_DTYPES,
                     f"latency_dtype={self.latency_dtype!r} is unknown; choose from {list(LATENCY_DTYPES)}")
         require_int("latency_batch", self.latency_batch, 1)
@@ -86,6 +95,10 @@ class PruneConfig:
         if self.target_macs is not None:
             require(isinstance(self.target_macs, (int, float)) and 0.0 < self.target_macs < 1.0,
                     f"target_macs={self.target_macs!r} must be in (0, 1), the fraction of MACs to keep; e.g. 0.5")
+
+    def _resolve_selection(self, method) -> None:
+        """How channels are chosen: ``ratio_mode`` and ``global_ranking`` (defaults follow the amount), heads and
+        ``round_to``."""
         mode = self.ratio_mode
         if mode is None:
             mode = "paper" if self.ratio is not None else "uniform"
@@ -106,6 +119,9 @@ class PruneConfig:
                 f"round_to={self.round_to} needs diffprune's channel selection: ratio_mode 'paper' or global ranking "
                 "(the default with a target), without prune_heads")
         require(0.0 < self.macs_tolerance < 1.0, f"macs_tolerance={self.macs_tolerance!r} must be in (0, 1)")
+
+    def _resolve_method_settings(self, method) -> None:
+        """The method's own settings: its defaults filled in, other methods' refused, the timestep strategy resolved."""
         for name, owners in setting_owners().items():  # the method's: fill its defaults, refuse others' settings
             value = getattr(self, name)
             if name not in method.settings:

@@ -9,6 +9,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..adapters import ModelAdapter
+from ..errors import require
 from ..seed import seed_everything
 from .config import PruneConfig
 
@@ -65,6 +66,22 @@ class _SelectingPruner(tp.pruner.BasePruner):
         allowed = [p for p in range(1, size + 1) if (chunks * p) % n == 0] or [size]
         below = [p for p in allowed if p <= keep]
         return max(below) if below else min(allowed)
+
+
+def check_round_to(unet: nn.Module, adapter: ModelAdapter, round_to: int) -> None:
+    """Refuse a ``round_to`` at least as wide as every prunable layer: a pruned width is a smaller multiple of it, so
+    every group would stay whole and the run would prune nothing (see :meth:`_SelectingPruner._kept`)."""
+    if round_to == 1:
+        return
+    ignored = {id(m) for m in adapter.ignored_layers(unet)}  # their output channels are never pruned
+    widths = {name: m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+              for name, m in unet.named_modules()
+              if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and id(m) not in ignored}
+    widest = max(widths, key=widths.get)
+    require(round_to < widths[widest],
+            f"round_to={round_to} leaves every layer whole: a pruned width is a smaller multiple of it, and the widest "
+            f"prunable layer, {widest}, has {widths[widest]} channels; choose a round_to below {widths[widest]} "
+            "(--round-to)")
 
 
 class PaperPruner(_SelectingPruner):
