@@ -89,6 +89,12 @@ CASES = {
     "prune-hf-mixed-sizes": ([*PRUNE[:4], "diff-pruning", *PRUNE[5:], "--data", "someone/mixed"], "out",
                              r"image someone/mixed\[1\] has shape .* one size"),
     "prune-disk-full": ([*PRUNE], "out", "No space left on device"),
+    "prune-depth-target-latency": ([*PRUNE[:4], "depth", "--target-latency", "0.6", "--device", "cpu"], "out",
+                                   "target_latency=0.6 does not apply to method 'depth': depth pruning takes ratio "
+                                   "or target_macs"),
+    "prune-round-to-wider-than-every-layer": ([*PRUNE, "--round-to", "4096"], "out",
+                                              r"round_to=4096 leaves every layer whole: .*the widest prunable layer, "
+                                              r"\S+, has \d+ channels; choose a round_to below"),
     "info-heads-disagree": (["info", "{r}/bad-heads"], None, "do not split into .* heads of .*does not match the weights"),
     "train-grad-clip-inf": ([*TRAIN, "--grad-clip", "inf"], "out", r"grad_clip=inf must be a finite number"),
     "train-malformed-config": (["train", "--config", "{r}/arch.json", *TRAIN[3:]], "out", "is not valid JSON"),

@@ -99,3 +99,17 @@ def test_prune_prints_numbers_and_info_reads_them(model_dir, tmp_path, capsys):
     assert main(["info", str(model_dir / "model"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] is None and info["params"] == info["base_params"] == 44969
+
+
+def test_flag_defaults_are_the_configs():
+    """The flags that mirror a PruneConfig field default to that field's default (read from the dataclass)."""
+    import dataclasses
+
+    from diffprune.cli import build_parser
+    from diffprune.prune import PruneConfig
+
+    args = build_parser().parse_args(["prune", "--model", "m", "--ratio", "0.3"])
+    defaults = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
+    for name in ("method", "macs_tolerance", "latency_batch", "latency_dtype", "latency_tolerance",
+                 "latency_repeats", "round_to", "seed"):
+        assert getattr(args, name) == defaults[name], name

@@ -65,6 +65,20 @@ def test_round_to_keeps_every_pruned_width_a_multiple(kwargs):
     assert all(p.is_contiguous() for p in unet.parameters())
 
 
+@pytest.mark.parametrize("round_to", [128, 4096])
+def test_round_to_as_wide_as_every_layer_is_refused(round_to):
+    """A pruned width is a smaller multiple of round_to: at or above the widest prunable layer (mnist-16's
+    time_embedding.linear_1, 128 wide) every layer would stay whole and the run would prune nothing."""
+    unet = build_model("mnist-16")
+    with pytest.raises(DiffPruneError, match=rf"round_to={round_to} leaves every layer whole: .*the widest prunable "
+                                             r"layer, time_embedding\.linear_1, has 128 channels; choose a round_to "
+                                             r"below 128"):
+        prune_(unet, PruneConfig(method="magnitude", ratio=0.3, round_to=round_to), progress=False)
+    assert unet.conv_in.out_channels == 32  # the model is left untouched
+    report = prune_(unet, PruneConfig(method="magnitude", ratio=0.3, round_to=64), progress=False)
+    assert report.params < report.base_params  # narrower than the widest layer: something is pruned
+
+
 def test_target_macs_unreachable_locally_names_the_nearest_fraction():
     unet = build_model("mnist-16")
     with pytest.raises(DiffPruneError, match=r"target_macs=0.3 is out of reach: pruning 90% of the channels still "
@@ -255,6 +269,8 @@ def test_wrong_calibration_shape_is_one_line_error():
     (dict(target_macs=0.5, round_to=8, prune_heads=True), "round_to=8 needs diffprune's channel selection"),
     (dict(ratio=0.3, ratio_mode="uniform", round_to=8), "round_to=8 needs diffprune's channel selection"),
     (dict(ratio=0.3, method="depth", round_to=8), "removes whole blocks"),
+    (dict(method="depth", target_latency=0.6),
+     r"target_latency=0.6 does not apply to method 'depth': depth pruning takes ratio or target_macs"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(DiffPruneError, match=match):

@@ -9,31 +9,35 @@ from diffusers import DDPMScheduler
 from diffprune.adapters import ModelAdapter
 from diffprune.errors import DiffPruneError
 from diffprune.prune import accumulate_gradients
-from diffprune.timesteps import (AllTimesteps, StridedTimesteps, ThresholdTimesteps, make_strategy,
-                                 threshold_cutoff, walk)
+from diffprune.timesteps import AllTimesteps, StridedTimesteps, ThresholdTimesteps, make_strategy
 
 # L_max reaches 2.0 at t=1; 0.09 < 0.05 * 2.0 = 0.1 first at t=3.
 LOSSES = [1.0, 2.0, 1.5, 0.09, 0.05, 0.5]
+GO = (True, False)  # accumulate this step, walk on
+
+
+def _decisions(strategy, losses):
+    """``strategy.decide`` at each step of a walk over ``losses``: ``(accumulate, stop)`` per step."""
+    return [strategy.decide(losses[: i + 1]) for i in range(len(losses))]
 
 
 def test_threshold_stops_at_first_loss_below_thr_times_max_both_semantics():
-    assert threshold_cutoff(LOSSES, 0.05, "accumulate-trigger") == 4  # t = 0..3
-    assert threshold_cutoff(LOSSES, 0.05, "exclude-trigger") == 3  # t = 0..2
-    kept, stopped = walk(ThresholdTimesteps(thr=0.05), LOSSES)
-    assert kept == [0, 1, 2, 3] and stopped
-    kept, stopped = walk(ThresholdTimesteps(thr=0.05, threshold_semantics="exclude-trigger"), LOSSES)
-    assert kept == [0, 1, 2] and stopped
+    # accumulate-trigger keeps t = 0..3 (4 steps) and stops; exclude-trigger keeps t = 0..2 (3 steps) and stops
+    assert _decisions(ThresholdTimesteps(thr=0.05), LOSSES[:4]) == [GO, GO, GO, (True, True)]
+    assert _decisions(ThresholdTimesteps(thr=0.05, threshold_semantics="exclude-trigger"), LOSSES[:4]) == [
+        GO, GO, GO, (False, True)]
 
 
 def test_threshold_uses_running_max_not_first_loss():
-    # Against L_0 = 1.0 the rule would wait for L < 0.1 (t=4); against L_max = 3.0 it fires at 0.2 < 0.3 (t=3).
-    assert threshold_cutoff([1.0, 3.0, 0.9, 0.2, 0.1], 0.1) == 4
+    # Against L_0 = 1.0 the rule would wait for L < 0.1 (t=4); against L_max = 3.0 it fires at 0.2 < 0.3 (t=3),
+    # so it keeps 4 steps.
+    assert _decisions(ThresholdTimesteps(thr=0.1), [1.0, 3.0, 0.9, 0.2]) == [GO, GO, GO, (True, True)]
 
 
 def test_thr_zero_and_flat_losses_never_stop():
-    assert walk(ThresholdTimesteps(thr=0.0), LOSSES) == (list(range(6)), False)
+    assert _decisions(ThresholdTimesteps(thr=0.0), LOSSES) == [GO] * 6
     flat = [1.0, 1.01, 0.99, 1.0]
-    assert walk(ThresholdTimesteps(thr=0.05), flat) == ([0, 1, 2, 3], False)
+    assert _decisions(ThresholdTimesteps(thr=0.05), flat) == [GO] * 4
 
 
 def test_plans_and_caps():
@@ -89,7 +93,10 @@ def test_calibration_loop_accumulates_exactly_the_prefix_the_rule_keeps(semantic
     strategy = ThresholdTimesteps(thr=0.5, threshold_semantics=semantics)
     res = accumulate_gradients(model, sched, x0, noise, strategy, adapter=_Toy(), progress=False)
     losses = [v for _, v in res.losses]
-    k = threshold_cutoff(losses, 0.5, semantics)
+    # the rule's own decisions on the recorded losses: walk on, then stop at the last one (accumulated or not)
+    *walked, (accumulate_last, stopped) = _decisions(strategy, losses)
+    assert walked == [GO] * (len(losses) - 1) and stopped
+    k = len(walked) + accumulate_last  # the prefix the rule keeps
     assert res.stopped_by == "threshold"
     assert res.accumulated == list(range(k))
     assert res.cutoff_t == k - 1

@@ -197,11 +197,6 @@ def setting_owners() -> dict[str, list[str]]:
     return owners
 
 
-def get_method(name: str) -> Method:
-    """The registered method ``name`` (unknown names raise DiffPruneError listing the choices)."""
-    return METHODS.get(name)
-
-
 def reinitialize_(model: nn.Module) -> None:
     """Re-initialise every module that defines ``reset_parameters`` (call after seeding)."""
     for m in model.modules():

@@ -140,24 +140,3 @@ def make_strategy(name: str, **params) -> TimestepStrategy:
         raise DiffPruneError(f"timestep strategy {name!r} takes no {unknown}; it takes {sorted(fields)}")
     return cls(**{k: v for k, v in params.items() if k in fields and v is not None})
 
-
-def walk(strategy: TimestepStrategy, losses: Sequence[float]) -> tuple[list[int], bool]:
-    """Apply ``strategy.decide`` to a loss sequence (the losses of consecutive planned steps).
-
-    Returns ``(indices of the accumulated steps, whether the rule stopped the walk)``. Pure: used by the
-    calibration loop step by step and by tests on synthetic sequences.
-    """
-    kept: list[int] = []
-    for i in range(len(losses)):
-        accumulate, stop = strategy.decide(losses[: i + 1])
-        if accumulate:
-            kept.append(i)
-        if stop:
-            return kept, True
-    return kept, False
-
-
-def threshold_cutoff(losses: Sequence[float], thr: float = 0.05, semantics: str = "accumulate-trigger") -> int:
-    """How many leading timesteps ``t = 0, 1, ...`` the threshold rule accumulates for this loss sequence."""
-    kept, _ = walk(ThresholdTimesteps(thr=thr, threshold_semantics=semantics), losses)
-    return len(kept)

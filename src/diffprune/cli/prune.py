@@ -8,7 +8,20 @@ from __future__ import annotations
 from ._common import add_device_flag, add_prediction_type_flag, add_prompt_flags, device_of, read_prompts
 
 
+def _config_defaults():
+    """``PruneConfig``'s field defaults by name: the flags show and pass the API's own defaults."""
+    import dataclasses
+    import types
+
+    from ..prune import PruneConfig
+
+    return types.SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(PruneConfig)})
+
+
 def add_parser(sub) -> None:
+    from ..prune import LATENCY_DTYPES
+
+    d = _config_defaults()
     p = sub.add_parser("prune", help="prune a UNet (diff-pruning, taylor, magnitude, random, reinit)",
                        description=__doc__)
     p.add_argument("--model", required=True,
@@ -20,8 +33,9 @@ def add_parser(sub) -> None:
                         "needs captions (a folder with metadata.jsonl, or a dataset with a 'text' column)")
     add_prompt_flags(p, "to generate calibration inputs from with --data data-free")
     p.add_argument("--split", default="train", help="dataset split used for --data (default: train)")
-    p.add_argument("--method", default="diff-pruning",
-                   help="importance: diff-pruning (default), taylor, magnitude, random, reinit, or depth (whole DiT blocks)")
+    p.add_argument("--method", default=d.method,
+                   help=f"importance: {d.method} (default), taylor, magnitude, random, reinit, or depth (whole DiT "
+                        "blocks)")
     p.add_argument("--ratio", type=float, default=None, help="fraction of channels to remove, in (0, 1), e.g. 0.3")
     p.add_argument("--ratio-mode", default=None,
                    help="paper (default with --ratio: the Diff-Pruning repository's per-GroupNorm-group rule) or "
@@ -29,23 +43,26 @@ def add_parser(sub) -> None:
     p.add_argument("--target-macs", type=float, default=None,
                    help="keep this fraction of the MACs of one UNet call, in (0, 1), found within "
                         "--macs-tolerance (instead of --ratio)")
-    p.add_argument("--macs-tolerance", type=float, default=0.02,
-                   help="relative tolerance for --target-macs (default 0.02 = +-2%%)")
+    # in help, argparse prints "%%" as "%": ":.0%" gives "2%", the extra "%" escapes it
+    p.add_argument("--macs-tolerance", type=float, default=d.macs_tolerance,
+                   help=f"relative tolerance for --target-macs (default {d.macs_tolerance} = "
+                        f"+-{d.macs_tolerance:.0%}%)")
     p.add_argument("--target-latency", type=float, default=None,
                    help="keep this fraction of the measured latency of one denoiser call, in (0, 1), timed on --device "
                         "at --latency-batch in --latency-dtype (instead of --ratio / --target-macs)")
-    p.add_argument("--latency-batch", type=int, default=16, help="batch size of the latency target (default 16)")
-    p.add_argument("--latency-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="dtype the latency target is timed in (default float32)")
-    p.add_argument("--latency-tolerance", type=float, default=0.05,
-                   help="relative tolerance for --target-latency (default 0.05 = +-5%%: timings on a shared "
-                        "machine vary by a few percent)")
-    p.add_argument("--latency-repeats", type=int, default=10,
+    p.add_argument("--latency-batch", type=int, default=d.latency_batch,
+                   help=f"batch size of the latency target (default {d.latency_batch})")
+    p.add_argument("--latency-dtype", default=d.latency_dtype, choices=list(LATENCY_DTYPES),
+                   help=f"dtype the latency target is timed in (default {d.latency_dtype})")
+    p.add_argument("--latency-tolerance", type=float, default=d.latency_tolerance,
+                   help=f"relative tolerance for --target-latency (default {d.latency_tolerance} = "
+                        f"+-{d.latency_tolerance:.0%}%: timings on a shared machine vary by a few percent)")
+    p.add_argument("--latency-repeats", type=int, default=d.latency_repeats,
                    help="timed runs per probe, after warm-up; the median counts (>= 10)")
     p.add_argument("--ranking", default=None,
                    help="local (per layer) or global (across layers, Torch-Pruning's global pruning; needs "
                         "--ratio-mode uniform); default: global with --target-macs, local with --ratio")
-    p.add_argument("--round-to", type=int, default=1,
+    p.add_argument("--round-to", type=int, default=d.round_to,
                    help="keep every pruned width a multiple of N (e.g. 8 for tensor cores); 1 = no rounding")
     p.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads instead of shrinking head dims (needs --ratio-mode uniform)")
@@ -72,7 +89,8 @@ def add_parser(sub) -> None:
                         "scores from fewer, larger passes, with k times the memory")
     p.add_argument("--data-free-steps", type=int, default=None,
                    help="DDIM steps used to sample calibration images with --data data-free (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise, image subset, random scores")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the calibration noise, image subset, random scores")
     p.add_argument("--out", default=None, help="output folder (new or empty unless --overwrite; not with --dry-run)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--dry-run", action="store_true", help="prune in memory and print the numbers; write nothing")
