@@ -9,7 +9,8 @@ from diffprune.cli import main
 from diffprune.data import to_uint8
 from diffprune.importance import reinitialize_
 from diffprune.io import load_model, load_pruned
-from diffprune.metrics import load_sample_folder, paired_consistency
+from diffprune.metrics import paired_consistency
+from diffprune.samples import load_sample_folder
 from diffprune.sampling import sample
 
 

@@ -8,7 +8,7 @@ import torch
 
 from diffprune.errors import DiffPruneError
 from diffprune.evaluate import EvalConfig, evaluate
-from diffprune.metrics import load_sample_folder
+from diffprune.samples import load_sample_folder
 
 FAST = dict(n=12, steps=3, data="mnist", ref_count=200, latency_batches=(1, 2), sampler_latency_batch=2,
             batch_size=8, grid_count=8)
@@ -77,7 +77,6 @@ def test_report_and_reusable_sample_folders_are_written(evaluated):
 
 def test_teacher_student_share_seeds_and_samples_are_reproducible(evaluated, models):
     from diffprune.data import to_uint8
-    from diffprune.metrics import load_sample_folder
     from diffprune.sampling import sample
 
     _, out = evaluated
@@ -91,7 +90,7 @@ def test_teacher_student_share_seeds_and_samples_are_reproducible(evaluated, mod
 def test_reusing_sample_folders_gives_the_same_consistency_whatever_the_order(evaluated, tmp_path):
     import numpy as np
 
-    from diffprune.sampling import load_samples, save_samples
+    from diffprune.samples import load_samples, save_samples
 
     m, out = evaluated
     images, seeds = load_samples(out / "samples" / "teacher")

@@ -7,10 +7,10 @@ import torch
 
 from diffprune.errors import DiffPruneError
 from diffprune.metrics import (
-    INCEPTION_WEIGHTS_NAME, SampleSet, cache_dir, compute_features, feature_statistics, fid_from_features,
-    frechet_distance, load_extractor, load_sample_folder, pair_by_seed, paired_consistency, reference_statistics,
-    resolve_inception_weights, stats_cache_key,
+    INCEPTION_WEIGHTS_NAME, cache_dir, compute_features, feature_statistics, fid_from_features, frechet_distance,
+    load_extractor, paired_consistency, reference_statistics, resolve_inception_weights, stats_cache_key,
 )
+from diffprune.samples import SampleSet, load_sample_folder, pair_by_seed
 
 
 def _inception_importable() -> bool:
@@ -125,7 +125,7 @@ def test_pairing_is_by_seed_not_by_order():
 
 
 def test_sample_folders_pair_by_seed_whatever_the_file_order(tmp_path):
-    from diffprune.sampling import save_samples
+    from diffprune.samples import save_samples
 
     teacher = _digits(10)
     student = teacher.flip(-2)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from .errors import require, require_int, require_seed
-from .metrics import SampleSet
 from .records import eval_versions, read_log
+from .samples import SampleSet, load_sample_folder, pair_by_seed, save_samples
 
 __all__ = ["EvalConfig", "evaluate", "load_for_eval", "default_extractor"]
 
@@ -143,8 +143,6 @@ def _device_of(unet, device):
 
 
 def _as_sample_set(x) -> SampleSet | None:
-    from .metrics import load_sample_folder
-
     if x is None or isinstance(x, SampleSet):
         return x
     return load_sample_folder(x)
@@ -326,7 +324,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
              text_encoder=None) -> dict:
     """Evaluate ``student`` (a UNet2DModel, or ``None`` with ``student_samples``) against ``teacher``.
 
-    ``student_samples``/``teacher_samples``: a :class:`~diffprune.metrics.SampleSet` or a folder written by
+    ``student_samples``/``teacher_samples``: a :class:`~diffprune.samples.SampleSet` or a folder written by
     ``diffprune sample``, used instead of sampling (paired with the other set by seed). ``scheduler``: the
     training noise schedule (default :func:`diffprune.sampling.default_scheduler`). ``pruning`` (the student's
     ``pruning.json``) and ``train_log`` (:func:`diffprune.train.read_log` columns) feed the report's plots.
@@ -340,9 +338,9 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     Returns the metrics dict also written to ``out_dir/metrics.json``.
     """
     from ._fs import atomic_dir, atomic_write_json, check_output_dir
-    from .metrics import pair_by_seed, paired_consistency
+    from .metrics import paired_consistency
     from .report import write_report
-    from .sampling import default_scheduler, save_samples
+    from .sampling import default_scheduler
 
     require(isinstance(config, EvalConfig), f"config must be an EvalConfig, got {type(config).__name__}")
     require(student is not None or student_samples is not None, "evaluate needs a student model or student samples")

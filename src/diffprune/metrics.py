@@ -11,6 +11,8 @@
 * :func:`reference_statistics` caches a data set's feature statistics under a key made of everything that changes
   them (:func:`stats_cache_key`), as safetensors (never pickles).
 
+Sample sets and their folders are :mod:`diffprune.samples`.
+
 Images enter every function as uint8 ``[N, C, H, W]``.
 """
 from __future__ import annotations
@@ -33,10 +35,9 @@ from .errors import DiffPruneError, require
 from .registry import Registry
 
 __all__ = [
-    "EXTRACTORS", "FeatureExtractor", "FeatureStats", "SampleSet", "INCEPTION_WEIGHTS_NAME", "cache_dir", "class_accuracy",
+    "EXTRACTORS", "FeatureExtractor", "FeatureStats", "INCEPTION_WEIGHTS_NAME", "cache_dir", "class_accuracy",
     "compute_features", "feature_statistics", "frechet_distance", "fid_from_features", "load_extractor",
-    "load_sample_folder", "pair_by_seed", "paired_consistency", "reference_statistics",
-    "resolve_inception_weights", "stats_cache_key",
+    "paired_consistency", "reference_statistics", "resolve_inception_weights", "stats_cache_key",
 ]
 
 STATS_FORMAT = 1  # bump when the way statistics are computed changes: old cache entries then stop matching
@@ -361,29 +362,6 @@ def reference_statistics(images: torch.Tensor, extractor: FeatureExtractor, *, d
 
 # --- paired consistency ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SampleSet:
-    """Generated images and the seed each came from (image ``i`` from ``seeds[i]``)."""
-
-    seeds: list[int]
-    images: torch.Tensor  # uint8 [N, C, H, W]
-
-    def __post_init__(self):
-        require(self.images.dtype == torch.uint8 and self.images.ndim == 4,
-                f"sample images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
-        require(len(self.seeds) == len(self.images), f"{len(self.seeds)} seeds for {len(self.images)} images")
-        require(len(set(self.seeds)) == len(self.seeds), "sample seeds repeat; every image needs its own seed")
-
-
-def pair_by_seed(a: SampleSet, b: SampleSet) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """The seeds both sets hold (ascending) and the two image stacks in that order — never file order."""
-    common = sorted(set(a.seeds) & set(b.seeds))
-    require(len(common) > 0, "the two sample sets share no seed; sample both from the same --seed")
-    ia = {s: i for i, s in enumerate(a.seeds)}
-    ib = {s: i for i, s in enumerate(b.seeds)}
-    return common, a.images[[ia[s] for s in common]], b.images[[ib[s] for s in common]]
-
-
 def _ssim_window(size: int) -> int:
     """pytorch-msssim's 11-px Gaussian window, shrunk to the largest odd size that fits smaller images."""
     return 11 if size >= 11 else max(1, size - 1 if size % 2 == 0 else size)
@@ -416,56 +394,3 @@ def paired_consistency(teacher: torch.Tensor, student: torch.Tensor) -> dict:
         out["ms_ssim"] = None
         out["ms_ssim_note"] = f"not computed: MS-SSIM needs images larger than {need} px per side, these are {side}"
     return out
-
-
-# --- sample folders written by `diffprune sample` --------------------------------------------------------------
-
-def load_sample_folder(folder: str | os.PathLike) -> SampleSet:
-    """Read a ``diffprune sample`` folder (or an ``evaluate`` samples folder) as a :class:`SampleSet`.
-
-    Seeds come from ``samples.npz`` (arrays ``images`` + ``seeds``); failing that, from PNG files named by index
-    (``00017.png``) with ``samples.json``'s ``seeds`` list (image i from ``seeds[i]``) or base ``seed`` (image i from
-    ``seed + i``); with neither, the index itself is the pairing key. File order is never used.
-    """
-    folder = Path(folder)
-    require(folder.is_dir(), f"sample folder {str(folder)!r} does not exist; pass a folder written by diffprune sample")
-    from .sampling import SAMPLES_NPZ, load_samples
-
-    if (folder / SAMPLES_NPZ).is_file():
-        images, seeds = load_samples(folder)
-        return SampleSet(seeds=[int(s) for s in seeds], images=images)
-    pngs = {}
-    for p in folder.iterdir():
-        if p.suffix.lower() == ".png" and re.fullmatch(r"\d+", p.stem):
-            pngs[int(p.stem)] = p
-    require(len(pngs) > 0, f"sample folder {str(folder)!r} has neither samples.npz with seeds nor PNGs named by "
-                           "index (0.png, 1.png, ...); pass a folder written by diffprune sample")
-    from .data import _stack_images, read_image
-
-    recorded = _recorded_seeds(folder)
-    idx = sorted(pngs)
-    images = _stack_images([read_image(pngs[i]) for i in idx], [repr(str(pngs[i])) for i in idx])
-    if isinstance(recorded, list):
-        require(idx[-1] < len(recorded), f"{str(folder)!r}: PNG index {idx[-1]} but samples.json lists only "
-                                         f"{len(recorded)} seeds")
-        seeds = [int(recorded[i]) for i in idx]
-    else:
-        seeds = [(recorded or 0) + i for i in idx]
-    return SampleSet(seeds=seeds, images=images)
-
-
-def _recorded_seeds(folder: Path) -> list | int | None:
-    """``samples.json``'s ``seeds`` list (image i from seeds[i]) or its base ``seed`` (image i from seed + i)."""
-    p = folder / "samples.json"
-    if not p.is_file():
-        return None
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
-        raise DiffPruneError(f"{str(p)!r} is not valid JSON; rewrite the folder with diffprune sample") from None
-    if isinstance(d, dict) and isinstance(d.get("seeds"), list):
-        return d["seeds"]
-    if isinstance(d, dict) and isinstance(d.get("seed"), int):
-        return int(d["seed"])
-    return None
-

@@ -21,6 +21,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from .samples import image_grid
+
 __all__ = ["width_changes", "timestep_losses", "metrics_rows", "write_report"]
 
 FIGURES = {
@@ -92,8 +94,6 @@ def _plt():
 
 
 def _grid_array(images: torch.Tensor, nrow: int) -> np.ndarray:
-    from .sampling import image_grid
-
     return np.asarray(image_grid(images, nrow=nrow))
 
 

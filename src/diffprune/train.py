@@ -636,7 +636,8 @@ def _save_final(raw, ema, scheduler, out: Path, pruning: dict | None, pipeline=N
 def _save_sample_grid(raw, ema, scheduler, path: Path, steps: int, codec=None, data=None) -> None:
     """36 samples; a text model draws seed i with the caption of training image i (mod the data)."""
     from .adapters import adapter_for
-    from .sampling import image_grid, sample
+    from .samples import image_grid
+    from .sampling import sample
 
     model = ema_copy(raw, ema)
     spec = adapter_for(model).conditioning(model)

@@ -55,7 +55,8 @@ def _sample(args) -> int:
     from ..errors import require
     from ..io import load_model
     from ..objective import resolve_scheduler
-    from ..sampling import conditioning_for, prompts_for, sample, save_samples
+    from ..samples import save_samples
+    from ..sampling import conditioning_for, prompts_for, sample
 
     prompts = read_prompts(args)
     loaded = load_model(args.model)
