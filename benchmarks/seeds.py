@@ -49,7 +49,7 @@ from diffprune.importance import METHODS, setting_owners
 from diffprune.timesteps import STRATEGY_FIELDS, TIMESTEP_STRATEGIES
 from diffprune._fs import atomic_write_bytes, read_json
 from diffprune.pipeline import STAGES, load_run_config, run_pipeline, stage_complete, stage_hashes
-from diffprune.report import _flow_order, width_changes
+from diffprune.report import width_changes
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", default="demo", choices=sorted(DEMOS.values()))
@@ -284,7 +284,10 @@ def widths_table(results: list[dict]) -> list[str]:
     """Kept output channels of each layer whose kept width differs between the runs, per arm one value per seed."""
     # one row per (arm, seed): every budget of a run shares its pruning
     rows = sorted({(r["arm"], r["seed"]): r for r in results if r.get("widths")}.values(), key=lambda r: r["seed"])
-    names = sorted(sorted({n for r in rows for n in r["widths"]}), key=_flow_order)
+    from diffprune.io import load_model
+
+    order = load_model(base["model"]).adapter.layer_order  # the teacher's family: its layers, input to output
+    names = sorted(sorted({n for r in rows for n in r["widths"]}), key=order)
     varying = [n for n in names if len({r["widths"].get(n) for r in rows}) > 1]  # none when there are no rows
     if not varying:
         return []
