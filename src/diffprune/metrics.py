@@ -9,7 +9,8 @@
 * :func:`paired_consistency` compares teacher and student images generated from the same seeds: SSIM, MS-SSIM
   (only where the image is large enough) and MSE, through pytorch-msssim.
 * :func:`reference_statistics` caches a data set's feature statistics under a key made of everything that changes
-  them (:func:`stats_cache_key`), as safetensors (never pickles).
+  them (:func:`stats_cache_key`), through the one verified cache (:mod:`diffprune._cache`; safetensors, never
+  pickles).
 
 Sample sets and their folders are :mod:`diffprune.samples`.
 
@@ -17,8 +18,6 @@ Images enter every function as uint8 ``[N, C, H, W]``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import warnings
@@ -29,7 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ._cache import cache_dir
+from ._cache import cache_dir, cached
+from ._hashing import content_sha256, file_sha256, json_sha256
 from ._torch import eval_mode
 from .errors import DiffPruneError, require
 from .registry import Registry
@@ -130,12 +130,6 @@ def load_extractor(name: str, weights: str | os.PathLike | None = None, *, cache
     return EXTRACTORS.get(name)(weights=weights, cache=cache)
 
 
-def _sha256(path: Path) -> str:
-    from ._hashing import file_sha256
-
-    return file_sha256(path)
-
-
 @EXTRACTORS.register("mnist-classifier")
 def _mnist_classifier(weights=None, cache=None) -> FeatureExtractor:
     """Penultimate (128-d) features of the shipped digit classifier; ``weights``: a classifier folder."""
@@ -149,7 +143,7 @@ def _mnist_classifier(weights=None, cache=None) -> FeatureExtractor:
     folder = shipped_model_path(source) or Path(source)
     dim = int(model.config.feature_dim)
     return FeatureExtractor(
-        name="mnist-classifier", module=model, dim=dim, weights_sha256=_sha256(folder / CLASSIFIER_WEIGHTS),
+        name="mnist-classifier", module=model, dim=dim, weights_sha256=file_sha256(folder / CLASSIFIER_WEIGHTS),
         preprocessing=f"uint8->[-1,1]; RGB->grey (BT.601); bilinear antialias resize to {model.input_size}",
         transform=lambda x: to_grey(to_model_range(x)),
         forward=lambda m, x: m.features(x),
@@ -167,13 +161,13 @@ def resolve_inception_weights(weights: str | os.PathLike | None = None) -> Path:
         require(p.is_file(), f"inception weights {str(p)!r} do not exist; pass the path of {INCEPTION_WEIGHTS_NAME} "
                              "(or a .safetensors copy of it) with --inception-weights")
         return p
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
-    if cached.is_file():
-        return cached
+    downloaded = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
+    if downloaded.is_file():
+        return downloaded
     raise DiffPruneError(
-        f"Inception FID weights not found: no --inception-weights given and no {str(cached)!r}; download "
+        f"Inception FID weights not found: no --inception-weights given and no {str(downloaded)!r}; download "
         f"{INCEPTION_WEIGHTS_NAME} from pytorch-fid's GitHub release 'fid_weights' on a connected machine and pass "
-        f"it with --inception-weights FILE (or copy it to {str(cached.parent)!r}); offline on MNIST, use "
+        f"it with --inception-weights FILE (or copy it to {str(downloaded.parent)!r}); offline on MNIST, use "
         "--extractor mnist-classifier"
     )
 
@@ -214,7 +208,7 @@ def _inception(weights=None, cache=None) -> FeatureExtractor:
     finally:
         pfi.load_state_dict_from_url = original
     return FeatureExtractor(
-        name="inception", module=model.eval(), dim=2048, weights_sha256=_sha256(path),
+        name="inception", module=model.eval(), dim=2048, weights_sha256=file_sha256(path),
         preprocessing="uint8->[0,1]; grey->RGB; pytorch-fid InceptionV3 (bilinear resize to 299, [0,1]->[-1,1])",
         transform=lambda x: (x.float() / 255.0).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float() / 255.0,
         forward=lambda m, x: m(x)[0].flatten(1),
@@ -319,11 +313,21 @@ def stats_cache_key(*, dataset: str, split: str, count: int, resolution: int, ch
     fields = dict(format=STATS_FORMAT, dataset=dataset, split=split, count=int(count), resolution=int(resolution),
                   channels=int(channels), data_sha256=data_sha256, extractor=extractor,
                   weights_sha256=weights_sha256, preprocessing=preprocessing)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return json_sha256(fields)
 
 
-def _tensor_sha256(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
+def _stats_check(dim: int) -> Callable[[dict], str | None]:
+    """What a cached entry must be to stand for ``dim``-wide features: ``mu`` ``[dim]``, ``sigma`` ``[dim, dim]``,
+    both float64 and finite (the cache's checksum finds damage; this finds an entry that was never right)."""
+    def check(t: dict) -> str | None:
+        mu, sigma = t.get("mu"), t.get("sigma")
+        if mu is None or sigma is None or tuple(mu.shape) != (dim,) or tuple(sigma.shape) != (dim, dim):
+            return f"it holds no mean [{dim}] and covariance [{dim}, {dim}]"
+        if mu.dtype != torch.float64 or sigma.dtype != torch.float64:
+            return "its statistics are not float64"
+        return None if bool(torch.isfinite(mu).all() and torch.isfinite(sigma).all()) else "its statistics are not finite"
+
+    return check
 
 
 def reference_statistics(images: torch.Tensor, extractor: FeatureExtractor, *, dataset: str, split: str,
@@ -332,32 +336,23 @@ def reference_statistics(images: torch.Tensor, extractor: FeatureExtractor, *, d
     """Feature statistics of reference images (uint8 ``[N, C, H, W]``), read from or written to the cache.
 
     The key covers the data's name, split, count, resolution, channels and content hash, the extractor, its
-    weights' sha256 and its preprocessing. Returns ``(stats, info)``; ``info`` says the key, file and cache hit.
+    weights' sha256 and its preprocessing. Returns ``(stats, info)``; ``info`` says the key, file and cache hit
+    (and ``replaced``: why a damaged entry was computed again).
     """
     n, c, h, _ = images.shape
     fields = dict(dataset=str(dataset), split=str(split), count=n, resolution=h, channels=c,
-                  data_sha256=_tensor_sha256(images), extractor=extractor.name,
+                  data_sha256=content_sha256(images), extractor=extractor.name,
                   weights_sha256=extractor.weights_sha256, preprocessing=extractor.preprocessing)
     key = stats_cache_key(**fields)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}-{split}")[-40:]
-    path = cache_dir(cache) / "fid-stats" / f"{extractor.name}-{slug}-{n}-{key[:20]}.safetensors"
-    info = {"key": key, "path": str(path), "hit": False, **fields}
-    if use_cache and path.is_file():
-        from safetensors.torch import load_file
 
-        t = load_file(path)
-        return FeatureStats(mu=t["mu"].numpy(), sigma=t["sigma"].numpy(), n=n), {**info, "hit": True}
-    stats = feature_statistics(compute_features(extractor, images, batch_size=batch_size, device=device))
-    if use_cache:
-        from safetensors.torch import save as save_bytes
+    def compute() -> dict:
+        stats = feature_statistics(compute_features(extractor, images, batch_size=batch_size, device=device))
+        return {"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}
 
-        from ._fs import atomic_write_bytes
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {k: str(v) for k, v in fields.items()} | {"key": key, "format": str(STATS_FORMAT)}
-        data = save_bytes({"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}, metadata=meta)
-        atomic_write_bytes(path, data)
-    return stats, info
+    t, info = cached("fid-stats", key, compute, root=cache, name=f"{extractor.name}-{slug}-{n}-{key[:20]}",
+                     check=_stats_check(extractor.dim), enabled=use_cache)
+    return FeatureStats(mu=t["mu"].numpy(), sigma=t["sigma"].numpy(), n=n), {**info, **fields}
 
 
 # --- paired consistency ----------------------------------------------------------------------------------------
