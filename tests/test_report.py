@@ -35,7 +35,7 @@ def _images(n, seed):
     return torch.randint(0, 256, (n, 1, 16, 16), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
-METRICS = {"params": 1000, "teacher_params": 4000, "macs": 2_000_000, "teacher_macs": 8_000_000, "fid": 12.5,
+METRICS = {"params": 1000, "base_params": 4000, "macs": 2_000_000, "base_macs": 8_000_000, "fid": 12.5,
            "fid_teacher": 10.0, "ssim": 0.8, "mse": 0.01, "speedup": 2.5, "mac_ratio": 4.0, "device": "cpu",
            "threads": 1, "seeds": {"first": 0, "n": 16}, "versions": {"torch": torch.__version__},
            "names": {"student": "pruned", "teacher": "teacher"}}

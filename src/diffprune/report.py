@@ -293,9 +293,9 @@ def metrics_rows(m: dict) -> list[tuple[str, str, str]]:
     sc, tc = latency.get("student", {}), latency.get("teacher", {})
     ext = (m.get("fid_setup") or {}).get("extractor", {}).get("extractor", "")
     rows = [
-        ("Parameters", _fmt(m.get("teacher_params"), "count"), _fmt(m.get("params"), "count")),
-        ("MACs per UNet call (batch 1)", _fmt(m.get("teacher_macs"), "macs"), _fmt(m.get("macs"), "macs")),
-        ("MACs per image (all steps)", _fmt(m.get("teacher_macs_per_image"), "macs"),
+        ("Parameters", _fmt(m.get("base_params"), "count"), _fmt(m.get("params"), "count")),
+        ("MACs per UNet call (batch 1)", _fmt(m.get("base_macs"), "macs"), _fmt(m.get("macs"), "macs")),
+        ("MACs per image (all steps)", _fmt(m.get("base_macs_per_image"), "macs"),
          _fmt(m.get("macs_per_image"), "macs")),
         (f"FID vs data ({ext or 'no data'})", _fmt(m.get("fid_teacher")), _fmt(m.get("fid"))),
     ]
