@@ -17,6 +17,7 @@ import yaml
 from diffprune.cli.demo import config_path
 from diffprune.importance import METHODS, setting_owners
 from diffprune.pipeline import load_run_config, run_pipeline
+from diffprune.records import read_metrics
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--methods", nargs="+", default=["diff-pruning", "taylor", "magnitude", "random", "reinit"])
@@ -44,9 +45,9 @@ for method in args.methods:
     if args.seed is not None:
         raw["seed"] = args.seed
     t0 = time.time()
-    m = run_pipeline(load_run_config(raw), Path(args.out) / method, device="cpu")
+    m = read_metrics(run_pipeline(load_run_config(raw), Path(args.out) / method, device="cpu"))  # older runs too
     pruning = json.loads((Path(args.out) / method / "prune" / "model" / "pruning.json").read_text())
-    rows.append({"method": method, "params": m["params"], "mac_ratio": m["macs"] / m["teacher_macs"],
+    rows.append({"method": method, "params": m["params"], "mac_ratio": m["macs"] / m["base_macs"],
                  "fid": m["fid"], "fid_teacher": m["fid_teacher"], "ssim": m["ssim"], "speedup": m["speedup"],
                  "cutoff_t": pruning.get("cutoff_t"), "seconds": round(time.time() - t0, 1)})
     print(rows[-1], flush=True)

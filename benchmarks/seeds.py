@@ -49,7 +49,8 @@ from diffprune.importance import METHODS, setting_owners
 from diffprune.timesteps import STRATEGY_FIELDS, TIMESTEP_STRATEGIES
 from diffprune._fs import atomic_write_bytes, read_json
 from diffprune.pipeline import STAGES, load_run_config, run_pipeline, stage_complete, stage_hashes
-from diffprune.report import _flow_order, width_changes
+from diffprune.records import read_metrics
+from diffprune.report import width_changes
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", default="demo", choices=sorted(DEMOS.values()))
@@ -115,7 +116,7 @@ def pruned_eval(run: Path, cfg) -> dict:
 
     out = run / "pruned-ssim"
     if (out / "metrics.json").is_file():
-        cached = read_json(out / "metrics.json")
+        cached = read_metrics(out / "metrics.json")
         if cached.get("fid") is not None or args.report:  # folders written before FID was measured are redone
             return cached
     if args.report:
@@ -284,7 +285,10 @@ def widths_table(results: list[dict]) -> list[str]:
     """Kept output channels of each layer whose kept width differs between the runs, per arm one value per seed."""
     # one row per (arm, seed): every budget of a run shares its pruning
     rows = sorted({(r["arm"], r["seed"]): r for r in results if r.get("widths")}.values(), key=lambda r: r["seed"])
-    names = sorted(sorted({n for r in rows for n in r["widths"]}), key=_flow_order)
+    from diffprune.io import load_model
+
+    order = load_model(base["model"]).adapter.layer_order  # the teacher's family: its layers, input to output
+    names = sorted(sorted({n for r in rows for n in r["widths"]}), key=order)
     varying = [n for n in names if len({r["widths"].get(n) for r in rows}) > 1]  # none when there are no rows
     if not varying:
         return []
@@ -497,9 +501,9 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             if args.report:
                 if not all(stage_complete(run / s, hashes[s]) for s in STAGES):
                     continue
-                m = read_json(run / "eval" / "metrics.json")
+                m = read_metrics(run / "eval" / "metrics.json")
             else:
-                m = run_pipeline(cfg, run, device="cpu", progress=False)
+                m = read_metrics(run_pipeline(cfg, run, device="cpu", progress=False))  # older run folders too
             # a bare model keeps pruning.json beside its weights, a pipeline in its denoiser's folder
             pruning = read_json(next((run / "prune" / "model").glob("**/pruning.json")))
             prune = {"calibration_timesteps": len((pruning.get("calibration") or {}).get("accumulated", [])) or None,
@@ -509,7 +513,7 @@ for seed in args.seeds:  # seed-major: a benchmark stopped early has every arm o
             widths = width_changes(pruning)  # {layer: (teacher's output channels, kept)}
             row = {"arm": arm, "seed": seed, "steps": steps, "fid": m["fid"], "fid_teacher": m["fid_teacher"],
                    "ssim": m["ssim"], "class_accuracy": m.get("class_accuracy"), "speedup": m["speedup"],
-                   "macs_fraction": m["macs"] / m["teacher_macs"], "params": m["params"], **prune,
+                   "macs_fraction": m["macs"] / m["base_macs"], "params": m["params"], **prune,
                    "seconds": None if args.report else round(time.time() - t0, 1),
                    "widths": {n: kept for n, (_, kept) in widths.items()}, "hash": digest,
                    "environment": environment(m)}

@@ -3,7 +3,8 @@ import torch
 
 from diffprune.cli import main
 from diffprune.presets import build_model
-from diffprune.sampling import default_scheduler, load_samples
+from diffprune.samples import load_samples
+from diffprune.sampling import default_scheduler
 
 
 @pytest.fixture(scope="module")

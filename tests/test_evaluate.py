@@ -8,11 +8,11 @@ import torch
 
 from diffprune.errors import DiffPruneError
 from diffprune.evaluate import EvalConfig, evaluate
-from diffprune.metrics import load_sample_folder
+from diffprune.samples import load_sample_folder
 
 FAST = dict(n=12, steps=3, data="mnist", ref_count=200, latency_batches=(1, 2), sampler_latency_batch=2,
             batch_size=8, grid_count=8)
-REQUIRED = ["fid", "fid_teacher", "ssim", "params", "teacher_params", "macs", "teacher_macs", "speedup"]
+REQUIRED = ["fid", "fid_teacher", "ssim", "params", "base_params", "macs", "base_macs", "speedup"]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def test_metrics_json_has_the_required_finite_values(evaluated, models):
     saved = json.loads((out / "metrics.json").read_text())
     for key in REQUIRED:
         assert isinstance(saved[key], (int, float)) and math.isfinite(saved[key]), key
-    assert saved["params"] == models["pruning"]["params"] < saved["teacher_params"] == models["pruning"]["base_params"]
-    assert saved["macs"] == models["pruning"]["macs"] < saved["teacher_macs"]
-    assert saved["mac_ratio"] == pytest.approx(saved["teacher_macs"] / saved["macs"])
+    assert saved["params"] == models["pruning"]["params"] < saved["base_params"] == models["pruning"]["base_params"]
+    assert saved["macs"] == models["pruning"]["macs"] < saved["base_macs"]
+    assert saved["mac_ratio"] == pytest.approx(saved["base_macs"] / saved["macs"])
     assert saved["macs_per_image"] == saved["macs"] * 3  # 3 DDIM steps = 3 UNet calls per image
     assert saved["speedup"] > 0 and math.isfinite(saved["speedup_over_mac_ratio"])
     assert 0 < saved["fid"] and 0 < saved["fid_teacher"] and -1 <= saved["ssim"] <= 1
@@ -77,7 +77,6 @@ def test_report_and_reusable_sample_folders_are_written(evaluated):
 
 def test_teacher_student_share_seeds_and_samples_are_reproducible(evaluated, models):
     from diffprune.data import to_uint8
-    from diffprune.metrics import load_sample_folder
     from diffprune.sampling import sample
 
     _, out = evaluated
@@ -91,7 +90,7 @@ def test_teacher_student_share_seeds_and_samples_are_reproducible(evaluated, mod
 def test_reusing_sample_folders_gives_the_same_consistency_whatever_the_order(evaluated, tmp_path):
     import numpy as np
 
-    from diffprune.sampling import load_samples, save_samples
+    from diffprune.samples import load_samples, save_samples
 
     m, out = evaluated
     images, seeds = load_samples(out / "samples" / "teacher")
@@ -166,3 +165,142 @@ def test_cli_eval_end_to_end_and_errors(models, tmp_path, capsys):
     assert main(["eval", "--out", str(tmp_path / "x")]) == 2
     assert "--model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# --- the cache: a damaged or unwritable entry never changes a result ------------------------------------------------
+
+QUIET = {**FAST, "latency_batches": ()}  # what the cache holds does not depend on timing: leave it out
+FIGURES = ("ssim", "ms_ssim", "mse", "fid", "fid_teacher", "fid_student_vs_teacher", "params", "macs")
+
+
+@pytest.fixture(scope="module")
+def cold(models, tmp_path_factory):
+    """One evaluation on an empty cache: the figures every damaged-cache run must give to the last digit."""
+    root = tmp_path_factory.mktemp("cold")
+    m = evaluate(models["student"], models["teacher"], config=EvalConfig(**QUIET, cache_dir=str(root / "cache")),
+                 out_dir=root / "eval", scheduler=models["scheduler"])
+    assert m["teacher_samples_cache"]["hit"] is False and m["fid_setup"]["reference"]["hit"] is False
+    return m, root / "cache"
+
+
+def _damage(path, how: str) -> None:
+    """Damage the cache entry at ``path``: cut it short, change its content keeping its metadata (a valid
+    safetensors file whose tensors have the right shapes), fill it with garbage, or put a folder in its place."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "other-content":
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        t = load_file(path)
+        if "images" in t:
+            t["images"][0] = 255 - t["images"][0]  # one teacher image inverted
+        else:
+            t["mu"] = t["mu"] + 1.0  # the reference mean shifted
+        save_file(t, path, metadata=meta)
+    elif how == "garbage":
+        path.write_bytes(bytes(range(256)) * 8)
+    else:
+        assert how == "folder"
+        path.unlink()
+        path.mkdir()
+
+
+@pytest.mark.parametrize("how", ["truncated", "other-content", "garbage", "folder"])
+@pytest.mark.parametrize("kind", ["teacher-samples", "fid-stats"])
+def test_a_damaged_cache_entry_is_recomputed_and_the_result_is_the_cold_one(cold, models, tmp_path, capfd, kind,
+                                                                           how):
+    import shutil
+    from pathlib import Path
+
+    first, cache = cold
+    shutil.copytree(cache, tmp_path / "cache")
+    info = first["teacher_samples_cache"] if kind == "teacher-samples" else first["fid_setup"]["reference"]
+    entry = tmp_path / "cache" / kind / Path(info["path"]).name
+    _damage(entry, how)
+    m = evaluate(models["student"], models["teacher"], config=EvalConfig(**QUIET, cache_dir=str(tmp_path / "cache")),
+                 out_dir=tmp_path / "eval", scheduler=models["scheduler"])
+    for key in FIGURES:
+        assert m[key] == first[key], key  # to the last digit
+    again = m["teacher_samples_cache"] if kind == "teacher-samples" else m["fid_setup"]["reference"]
+    other = m["fid_setup"]["reference"] if kind == "teacher-samples" else m["teacher_samples_cache"]
+    assert again["hit"] is False and again["key"] == info["key"] and other["hit"] is True
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    if how == "folder":  # nowhere to write the entry: a warning, and the run goes on
+        assert "could not write the cache entry" in capfd.readouterr().err
+    else:  # the entry is replaced, and says why
+        assert again["replaced"] and "recomputing it" in capfd.readouterr().err
+        healed = evaluate(models["student"], models["teacher"],
+                          config=EvalConfig(**QUIET, cache_dir=str(tmp_path / "cache")), out_dir=tmp_path / "healed",
+                          scheduler=models["scheduler"])
+        assert healed["teacher_samples_cache"]["hit"] and healed["fid_setup"]["reference"]["hit"]
+
+
+@pytest.mark.parametrize("how", ["below-a-file", "disk-full"])
+def test_an_unwritable_cache_still_writes_the_evaluation(cold, models, tmp_path, capfd, monkeypatch, how):
+    import errno
+
+    first, _ = cold
+    cache = tmp_path / "cache"
+    if how == "below-a-file":
+        (tmp_path / "file").write_text("not a folder")
+        cache = tmp_path / "file" / "cache"
+    else:
+        def full(path, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr("diffprune._cache.atomic_write_bytes", full)
+    m = evaluate(models["student"], models["teacher"], config=EvalConfig(**QUIET, cache_dir=str(cache)),
+                 out_dir=tmp_path / "eval", scheduler=models["scheduler"])
+    for key in FIGURES:
+        assert m[key] == first[key], key
+    assert capfd.readouterr().err.count("could not write the cache entry") == 2  # teacher samples, FID statistics
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["ssim"] == first["ssim"] and (tmp_path / "eval" / "report.html").is_file()
+    assert (tmp_path / "eval" / "samples" / "teacher" / "samples.npz").is_file()
+
+
+# --- metrics.json: one name per figure, older files still read -------------------------------------------------------
+
+def test_metrics_json_names_the_unpruned_model_base_and_records_latency_once(evaluated):
+    _, out = evaluated
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["base_macs_per_image"] == saved["base_macs"] * 3
+    assert not [k for k in saved if k.startswith("teacher_") and k != "teacher_samples_cache"]
+    assert "latency_per_image_s" not in saved and "teacher_latency_per_image_s" not in saved
+    lat = {role: saved["latency"][role]["latency_sampler"]["per_image_s"] for role in ("student", "teacher")}
+    assert saved["speedup"] == pytest.approx(lat["teacher"] / lat["student"])
+
+
+def test_an_older_metrics_json_reads_under_todays_names():
+    from pathlib import Path
+
+    from diffprune.cli.run import summary_table
+    from diffprune.records import read_metrics
+
+    path = Path(__file__).parents[1] / "benchmarks" / "results" / "demo_metrics.json"  # written with teacher_*
+    old = json.loads(path.read_text())
+    m = read_metrics(path)
+    for key in ("params", "macs", "macs_per_image"):
+        assert m[f"base_{key}"] == old[f"teacher_{key}"] and f"teacher_{key}" not in m
+    assert {k: v for k, v in m.items() if not k.startswith("base_")} == {
+        k: v for k, v in old.items() if k not in ("teacher_params", "teacher_macs", "teacher_macs_per_image")}
+    assert read_metrics(m) == m and read_metrics({"macs": 1}) == {"macs": 1}  # nothing filled in
+    table = summary_table(old, "run", 60)
+    assert table == summary_table(m, "run", 60) and f"{old['teacher_macs']:,d}" in table
+
+
+def test_the_adapter_is_looked_up_once_and_handed_down(models, tmp_path, monkeypatch):
+    import diffprune.adapters as adapters
+
+    calls = []
+    lookup = adapters.adapter_for
+    monkeypatch.setattr(adapters, "adapter_for", lambda model: calls.append(model) or lookup(model))
+    config = EvalConfig(**{**FAST, "data": None, "latency_batches": (1,)})
+    evaluate(models["student"], models["teacher"], config=config, out_dir=tmp_path / "a", scheduler=models["scheduler"])
+    assert len(calls) == 1
+    evaluate(models["student"], models["teacher"], config=config, out_dir=tmp_path / "b", scheduler=models["scheduler"],
+             adapter=lookup(models["student"]))
+    assert len(calls) == 1

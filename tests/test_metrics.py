@@ -7,10 +7,10 @@ import torch
 
 from diffprune.errors import DiffPruneError
 from diffprune.metrics import (
-    INCEPTION_WEIGHTS_NAME, SampleSet, cache_dir, compute_features, feature_statistics, fid_from_features,
-    frechet_distance, load_extractor, load_sample_folder, pair_by_seed, paired_consistency, reference_statistics,
-    resolve_inception_weights, stats_cache_key,
+    INCEPTION_WEIGHTS_NAME, cache_dir, compute_features, feature_statistics, fid_from_features, frechet_distance,
+    load_extractor, paired_consistency, reference_statistics, resolve_inception_weights, stats_cache_key,
 )
+from diffprune.samples import SampleSet, load_sample_folder, pair_by_seed
 
 
 def _inception_importable() -> bool:
@@ -125,7 +125,7 @@ def test_pairing_is_by_seed_not_by_order():
 
 
 def test_sample_folders_pair_by_seed_whatever_the_file_order(tmp_path):
-    from diffprune.sampling import save_samples
+    from diffprune.samples import save_samples
 
     teacher = _digits(10)
     student = teacher.flip(-2)
@@ -184,6 +184,48 @@ def test_reference_statistics_cached_as_safetensors_and_keyed(tmp_path, monkeypa
 
     with safe_open(i1["path"], "pt") as f:
         assert sorted(f.keys()) == ["mu", "sigma"] and f.metadata()["key"] == i1["key"]
+
+
+@pytest.mark.parametrize("entry", ["wrong-width", "not-finite"])
+def test_reference_statistics_refuse_a_sound_entry_that_does_not_fit(tmp_path, capfd, entry):
+    """An entry whose checksum holds but whose statistics cannot be this extractor's (another width, NaN) is
+    computed again, to the same values as a cold cache."""
+    from pathlib import Path
+
+    from diffprune import _cache
+    from diffprune.data import load_images
+
+    ex = load_extractor("mnist-classifier")
+    x = load_images("mnist", resolution=16, channels=1, split="train", limit=300)
+    cold, info = reference_statistics(x, ex, dataset="mnist", split="train", cache=tmp_path)
+    dim = ex.dim + 1 if entry == "wrong-width" else ex.dim
+    mu = torch.zeros(dim, dtype=torch.float64)
+    mu[0] = float("nan") if entry == "not-finite" else 0.0
+    _cache._store(Path(info["path"]), info["key"], {"mu": mu, "sigma": torch.eye(dim, dtype=torch.float64)})
+    again, info2 = reference_statistics(x, ex, dataset="mnist", split="train", cache=tmp_path)
+    assert not info2["hit"] and info2["key"] == info["key"] and info2["replaced"]
+    assert "recomputing it" in capfd.readouterr().err
+    np.testing.assert_array_equal(again.mu, cold.mu)
+    np.testing.assert_array_equal(again.sigma, cold.sigma)
+    _, info3 = reference_statistics(x, ex, dataset="mnist", split="train", cache=tmp_path)
+    assert info3["hit"]
+
+
+def test_reference_statistics_go_on_when_the_cache_cannot_be_written(tmp_path, capfd, monkeypatch):
+    import errno
+
+    from diffprune.data import load_images
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ex = load_extractor("mnist-classifier")
+    x = load_images("mnist", resolution=16, channels=1, split="train", limit=300)
+    cold, _ = reference_statistics(x, ex, dataset="mnist", split="train", cache=tmp_path / "a")
+    monkeypatch.setattr("diffprune._cache.atomic_write_bytes", full)
+    stats, info = reference_statistics(x, ex, dataset="mnist", split="train", cache=tmp_path / "b")
+    assert not info["hit"] and "No space left on device" in capfd.readouterr().err
+    np.testing.assert_array_equal(stats.sigma, cold.sigma)
 
 
 # --- extractors --------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def _images(n, seed):
     return torch.randint(0, 256, (n, 1, 16, 16), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
-METRICS = {"params": 1000, "teacher_params": 4000, "macs": 2_000_000, "teacher_macs": 8_000_000, "fid": 12.5,
+METRICS = {"params": 1000, "base_params": 4000, "macs": 2_000_000, "base_macs": 8_000_000, "fid": 12.5,
            "fid_teacher": 10.0, "ssim": 0.8, "mse": 0.01, "speedup": 2.5, "mac_ratio": 4.0, "device": "cpu",
            "threads": 1, "seeds": {"first": 0, "n": 16}, "versions": {"torch": torch.__version__},
            "names": {"student": "pruned", "teacher": "teacher"}}
@@ -71,3 +71,45 @@ def test_metrics_rows_format_missing_values_as_dash():
     rows = dict((r[0], r[1:]) for r in metrics_rows({"params": 12, "fid": None}))
     assert rows["Parameters"] == ("—", "12")
     assert rows["FID vs data (no data)"] == ("—", "—")
+
+
+def test_the_report_is_utf8_whatever_the_locale(tmp_path):
+    """Under LC_ALL=C without UTF-8 mode Python's locale encoding is ASCII, which cannot hold the tables' "—"."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import locale, sys, torch; from diffprune.report import write_report; sys.path.insert(0, sys.argv[2]); "
+              "from test_report import METRICS, PRUNING, _images; "
+              "write_report(sys.argv[1], METRICS, student_images=_images(4, 1), teacher_images=_images(4, 2), "
+              "seeds=range(4), pruning=PRUNING); print(locale.getpreferredencoding(False))")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import codecs
+
+    assert codecs.lookup(done.stdout.strip()).name == "ascii"  # the locale really could not encode "—"
+    md = (tmp_path / "report.md").read_bytes().decode("utf-8")
+    html = (tmp_path / "report.html").read_bytes().decode("utf-8")
+    assert "—" in md and "—" in html and "×" in md
+
+
+def test_the_width_plot_orders_layers_as_the_models_family_does():
+    from diffprune.report import layer_order
+
+    unet = ["up_blocks.1.resnets.0.conv1", "mid_block.resnets.0.conv1", "down_blocks.10.resnets.0.conv1",
+            "conv_in", "down_blocks.2.resnets.0.conv1", "time_embedding.linear_1"]
+    assert sorted(unet, key=layer_order({"family": "unet2d"})) == [
+        "conv_in", "time_embedding.linear_1", "down_blocks.2.resnets.0.conv1", "down_blocks.10.resnets.0.conv1",
+        "mid_block.resnets.0.conv1", "up_blocks.1.resnets.0.conv1"]
+    assert sorted(unet, key=layer_order({"family": "unet2d-cond"})) == sorted(unet, key=layer_order(
+        {"family": "unet2d"}))
+    dit = ["proj_out_1", "transformer_blocks.10.attn1.to_q", "transformer_blocks.2.norm1.emb.timestep_embedder.linear_1",
+           "transformer_blocks.2.attn1.to_q", "pos_embed.proj"]
+    assert sorted(dit, key=layer_order({"family": "dit"})) == [
+        "pos_embed.proj", "transformer_blocks.2.norm1.emb.timestep_embedder.linear_1",
+        "transformer_blocks.2.attn1.to_q", "transformer_blocks.10.attn1.to_q", "proj_out_1"]
+    for unknown in ({"family": "something-new"}, {}, None):  # the recorded order, unchanged
+        assert sorted(dit, key=layer_order(unknown)) == dit

@@ -3,7 +3,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffprune.presets import build_model
-from diffprune.sampling import QuadDDIMScheduler, default_scheduler, load_samples, sample, save_samples, skip_timesteps
+from diffprune.samples import load_samples, save_samples
+from diffprune.sampling import QuadDDIMScheduler, default_scheduler, sample, skip_timesteps
 
 
 def _unet():

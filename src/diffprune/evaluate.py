@@ -16,17 +16,21 @@ and writes ``metrics.json``, the sample sets and the report (:mod:`diffprune.rep
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._cache import cached
+from ._hashing import Hasher, source_sha256
+from .adapters import resolve_adapter, unwrap
 from .errors import require, require_int, require_seed
-from .metrics import SampleSet
 from .records import eval_versions, read_log
+from .samples import SampleSet, load_sample_folder, pair_by_seed, save_samples
 
 __all__ = ["EvalConfig", "evaluate", "load_for_eval", "default_extractor"]
 
@@ -120,14 +124,27 @@ class _Model:
     role: str
     unet: Any
     samples: SampleSet | None = None
-    cost: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """How both models are sampled: the one set-up that the student, the teacher and the teacher-sample cache key
+    share. ``labels``: each seed's class (class-conditional models); ``context``: the prompt embeddings and the
+    empty prompt's (text-to-image models)."""
+
+    config: EvalConfig
+    scheduler: Any
+    device: torch.device
+    progress: bool = False
+    codec: Any = None
+    adapter: Any = None
+    labels: torch.Tensor | None = None
+    context: tuple | None = None
 
 
 def load_for_eval(name_or_path: str | os.PathLike):
-    """``(LoadedModel, train log columns)`` of a model folder, shipped name or hub id.
-
-    The one place the evaluation loads models (through :func:`diffprune.io.load_model`).
-    """
+    """``(LoadedModel, train log columns)`` of a model folder, shipped name or hub id: the one place the evaluation
+    loads models (through :func:`diffprune.io.load_model`)."""
     from .io import load_model
 
     loaded = load_model(str(name_or_path))
@@ -135,148 +152,179 @@ def load_for_eval(name_or_path: str | os.PathLike):
     return loaded, read_log(folder / "train_log.csv")
 
 
-def _device_of(unet, device):
-    if device is not None:
-        return torch.device(device)
-    require(unet is not None, "pass device= when no model is given")
-    return next(unet.parameters()).device
+# --- checking the inputs and resolving the conditioning ----------------------------------------------------------
+
+def _check_models(student, teacher, device) -> torch.device:
+    """The device (default: the first model's); both models on it, with finite weights, and of one class: one
+    adapter samples and measures both."""
+    from ._torch import require_finite_weights
+
+    if device is None:
+        require(student is not None or teacher is not None, "pass device= when no model is given")
+        device = next((student if student is not None else teacher).parameters()).device
+    device = torch.device(device)
+    for role, m in (("student", student), ("teacher", teacher)):
+        if m is not None:
+            p = next(m.parameters())
+            require(p.device.type == device.type, f"the {role} is on {p.device} but device={device}; move it first")
+            require_finite_weights(m, role)
+    if student is not None and teacher is not None:
+        s, t = type(unwrap(student)).__name__, type(unwrap(teacher)).__name__
+        require(s == t, f"the student is a {s} but the teacher a {t}; evaluate compares a pruned model with the "
+                        "model it was pruned from (one model family)")
+    return device
 
 
 def _as_sample_set(x) -> SampleSet | None:
-    from .metrics import load_sample_folder
-
-    if x is None or isinstance(x, SampleSet):
-        return x
-    return load_sample_folder(x)
+    return x if x is None or isinstance(x, SampleSet) else load_sample_folder(x)
 
 
-def _generate(model, scheduler, config: EvalConfig, device, progress: bool, codec=None, labels=None,
-              context=None) -> SampleSet:
+def _sampling_setup(models: dict[str, _Model], config: EvalConfig, scheduler, device, progress: bool, codec,
+                    adapter, class_names, text_encoder) -> _Sampling:
+    """Resolve the adapter once (from the first model given) and each seed's conditioning: a class label for a
+    class-conditional model, prompt embeddings for a text-to-image one."""
+    from .sampling import default_scheduler, labels_for, prompts_for
+
+    model = next((m.unet for m in models.values() if m.unet is not None), None)
+    adapter = None if model is None else resolve_adapter(model, adapter)
+    spec = None if model is None else adapter.conditioning(model)
+    labels = context = None
+    if spec is not None and spec.kind == "text":
+        require(text_encoder is not None and config.prompts,
+                "a text-to-image model is evaluated on prompts: pass config.prompts and the pipeline's text_encoder "
+                "(CLI: --prompt-file FILE)")
+        context = text_encoder.sampling_inputs(prompts_for(config.seeds, config.prompts), config.guidance_scale)
+    elif model is not None:
+        labels = labels_for(model, config.seeds, num_classes=len(class_names) if class_names else None,
+                            adapter=adapter)
+    return _Sampling(config, scheduler if scheduler is not None else default_scheduler(), device, progress, codec,
+                     adapter, labels, context)
+
+
+# --- sampling both models ----------------------------------------------------------------------------------------
+
+def _generate(model, run: _Sampling) -> SampleSet:
     from .data import to_uint8
     from .sampling import sample
 
-    prompt, negative = context if context is not None else (None, None)
-    images = sample(model, scheduler, seeds=config.seeds, num_inference_steps=config.steps, sampler="ddim", eta=0.0,
-                    skip=config.skip, batch_size=config.batch_size, device=device, progress=progress, codec=codec,
-                    guidance_scale=config.guidance_scale, class_labels=labels, prompt_embeds=prompt,
-                    negative_prompt_embeds=negative)
-    return SampleSet(seeds=config.seeds, images=to_uint8(images))
+    c = run.config
+    prompt, negative = run.context if run.context is not None else (None, None)
+    images = sample(model, run.scheduler, seeds=c.seeds, num_inference_steps=c.steps, sampler="ddim", eta=0.0,
+                    skip=c.skip, batch_size=c.batch_size, device=run.device, progress=run.progress, codec=run.codec,
+                    guidance_scale=c.guidance_scale, class_labels=run.labels, prompt_embeds=prompt,
+                    negative_prompt_embeds=negative, adapter=run.adapter)
+    return SampleSet(seeds=c.seeds, images=to_uint8(images))
 
 
 TEACHER_SAMPLES_FORMAT = 1
 
 
-def _code_sha256() -> str:
-    """sha256 of diffprune's own source files: cached samples never outlive a change to the code that made them."""
-    import hashlib
-
-    root = Path(__file__).parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _teacher_samples(model, scheduler, config: EvalConfig, device, progress: bool, codec=None, labels=None,
-                     context=None) -> tuple[SampleSet, dict]:
-    """The teacher's samples, read from or written to the cache (``config.cache_dir``, as the FID statistics):
-    evaluating many students against one teacher samples it once. The key covers everything the images depend on:
-    the weights (and the codec's), the model class, the scheduler's config, the seeds, steps, skip, guidance, batch
-    size, labels and text context, the device type, diffprune's source files and the torch and diffusers versions;
-    so a hit is bitwise what sampling would give. Returns ``(samples, info)``: the key, the file and whether it was
-    a hit (``metrics.json``'s ``teacher_samples_cache``)."""
-    import hashlib
-    import json
-
+def _teacher_key(model, run: _Sampling) -> str:
+    """The key covers everything the teacher's images depend on: the weights (and the codec's), the model class,
+    the scheduler's config, the seeds, steps, skip, guidance, batch size, labels and text context, the device type,
+    diffprune's source files (cached samples never outlive a change to the code that made them) and the torch and
+    diffusers versions; so a hit is bitwise what sampling would give."""
     import diffusers
-    from safetensors.torch import load_file, save
 
-    from ._cache import cache_dir
-    from ._fs import atomic_write_bytes
-
-    h = hashlib.sha256()
-
-    def add(name: str, t: torch.Tensor) -> None:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
+    config, codec = run.config, run.codec
+    h = Hasher()
     for prefix, module in (("model", model), ("codec", getattr(codec, "autoencoder", None))):
         if module is not None:
             for name, t in module.state_dict().items():
-                add(f"{prefix}.{name}", t)
-    for name, t in (("labels", labels), *((f"context{i}", c) for i, c in enumerate(context or ()))):
+                h.tensor(f"{prefix}.{name}", t)
+    for name, t in (("labels", run.labels), *((f"context{i}", c) for i, c in enumerate(run.context or ()))):
         if isinstance(t, torch.Tensor):
-            add(name, t)
-    h.update(json.dumps({"format": TEACHER_SAMPLES_FORMAT, "code": _code_sha256(), "class": type(model).__name__,
-                         "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
-                         "seeds": config.seeds, "steps": config.steps, "skip": config.skip,
-                         "guidance": config.guidance_scale, "batch": config.batch_size,
-                         "codec_scale": getattr(codec, "scale", None), "device": torch.device(device).type,
-                         "torch": torch.__version__,
-                         "diffusers": diffusers.__version__}, sort_keys=True, default=str).encode())
-    key = h.hexdigest()
-    name = f"{type(model).__name__}-{config.n}-{key[:24]}.safetensors"
-    path = cache_dir(config.cache_dir) / "teacher-samples" / name
-    info = {"key": key, "path": str(path), "hit": path.is_file()}
-    if info["hit"]:
-        t = load_file(path)
-        return SampleSet(seeds=t["seeds"].tolist(), images=t["images"]), info
-    samples = _generate(model, scheduler, config, device, progress, codec, labels, context)
-    atomic_write_bytes(path, save({"seeds": torch.tensor(samples.seeds), "images": samples.images.contiguous()},
-                                  metadata={"key": key, "format": str(TEACHER_SAMPLES_FORMAT)}))
-    return samples, info
+            h.tensor(name, t)
+    h.text(json.dumps({"format": TEACHER_SAMPLES_FORMAT, "code": source_sha256(Path(__file__).parent),
+                       "class": type(model).__name__,
+                       "scheduler": {k: v for k, v in dict(run.scheduler.config).items() if not k.startswith("_")},
+                       "seeds": config.seeds, "steps": config.steps, "skip": config.skip,
+                       "guidance": config.guidance_scale, "batch": config.batch_size,
+                       "codec_scale": getattr(codec, "scale", None), "device": torch.device(run.device).type,
+                       "torch": torch.__version__, "diffusers": diffusers.__version__}, sort_keys=True, default=str))
+    return h.hexdigest()
 
 
-def _calls_per_image(scheduler, config: EvalConfig) -> int:
-    from .sampling import skip_timesteps
+def _samples_check(config: EvalConfig):
+    """What a cached teacher-sample entry must hold for ``config``: uint8 images ``[n, C, H, W]`` and its seeds."""
+    def check(t: dict) -> str | None:
+        images, seeds = t.get("images"), t.get("seeds")
+        if images is None or images.dtype != torch.uint8 or images.ndim != 4 or len(images) != config.n:
+            return f"it holds no uint8 images [{config.n}, C, H, W]"
+        return None if seeds is not None and seeds.tolist() == config.seeds else "its seeds are not the ones asked for"
 
-    return len(skip_timesteps(scheduler.config.num_train_timesteps, config.steps, config.skip))
-
-
-def _cost(model, scheduler, config: EvalConfig, device, codec=None) -> dict:
-    from .latency import denoiser_latency, sampler_latency
-    from .macs import count_macs
-
-    rep = count_macs(model)
-    calls = _calls_per_image(scheduler, config) * (2 if config.guidance_scale != 1 else 1)
-    out = {"params": rep.params, "macs": rep.macs, "macs_per_image": rep.macs * calls, "unet_calls_per_image": calls}
-    if config.latency_batches:
-        out["latency_unet"] = denoiser_latency(model, device=device, batch_sizes=config.latency_batches,
-                                               repeats=config.latency_repeats, warmup=config.latency_warmup)
-        out["latency_sampler"] = sampler_latency(model, scheduler, device=device, steps=config.steps,
-                                                 batch_size=config.sampler_latency_batch,
-                                                 repeats=config.latency_repeats, warmup=1, skip=config.skip,
-                                                 codec=codec, guidance_scale=config.guidance_scale)
-    return out
+    return check
 
 
-def _fid(config: EvalConfig, sets: dict[str, SampleSet], device, progress: bool) -> dict:
-    """FID of each sample set against the reference data and between the sets; ``{}`` without data."""
+def _teacher_samples(model, run: _Sampling) -> tuple[SampleSet, dict]:
+    """The teacher's samples, read from or written to the cache (``config.cache_dir``, as the FID statistics):
+    evaluating many students against one teacher samples it once. Returns ``(samples, info)``: the key, the file,
+    whether it was a hit and why a damaged entry was replaced (``metrics.json``'s ``teacher_samples_cache``)."""
+    key = _teacher_key(model, run)
+
+    def compute() -> dict:
+        s = _generate(model, run)
+        return {"seeds": torch.tensor(s.seeds), "images": s.images}
+
+    t, info = cached("teacher-samples", key, compute, root=run.config.cache_dir,
+                     name=f"{type(model).__name__}-{run.config.n}-{key[:24]}", check=_samples_check(run.config))
+    return SampleSet(seeds=t["seeds"].tolist(), images=t["images"]), info
+
+
+def _sample_models(models: dict[str, _Model], run: _Sampling) -> tuple[dict[str, SampleSet], dict | None]:
+    """Each model's samples (sampled where none were given; the teacher's through the cache) and the teacher
+    cache's info."""
+    info = None
+    for m in models.values():
+        if m.samples is None and m.role == "teacher":
+            m.samples, info = _teacher_samples(m.unet, run)
+        elif m.samples is None:
+            m.samples = _generate(m.unet, run)
+    return {role: m.samples for role, m in models.items()}, info
+
+
+# --- consistency, FID, class and CLIP metrics ----------------------------------------------------------------
+
+def _consistency(sets: dict[str, SampleSet]) -> tuple[dict, tuple]:
+    """``ssim``, ``ms_ssim``, ``mse`` between teacher and student paired by seed (None without a teacher) and how
+    they were measured (``consistency``); with ``(seeds, teacher images, student images)`` in that order."""
+    from .metrics import paired_consistency
+
+    if "teacher" not in sets:
+        return {"ssim": None, "ms_ssim": None, "mse": None, "consistency": {}}, (sorted(sets["student"].seeds),
+                                                                                 None, None)
+    common, t_img, s_img = pair_by_seed(sets["teacher"], sets["student"])
+    detail = paired_consistency(t_img, s_img)
+    figures = {key: detail.pop(key, None) for key in ("ssim", "ms_ssim", "mse")}
+    return {**figures, "consistency": detail}, (common, t_img, s_img)
+
+
+def _fid(config: EvalConfig, sets: dict[str, SampleSet], device) -> dict:
+    """``fid`` (student) and ``fid_teacher`` against the reference data, ``fid_student_vs_teacher`` between the
+    sets, and ``fid_setup`` (extractor and reference statistics); no figures without data."""
     from .data import load_images
     from .metrics import compute_features, frechet_distance, feature_statistics, load_extractor, reference_statistics
 
     if config.data is None:
-        return {"note": "no reference data given (pass --data); FID not computed"}
-    some = next(iter(sets.values()))
-    _, c, h, _ = some.images.shape
+        return {"fid": None, "fid_teacher": None, "fid_student_vs_teacher": None,
+                "fid_setup": {"note": "no reference data given (pass --data); FID not computed"}}
+    _, c, h, _ = next(iter(sets.values())).images.shape
     ref = load_images(config.data, resolution=h, channels=c, split=config.ref_split, limit=config.ref_count)
     extractor = load_extractor(config.resolved_extractor, config.extractor_weights, cache=config.cache_dir)
     extractor.to(device)
-    stats, info = reference_statistics(ref, extractor, dataset=str(config.data), split=config.ref_split,
-                                       cache=config.cache_dir, batch_size=max(config.batch_size, 256), device=device)
-    out: dict[str, Any] = {"extractor": extractor.identity(), "reference": {k: v for k, v in info.items()
-                                                                            if k != "data_sha256"}}
-    feats = {}
-    for role, s in sets.items():
-        feats[role] = compute_features(extractor, s.images, batch_size=max(config.batch_size, 256), device=device)
-        st = feature_statistics(feats[role])
-        out[role] = frechet_distance(st.mu, st.sigma, stats.mu, stats.sigma)
-    if len(feats) == 2:
-        a, b = (feature_statistics(f) for f in feats.values())
-        out["student_vs_teacher"] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-    return out
+    batch = max(config.batch_size, 256)
+    ref_stats, info = reference_statistics(ref, extractor, dataset=str(config.data), split=config.ref_split,
+                                           cache=config.cache_dir, batch_size=batch, device=device)
+    stats = {role: feature_statistics(compute_features(extractor, s.images, batch_size=batch, device=device))
+             for role, s in sets.items()}
+    fid = {role: frechet_distance(st.mu, st.sigma, ref_stats.mu, ref_stats.sigma) for role, st in stats.items()}
+    between = None
+    if len(stats) == 2:
+        a, b = stats.values()  # student, then teacher
+        between = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    return {"fid": fid.get("student"), "fid_teacher": fid.get("teacher"), "fid_student_vs_teacher": between,
+            "fid_setup": {"extractor": extractor.identity(),
+                          "reference": {k: v for k, v in info.items() if k != "data_sha256"}}}
 
 
 def _class_accuracy(config: EvalConfig, sets: dict[str, SampleSet], labels, class_names) -> dict:
@@ -315,124 +363,119 @@ def _clip_scores(config: EvalConfig, sets: dict[str, SampleSet], device) -> dict
                            "definition": "100 * max(cos(image, prompt), 0), mean over samples"}}
 
 
+# --- cost and speed ----------------------------------------------------------------------------------------------
+
+def _cost(model, run: _Sampling) -> dict:
+    from .latency import denoiser_latency, sampler_latency
+    from .macs import count_macs
+    from .sampling import skip_timesteps
+
+    config = run.config
+    rep = count_macs(model, adapter=run.adapter)
+    steps = len(skip_timesteps(run.scheduler.config.num_train_timesteps, config.steps, config.skip))
+    calls = steps * (2 if config.guidance_scale != 1 else 1)  # guidance calls the denoiser twice per step
+    out = {"params": rep.params, "macs": rep.macs, "macs_per_image": rep.macs * calls, "unet_calls_per_image": calls}
+    if config.latency_batches:
+        out["latency_unet"] = denoiser_latency(model, device=run.device, batch_sizes=config.latency_batches,
+                                               repeats=config.latency_repeats, warmup=config.latency_warmup,
+                                               adapter=run.adapter)
+        out["latency_sampler"] = sampler_latency(model, run.scheduler, device=run.device, steps=config.steps,
+                                                 batch_size=config.sampler_latency_batch,
+                                                 repeats=config.latency_repeats, warmup=1, skip=config.skip,
+                                                 codec=run.codec, guidance_scale=config.guidance_scale,
+                                                 adapter=run.adapter)
+    return out
+
+
 def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
+
+
+def _cost_figures(models: dict[str, _Model], run: _Sampling) -> dict:
+    """Params, MACs per call and per image of the student (``params``, ...) and of the unpruned model (``base_*``,
+    as in ``pruning.json``), their ratios, the latency records and the measured speedup."""
+    costs = {role: _cost(m.unet, run) for role, m in models.items() if m.unet is not None}
+    sc, tc = costs.get("student", {}), costs.get("teacher", {})
+    out: dict[str, Any] = {"latency": {role: {k: c[k] for k in ("latency_unet", "latency_sampler",
+                                                                "unet_calls_per_image") if k in c}
+                                       for role, c in costs.items()}}
+    for key in ("params", "macs", "macs_per_image"):
+        out[key], out[f"base_{key}"] = sc.get(key), tc.get(key)
+    out["mac_ratio"] = _ratio(out["base_macs"], out["macs"])
+    out["param_ratio"] = _ratio(out["base_params"], out["params"])
+    if "latency_sampler" not in sc or "latency_sampler" not in tc:
+        return {**out, "speedup": None, "speedup_note": "latency not measured (needs both models and latency_batches)"}
+    # the per-image latency itself is recorded once, in latency.{student,teacher}.latency_sampler.per_image_s
+    out["speedup"] = _ratio(tc["latency_sampler"]["per_image_s"], sc["latency_sampler"]["per_image_s"])
+    out["speedup_unet"] = {b: _ratio(tc["latency_unet"][b]["median_s"], sc["latency_unet"][b]["median_s"])
+                           for b in sc["latency_unet"] if b in tc["latency_unet"]}
+    out["speedup_over_mac_ratio"] = _ratio(out["speedup"], out["mac_ratio"])
+    return out
 
 
 def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.PathLike, scheduler=None,
              student_samples=None, teacher_samples=None, pruning: dict | None = None,
              train_log: dict | None = None, device=None, overwrite: bool = False, progress: bool = False,
              names: dict | None = None, inputs=(), codec=None, class_names: list[str] | None = None,
-             text_encoder=None) -> dict:
-    """Evaluate ``student`` (a UNet2DModel, or ``None`` with ``student_samples``) against ``teacher``.
+             text_encoder=None, adapter=None) -> dict:
+    """Evaluate ``student`` (a denoiser, or ``None`` with ``student_samples``) against ``teacher``.
 
-    ``student_samples``/``teacher_samples``: a :class:`~diffprune.metrics.SampleSet` or a folder written by
+    ``student_samples``/``teacher_samples``: a :class:`~diffprune.samples.SampleSet` or a folder written by
     ``diffprune sample``, used instead of sampling (paired with the other set by seed). ``scheduler``: the
     training noise schedule (default :func:`diffprune.sampling.default_scheduler`). ``pruning`` (the student's
-    ``pruning.json``) and ``train_log`` (:func:`diffprune.train.read_log` columns) feed the report's plots.
+    ``pruning.json``) and ``train_log`` (:func:`diffprune.records.read_log` columns) feed the report's plots.
     ``device``: where sampling, features and timing run; default the student's device (models are not moved).
     ``inputs``: paths ``out_dir`` must never be or contain (see :func:`diffprune._fs.check_output_dir`).
     ``codec``: a latent pipeline's autoencoder, shared by both models (samples are decoded with it; latency includes
     the decoding). A class-conditional model samples seed ``s`` with class ``s mod num_classes`` (``class_names``:
     the classes it was trained on, ``LoadedModel.class_names``), and ``class_accuracy`` checks its samples with
     ``config.resolved_classifier``. A text-to-image model samples seed ``s`` from ``config.prompts[s mod P]``,
-    encoded with ``text_encoder`` (the pipeline's; guidance against the empty prompt).
+    encoded with ``text_encoder`` (the pipeline's; guidance against the empty prompt). ``adapter``: the models'
+    :class:`~diffprune.adapters.ModelAdapter` when the caller has it (default: the student's own, looked up once).
     Returns the metrics dict also written to ``out_dir/metrics.json``.
     """
-    from ._fs import atomic_dir, atomic_write_json, check_output_dir
-    from .metrics import pair_by_seed, paired_consistency
-    from .report import write_report
-    from .sampling import default_scheduler, save_samples
+    from ._fs import check_output_dir
 
     require(isinstance(config, EvalConfig), f"config must be an EvalConfig, got {type(config).__name__}")
     require(student is not None or student_samples is not None, "evaluate needs a student model or student samples")
     check_output_dir(out_dir, overwrite, inputs)
-    scheduler = scheduler if scheduler is not None else default_scheduler()
-    device = _device_of(student if student is not None else teacher, device)
-    from ._torch import require_finite_weights
-
-    for role, m in (("student", student), ("teacher", teacher)):
-        if m is not None:
-            p = next(m.parameters())
-            require(p.device.type == device.type, f"the {role} is on {p.device} but device={device}; move it first")
-            require_finite_weights(m, role)
-
+    device = _check_models(student, teacher, device)
     models = {"student": _Model("student", student, _as_sample_set(student_samples))}
     if teacher is not None or teacher_samples is not None:
         models["teacher"] = _Model("teacher", teacher, _as_sample_set(teacher_samples))
-    from .adapters import adapter_for
-    from .sampling import labels_for, prompts_for
+    run = _sampling_setup(models, config, scheduler, device, progress, codec, adapter, class_names, text_encoder)
+    sets, cache_info = _sample_models(models, run)
 
-    conditional = next((m.unet for m in models.values() if m.unet is not None), None)
-    spec = None if conditional is None else adapter_for(conditional).conditioning(conditional)
-    labels = context = None
-    if spec is not None and spec.kind == "text":
-        require(text_encoder is not None and config.prompts,
-                "a text-to-image model is evaluated on prompts: pass config.prompts and the pipeline's text_encoder "
-                "(CLI: --prompt-file FILE)")
-        context = text_encoder.sampling_inputs(prompts_for(config.seeds, config.prompts), config.guidance_scale)
-    elif conditional is not None:
-        labels = labels_for(conditional, config.seeds, num_classes=len(class_names) if class_names else None)
-    cached = None
-    for m in models.values():
-        if m.samples is None and m.role == "teacher":
-            m.samples, cached = _teacher_samples(m.unet, scheduler, config, device, progress, codec, labels, context)
-        elif m.samples is None:
-            m.samples = _generate(m.unet, scheduler, config, device, progress, codec, labels, context)
-    sets = {role: m.samples for role, m in models.items()}
-
+    # One name per figure: the figures at the top level, the nested records hold only how they were measured.
     metrics: dict[str, Any] = {"config": config.to_dict(), "device": str(device), "threads": torch.get_num_threads(),
                                "versions": eval_versions(), "seeds": {"first": config.seed, "n": config.n},
                                "sampler": {"name": "ddim", "eta": 0.0, "steps": config.steps, "skip": config.skip},
-                               "names": names or {}, "teacher_samples_cache": cached}
-    # One name per figure: the figures at the top level, the nested records hold only how they were measured.
-    # Consistency, paired by seed.
-    consistency: dict[str, Any] = {}
-    if "teacher" in sets:
-        common, t_img, s_img = pair_by_seed(sets["teacher"], sets["student"])
-        consistency = paired_consistency(t_img, s_img)
-        metrics["seeds"]["paired"] = len(common)
-    else:
-        common, t_img, s_img = sorted(sets["student"].seeds), None, None
-    for key in ("ssim", "ms_ssim", "mse"):
-        metrics[key] = consistency.pop(key, None)
-    metrics["consistency"] = consistency
-    fid = _fid(config, sets, device, progress)
-    metrics["fid"] = fid.pop("student", None)
-    metrics["fid_teacher"] = fid.pop("teacher", None)
-    metrics["fid_student_vs_teacher"] = fid.pop("student_vs_teacher", None)
-    metrics["fid_setup"] = fid
-    metrics.update(_class_accuracy(config, sets, labels, class_names))
+                               "names": names or {}, "teacher_samples_cache": cache_info}
+    consistency, pairs = _consistency(sets)
+    metrics.update(consistency)
+    if pairs[1] is not None:
+        metrics["seeds"]["paired"] = len(pairs[0])
+    metrics.update(_fid(config, sets, device))
+    metrics.update(_class_accuracy(config, sets, run.labels, class_names))
     metrics.update(_clip_scores(config, sets, device))
+    metrics.update(_cost_figures(models, run))
+    _write_outputs(out_dir, metrics, sets, pairs, run, pruning=pruning, train_log=train_log, overwrite=overwrite,
+                   inputs=inputs)
+    return metrics
 
-    # Cost.
-    for m in models.values():
-        if m.unet is not None:
-            m.cost = _cost(m.unet, scheduler, config, device, codec)
-    sc, tc = models["student"].cost, models.get("teacher", _Model("teacher", None)).cost
-    metrics["latency"] = {role: {k: m.cost[k] for k in ("latency_unet", "latency_sampler", "unet_calls_per_image")
-                                 if k in m.cost} for role, m in models.items() if m.cost}
-    metrics["params"], metrics["teacher_params"] = sc.get("params"), tc.get("params")
-    metrics["macs"], metrics["teacher_macs"] = sc.get("macs"), tc.get("macs")
-    metrics["macs_per_image"], metrics["teacher_macs_per_image"] = sc.get("macs_per_image"), tc.get("macs_per_image")
-    metrics["mac_ratio"] = _ratio(metrics["teacher_macs"], metrics["macs"])
-    metrics["param_ratio"] = _ratio(metrics["teacher_params"], metrics["params"])
-    if "latency_sampler" in sc and "latency_sampler" in tc:
-        metrics["latency_per_image_s"] = sc["latency_sampler"]["per_image_s"]
-        metrics["teacher_latency_per_image_s"] = tc["latency_sampler"]["per_image_s"]
-        metrics["speedup"] = _ratio(metrics["teacher_latency_per_image_s"], metrics["latency_per_image_s"])
-        metrics["speedup_unet"] = {b: _ratio(tc["latency_unet"][b]["median_s"], sc["latency_unet"][b]["median_s"])
-                                   for b in sc["latency_unet"] if b in tc["latency_unet"]}
-        metrics["speedup_over_mac_ratio"] = _ratio(metrics["speedup"], metrics["mac_ratio"])
-    else:
-        metrics["speedup"] = None
-        metrics["speedup_note"] = "latency not measured (needs both models and latency_batches)"
 
-    grid_labels = None if labels is None else dict(zip(config.seeds, labels.tolist()))
-    grid_names = None
-    if context is not None:  # a text model: one grid row per prompt
-        grid_labels = {s: s % len(config.prompts) for s in config.seeds}
-        grid_names = list(config.prompts)
+def _write_outputs(out_dir, metrics: dict, sets: dict[str, SampleSet], pairs: tuple, run: _Sampling, *, pruning,
+                   train_log, overwrite: bool, inputs) -> None:
+    """Both sample sets, the report and ``metrics.json``, into ``out_dir`` at once (an atomic folder swap)."""
+    from ._fs import atomic_dir, atomic_write_json
+    from .report import write_report
+
+    config = run.config
+    common, t_img, s_img = pairs
+    labels = None if run.labels is None else dict(zip(config.seeds, run.labels.tolist()))
+    label_names = None
+    if run.context is not None:  # a text model: one grid row per prompt
+        labels, label_names = {s: s % len(config.prompts) for s in config.seeds}, list(config.prompts)
     with atomic_dir(out_dir, overwrite=overwrite, kind="eval", inputs=inputs) as tmp:
         for role, s in sets.items():
             meta = {"role": role, "steps": config.steps, "sampler": "ddim", "eta": 0.0, "skip": config.skip}
@@ -440,9 +483,8 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
         metrics["report"] = write_report(tmp, metrics, teacher_images=t_img, student_images=s_img if s_img is not None
                                          else sets["student"].images, seeds=common, pruning=pruning,
                                          train_log=train_log, grid_count=config.grid_count,
-                                         labels=grid_labels, label_names=grid_names)
+                                         labels=labels, label_names=label_names)
         atomic_write_json(tmp / "metrics.json", _finite_or_none(metrics))
-    return metrics
 
 
 def _finite_or_none(x):
@@ -454,4 +496,3 @@ def _finite_or_none(x):
     if isinstance(x, (list, tuple)):
         return [_finite_or_none(v) for v in x]
     return x
-

@@ -9,14 +9,15 @@
 * :func:`paired_consistency` compares teacher and student images generated from the same seeds: SSIM, MS-SSIM
   (only where the image is large enough) and MSE, through pytorch-msssim.
 * :func:`reference_statistics` caches a data set's feature statistics under a key made of everything that changes
-  them (:func:`stats_cache_key`), as safetensors (never pickles).
+  them (:func:`stats_cache_key`), through the one verified cache (:mod:`diffprune._cache`; safetensors, never
+  pickles).
+
+Sample sets and their folders are :mod:`diffprune.samples`.
 
 Images enter every function as uint8 ``[N, C, H, W]``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import warnings
@@ -27,16 +28,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ._cache import cache_dir
+from ._cache import cache_dir, cached
+from ._hashing import content_sha256, file_sha256, json_sha256
 from ._torch import eval_mode
 from .errors import DiffPruneError, require
 from .registry import Registry
 
 __all__ = [
-    "EXTRACTORS", "FeatureExtractor", "FeatureStats", "SampleSet", "INCEPTION_WEIGHTS_NAME", "cache_dir", "class_accuracy",
+    "EXTRACTORS", "FeatureExtractor", "FeatureStats", "INCEPTION_WEIGHTS_NAME", "cache_dir", "class_accuracy",
     "compute_features", "feature_statistics", "frechet_distance", "fid_from_features", "load_extractor",
-    "load_sample_folder", "pair_by_seed", "paired_consistency", "reference_statistics",
-    "resolve_inception_weights", "stats_cache_key",
+    "paired_consistency", "reference_statistics", "resolve_inception_weights", "stats_cache_key",
 ]
 
 STATS_FORMAT = 1  # bump when the way statistics are computed changes: old cache entries then stop matching
@@ -129,12 +130,6 @@ def load_extractor(name: str, weights: str | os.PathLike | None = None, *, cache
     return EXTRACTORS.get(name)(weights=weights, cache=cache)
 
 
-def _sha256(path: Path) -> str:
-    from ._hashing import file_sha256
-
-    return file_sha256(path)
-
-
 @EXTRACTORS.register("mnist-classifier")
 def _mnist_classifier(weights=None, cache=None) -> FeatureExtractor:
     """Penultimate (128-d) features of the shipped digit classifier; ``weights``: a classifier folder."""
@@ -148,7 +143,7 @@ def _mnist_classifier(weights=None, cache=None) -> FeatureExtractor:
     folder = shipped_model_path(source) or Path(source)
     dim = int(model.config.feature_dim)
     return FeatureExtractor(
-        name="mnist-classifier", module=model, dim=dim, weights_sha256=_sha256(folder / CLASSIFIER_WEIGHTS),
+        name="mnist-classifier", module=model, dim=dim, weights_sha256=file_sha256(folder / CLASSIFIER_WEIGHTS),
         preprocessing=f"uint8->[-1,1]; RGB->grey (BT.601); bilinear antialias resize to {model.input_size}",
         transform=lambda x: to_grey(to_model_range(x)),
         forward=lambda m, x: m.features(x),
@@ -166,13 +161,13 @@ def resolve_inception_weights(weights: str | os.PathLike | None = None) -> Path:
         require(p.is_file(), f"inception weights {str(p)!r} do not exist; pass the path of {INCEPTION_WEIGHTS_NAME} "
                              "(or a .safetensors copy of it) with --inception-weights")
         return p
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
-    if cached.is_file():
-        return cached
+    downloaded = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
+    if downloaded.is_file():
+        return downloaded
     raise DiffPruneError(
-        f"Inception FID weights not found: no --inception-weights given and no {str(cached)!r}; download "
+        f"Inception FID weights not found: no --inception-weights given and no {str(downloaded)!r}; download "
         f"{INCEPTION_WEIGHTS_NAME} from pytorch-fid's GitHub release 'fid_weights' on a connected machine and pass "
-        f"it with --inception-weights FILE (or copy it to {str(cached.parent)!r}); offline on MNIST, use "
+        f"it with --inception-weights FILE (or copy it to {str(downloaded.parent)!r}); offline on MNIST, use "
         "--extractor mnist-classifier"
     )
 
@@ -213,7 +208,7 @@ def _inception(weights=None, cache=None) -> FeatureExtractor:
     finally:
         pfi.load_state_dict_from_url = original
     return FeatureExtractor(
-        name="inception", module=model.eval(), dim=2048, weights_sha256=_sha256(path),
+        name="inception", module=model.eval(), dim=2048, weights_sha256=file_sha256(path),
         preprocessing="uint8->[0,1]; grey->RGB; pytorch-fid InceptionV3 (bilinear resize to 299, [0,1]->[-1,1])",
         transform=lambda x: (x.float() / 255.0).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float() / 255.0,
         forward=lambda m, x: m(x)[0].flatten(1),
@@ -318,11 +313,21 @@ def stats_cache_key(*, dataset: str, split: str, count: int, resolution: int, ch
     fields = dict(format=STATS_FORMAT, dataset=dataset, split=split, count=int(count), resolution=int(resolution),
                   channels=int(channels), data_sha256=data_sha256, extractor=extractor,
                   weights_sha256=weights_sha256, preprocessing=preprocessing)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return json_sha256(fields)
 
 
-def _tensor_sha256(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
+def _stats_check(dim: int) -> Callable[[dict], str | None]:
+    """What a cached entry must be to stand for ``dim``-wide features: ``mu`` ``[dim]``, ``sigma`` ``[dim, dim]``,
+    both float64 and finite (the cache's checksum finds damage; this finds an entry that was never right)."""
+    def check(t: dict) -> str | None:
+        mu, sigma = t.get("mu"), t.get("sigma")
+        if mu is None or sigma is None or tuple(mu.shape) != (dim,) or tuple(sigma.shape) != (dim, dim):
+            return f"it holds no mean [{dim}] and covariance [{dim}, {dim}]"
+        if mu.dtype != torch.float64 or sigma.dtype != torch.float64:
+            return "its statistics are not float64"
+        return None if bool(torch.isfinite(mu).all() and torch.isfinite(sigma).all()) else "its statistics are not finite"
+
+    return check
 
 
 def reference_statistics(images: torch.Tensor, extractor: FeatureExtractor, *, dataset: str, split: str,
@@ -331,58 +336,26 @@ def reference_statistics(images: torch.Tensor, extractor: FeatureExtractor, *, d
     """Feature statistics of reference images (uint8 ``[N, C, H, W]``), read from or written to the cache.
 
     The key covers the data's name, split, count, resolution, channels and content hash, the extractor, its
-    weights' sha256 and its preprocessing. Returns ``(stats, info)``; ``info`` says the key, file and cache hit.
+    weights' sha256 and its preprocessing. Returns ``(stats, info)``; ``info`` says the key, file and cache hit
+    (and ``replaced``: why a damaged entry was computed again).
     """
     n, c, h, _ = images.shape
     fields = dict(dataset=str(dataset), split=str(split), count=n, resolution=h, channels=c,
-                  data_sha256=_tensor_sha256(images), extractor=extractor.name,
+                  data_sha256=content_sha256(images), extractor=extractor.name,
                   weights_sha256=extractor.weights_sha256, preprocessing=extractor.preprocessing)
     key = stats_cache_key(**fields)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}-{split}")[-40:]
-    path = cache_dir(cache) / "fid-stats" / f"{extractor.name}-{slug}-{n}-{key[:20]}.safetensors"
-    info = {"key": key, "path": str(path), "hit": False, **fields}
-    if use_cache and path.is_file():
-        from safetensors.torch import load_file
 
-        t = load_file(path)
-        return FeatureStats(mu=t["mu"].numpy(), sigma=t["sigma"].numpy(), n=n), {**info, "hit": True}
-    stats = feature_statistics(compute_features(extractor, images, batch_size=batch_size, device=device))
-    if use_cache:
-        from safetensors.torch import save as save_bytes
+    def compute() -> dict:
+        stats = feature_statistics(compute_features(extractor, images, batch_size=batch_size, device=device))
+        return {"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}
 
-        from ._fs import atomic_write_bytes
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {k: str(v) for k, v in fields.items()} | {"key": key, "format": str(STATS_FORMAT)}
-        data = save_bytes({"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}, metadata=meta)
-        atomic_write_bytes(path, data)
-    return stats, info
+    t, info = cached("fid-stats", key, compute, root=cache, name=f"{extractor.name}-{slug}-{n}-{key[:20]}",
+                     check=_stats_check(extractor.dim), enabled=use_cache)
+    return FeatureStats(mu=t["mu"].numpy(), sigma=t["sigma"].numpy(), n=n), {**info, **fields}
 
 
 # --- paired consistency ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SampleSet:
-    """Generated images and the seed each came from (image ``i`` from ``seeds[i]``)."""
-
-    seeds: list[int]
-    images: torch.Tensor  # uint8 [N, C, H, W]
-
-    def __post_init__(self):
-        require(self.images.dtype == torch.uint8 and self.images.ndim == 4,
-                f"sample images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
-        require(len(self.seeds) == len(self.images), f"{len(self.seeds)} seeds for {len(self.images)} images")
-        require(len(set(self.seeds)) == len(self.seeds), "sample seeds repeat; every image needs its own seed")
-
-
-def pair_by_seed(a: SampleSet, b: SampleSet) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """The seeds both sets hold (ascending) and the two image stacks in that order — never file order."""
-    common = sorted(set(a.seeds) & set(b.seeds))
-    require(len(common) > 0, "the two sample sets share no seed; sample both from the same --seed")
-    ia = {s: i for i, s in enumerate(a.seeds)}
-    ib = {s: i for i, s in enumerate(b.seeds)}
-    return common, a.images[[ia[s] for s in common]], b.images[[ib[s] for s in common]]
-
 
 def _ssim_window(size: int) -> int:
     """pytorch-msssim's 11-px Gaussian window, shrunk to the largest odd size that fits smaller images."""
@@ -416,56 +389,3 @@ def paired_consistency(teacher: torch.Tensor, student: torch.Tensor) -> dict:
         out["ms_ssim"] = None
         out["ms_ssim_note"] = f"not computed: MS-SSIM needs images larger than {need} px per side, these are {side}"
     return out
-
-
-# --- sample folders written by `diffprune sample` --------------------------------------------------------------
-
-def load_sample_folder(folder: str | os.PathLike) -> SampleSet:
-    """Read a ``diffprune sample`` folder (or an ``evaluate`` samples folder) as a :class:`SampleSet`.
-
-    Seeds come from ``samples.npz`` (arrays ``images`` + ``seeds``); failing that, from PNG files named by index
-    (``00017.png``) with ``samples.json``'s ``seeds`` list (image i from ``seeds[i]``) or base ``seed`` (image i from
-    ``seed + i``); with neither, the index itself is the pairing key. File order is never used.
-    """
-    folder = Path(folder)
-    require(folder.is_dir(), f"sample folder {str(folder)!r} does not exist; pass a folder written by diffprune sample")
-    from .sampling import SAMPLES_NPZ, load_samples
-
-    if (folder / SAMPLES_NPZ).is_file():
-        images, seeds = load_samples(folder)
-        return SampleSet(seeds=[int(s) for s in seeds], images=images)
-    pngs = {}
-    for p in folder.iterdir():
-        if p.suffix.lower() == ".png" and re.fullmatch(r"\d+", p.stem):
-            pngs[int(p.stem)] = p
-    require(len(pngs) > 0, f"sample folder {str(folder)!r} has neither samples.npz with seeds nor PNGs named by "
-                           "index (0.png, 1.png, ...); pass a folder written by diffprune sample")
-    from .data import _stack_images, read_image
-
-    recorded = _recorded_seeds(folder)
-    idx = sorted(pngs)
-    images = _stack_images([read_image(pngs[i]) for i in idx], [repr(str(pngs[i])) for i in idx])
-    if isinstance(recorded, list):
-        require(idx[-1] < len(recorded), f"{str(folder)!r}: PNG index {idx[-1]} but samples.json lists only "
-                                         f"{len(recorded)} seeds")
-        seeds = [int(recorded[i]) for i in idx]
-    else:
-        seeds = [(recorded or 0) + i for i in idx]
-    return SampleSet(seeds=seeds, images=images)
-
-
-def _recorded_seeds(folder: Path) -> list | int | None:
-    """``samples.json``'s ``seeds`` list (image i from seeds[i]) or its base ``seed`` (image i from seed + i)."""
-    p = folder / "samples.json"
-    if not p.is_file():
-        return None
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
-        raise DiffPruneError(f"{str(p)!r} is not valid JSON; rewrite the folder with diffprune sample") from None
-    if isinstance(d, dict) and isinstance(d.get("seeds"), list):
-        return d["seeds"]
-    if isinstance(d, dict) and isinstance(d.get("seed"), int):
-        return int(d["seed"])
-    return None
-

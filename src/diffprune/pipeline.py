@@ -203,7 +203,9 @@ def _run_stages(config: RunConfig, run: Path, force, device, progress: bool, log
         atomic_write_json(staging / "stage.json", {"stage": stage, "hash": hashes[stage], "settings":
                                                    config.section(stage), "seconds": round(time.time() - t0, 1)})
         swap_in(staging, folder)  # the finished stage replaces the old one only now
-    return read_json(run / "eval" / "metrics.json")
+    from .records import read_metrics
+
+    return read_metrics(run / "eval" / "metrics.json")
 
 
 def _staging(run: Path, stage: str, key: str, *, resume_from: Path | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""What a run records beside its outputs: the versions it ran with, and the training log's columns."""
+"""What a run records beside its outputs: the versions it ran with, the training log's columns, and the reader of
+an evaluation's ``metrics.json`` (older files included)."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._fs import read_json
 
 LOG_FIELDS = ["step", "loss", "lr", "images_per_s"]
 
@@ -45,9 +48,24 @@ def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         return {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return {k: np.array([float(r[k]) for r in rows]) for k in LOG_FIELDS}
 
 
-__all__ = ["LOG_FIELDS", "eval_versions", "read_log", "run_info"]
+# metrics.json named the unpruned model's figures teacher_* before they took pruning.json's names (base_*)
+_RENAMED_METRICS = {"teacher_params": "base_params", "teacher_macs": "base_macs",
+                    "teacher_macs_per_image": "base_macs_per_image"}
+
+
+def read_metrics(source: str | os.PathLike | dict) -> dict:
+    """An evaluation's ``metrics.json`` (its path, or the dict already read) under today's names: an older file's
+    ``teacher_params`` / ``teacher_macs`` / ``teacher_macs_per_image`` become ``base_*``; nothing else is filled in."""
+    m = dict(source) if isinstance(source, dict) else read_json(source)
+    for old, new in _RENAMED_METRICS.items():
+        if old in m:
+            m.setdefault(new, m.pop(old))
+    return m
+
+
+__all__ = ["LOG_FIELDS", "eval_versions", "read_log", "read_metrics", "run_info"]

@@ -16,10 +16,13 @@ import base64
 import html
 import math
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from ._fs import atomic_write_text
+from .samples import image_grid
 
 __all__ = ["width_changes", "timestep_losses", "metrics_rows", "write_report"]
 
@@ -92,8 +95,6 @@ def _plt():
 
 
 def _grid_array(images: torch.Tensor, nrow: int) -> np.ndarray:
-    from .sampling import image_grid
-
     return np.asarray(image_grid(images, nrow=nrow))
 
 
@@ -122,23 +123,21 @@ def _short(name: str, limit: int = 42) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1):]
 
 
-_FLOW = ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out",
-         "conv_out")
+def layer_order(pruning: dict | None) -> Callable[[str], tuple]:
+    """Sort key of a pruned model's layer names, input to output: its family's (``pruning.json``'s ``family``, see
+    :meth:`~diffprune.adapters.ModelAdapter.layer_order`); the recorded order for an unknown family."""
+    from .adapters import ModelAdapter, adapter_named
+
+    family = pruning.get("family") if isinstance(pruning, dict) else None
+    return (adapter_named(family) or ModelAdapter()).layer_order
 
 
-def _flow_order(name: str) -> tuple:
-    """Input-to-output order of a UNet2DModel layer name (down blocks, mid block, up blocks), stable otherwise."""
-    parts = name.split(".")
-    head = _FLOW.index(parts[0]) if parts[0] in _FLOW else len(_FLOW)
-    block = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
-    return head, block
-
-
-def plot_widths(path: Path, widths: dict[str, tuple[int, int]]) -> None:
+def plot_widths(path: Path, widths: dict[str, tuple[int, int]], order: Callable[[str], tuple] | None = None) -> None:
+    """Before/after output channels of each pruned layer, in ``order`` (a sort key; default the recorded order)."""
     plt = _plt()
     changed = [k for k, (b, a) in widths.items() if a != b]
     unchanged = len(widths) - len(changed)
-    names = sorted(changed or list(widths), key=_flow_order)
+    names = sorted(changed or list(widths), key=order or (lambda name: ()))
     before = np.array([widths[k][0] for k in names])
     after = np.array([widths[k][1] for k in names])
     y = np.arange(len(names))
@@ -294,9 +293,9 @@ def metrics_rows(m: dict) -> list[tuple[str, str, str]]:
     sc, tc = latency.get("student", {}), latency.get("teacher", {})
     ext = (m.get("fid_setup") or {}).get("extractor", {}).get("extractor", "")
     rows = [
-        ("Parameters", _fmt(m.get("teacher_params"), "count"), _fmt(m.get("params"), "count")),
-        ("MACs per UNet call (batch 1)", _fmt(m.get("teacher_macs"), "macs"), _fmt(m.get("macs"), "macs")),
-        ("MACs per image (all steps)", _fmt(m.get("teacher_macs_per_image"), "macs"),
+        ("Parameters", _fmt(m.get("base_params"), "count"), _fmt(m.get("params"), "count")),
+        ("MACs per UNet call (batch 1)", _fmt(m.get("base_macs"), "macs"), _fmt(m.get("macs"), "macs")),
+        ("MACs per image (all steps)", _fmt(m.get("base_macs_per_image"), "macs"),
          _fmt(m.get("macs_per_image"), "macs")),
         (f"FID vs data ({ext or 'no data'})", _fmt(m.get("fid_teacher")), _fmt(m.get("fid"))),
     ]
@@ -370,12 +369,31 @@ def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teache
                  seeds: Sequence[int], pruning: dict | None = None, train_log: dict | None = None,
                  grid_count: int = 32, labels: dict | None = None,
                  label_names: list[str] | None = None) -> dict[str, str]:
-    """Write the figures, ``report.md`` and ``report.html`` into ``out_dir``; returns ``{what: file name}``.
+    """Write the figures, ``report.md`` and ``report.html`` (UTF-8) into ``out_dir``; returns ``{what: file name}``.
 
     ``labels``: seed -> requested class (or prompt index), for a conditional model (adds the per-class figures);
     ``label_names``: the name of each (default: the class names of the class-accuracy detail)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    written = _write_figures(out, metrics, student_images, teacher_images, seeds, pruning=pruning,
+                             train_log=train_log, grid_count=grid_count, labels=labels, label_names=label_names)
+    names = metrics.get("names") or {}
+    doc = _Document(
+        title=f"Diff-Pruning evaluation: {names.get('student', 'student')}" + (
+            f" vs {names['teacher']}" if names.get("teacher") else ""),
+        table=metrics_rows(metrics), summary=summary_rows(metrics), figures=dict(written),
+        missing=[CAPTIONS[k].split(";")[0] for k in ("widths", "timesteps", "finetune") if k not in written],
+        versions=", ".join(f"{k} {v}" for k, v in (metrics.get("versions") or {}).items() if v))
+    # UTF-8 whatever the locale: the tables hold "—", "×" and "↔"
+    atomic_write_text(out / "report.md", _markdown(doc))
+    atomic_write_text(out / "report.html", _html(doc, out))
+    written["html"], written["md"] = "report.html", "report.md"
+    return written
+
+
+def _write_figures(out: Path, metrics: dict, student_images: torch.Tensor, teacher_images: torch.Tensor | None,
+                   seeds: Sequence[int], *, pruning, train_log, grid_count: int, labels, label_names) -> dict[str, str]:
+    """Each figure whose data exists, into ``out``; returns ``{what: file name}`` in the report's order."""
     k = min(grid_count, len(student_images))
     written: dict[str, str] = {}
     plot_samples(out / FIGURES["samples"], student_images[:k], None if teacher_images is None else teacher_images[:k],
@@ -383,7 +401,7 @@ def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teache
     written["samples"] = FIGURES["samples"]
     widths = width_changes(pruning)
     if widths:
-        plot_widths(out / FIGURES["widths"], widths)
+        plot_widths(out / FIGURES["widths"], widths, layer_order(pruning))
         written["widths"] = FIGURES["widths"]
     curve = timestep_losses(pruning)
     if curve.t:
@@ -400,34 +418,41 @@ def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teache
         plot_class_grid(out / FIGURES["class_grid"], student_images, teacher_images, seeds, labels,
                         label_names or (detail or {}).get("class_names"))
         written["class_grid"] = FIGURES["class_grid"]
+    return written
 
-    names = metrics.get("names") or {}
-    title = f"Diff-Pruning evaluation: {names.get('student', 'student')}" + (
-        f" vs {names['teacher']}" if names.get("teacher") else "")
-    table = metrics_rows(metrics)
-    summary = summary_rows(metrics)
-    missing = [CAPTIONS[k].split(";")[0] for k in ("widths", "timesteps", "finetune") if k not in written]
 
-    md = [f"# {title}", "", _md_table(["", "teacher", "student"], table), "", _md_table(["summary", ""], summary), ""]
-    for key, fname in written.items():
+class _Document(NamedTuple):
+    """What both documents show: the title, the two tables, the figures, what has no data, the versions."""
+
+    title: str
+    table: list
+    summary: list
+    figures: dict[str, str]
+    missing: list[str]
+    versions: str
+
+
+def _markdown(doc: _Document) -> str:
+    md = [f"# {doc.title}", "", _md_table(["", "teacher", "student"], doc.table), "",
+          _md_table(["summary", ""], doc.summary), ""]
+    for key, fname in doc.figures.items():
         md += [f"![{key}]({fname})", "", f"*{CAPTIONS[key]}*", ""]
-    if missing:
-        md += ["Not shown (no data recorded): " + "; ".join(missing) + ".", ""]
-    md += [f"Versions: {', '.join(f'{k} {v}' for k, v in (metrics.get('versions') or {}).items() if v)}.", ""]
-    (out / "report.md").write_text("\n".join(md))
+    if doc.missing:
+        md += ["Not shown (no data recorded): " + "; ".join(doc.missing) + ".", ""]
+    md += [f"Versions: {doc.versions}.", ""]
+    return "\n".join(md)
 
+
+def _html(doc: _Document, folder: Path) -> str:
+    """One self-contained page: the figures (read from ``folder``) inlined as base64 PNGs."""
     figs = []
-    for key, fname in written.items():
-        data = base64.b64encode((out / fname).read_bytes()).decode()
+    for key, fname in doc.figures.items():
+        data = base64.b64encode((folder / fname).read_bytes()).decode()
         figs.append(f'<figure><img alt="{key}" src="data:image/png;base64,{data}">'
                     f"<figcaption>{html.escape(CAPTIONS[key])}</figcaption></figure>")
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-           + _html_table(["", "teacher", "student"], table) + _html_table(["summary", ""], summary)
-           + "".join(figs)
-           + (f"<p>Not shown (no data recorded): {html.escape('; '.join(missing))}.</p>" if missing else "")
-           + "<p><small>" + html.escape(", ".join(f"{k} {v}" for k, v in (metrics.get("versions") or {}).items() if v))
-           + "</small></p></body></html>\n")
-    (out / "report.html").write_text(doc)
-    written["html"], written["md"] = "report.html", "report.md"
-    return written
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(doc.title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(doc.title)}</h1>"
+            + _html_table(["", "teacher", "student"], doc.table) + _html_table(["summary", ""], doc.summary)
+            + "".join(figs)
+            + (f"<p>Not shown (no data recorded): {html.escape('; '.join(doc.missing))}.</p>" if doc.missing else "")
+            + "<p><small>" + html.escape(doc.versions) + "</small></p></body></html>\n")

@@ -185,27 +185,11 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_
     adapter = resolve_adapter(model, adapter)
     seeds = [int(s) for s in seeds]
     conds = conditioning_for(model, seeds, class_labels, prompt_embeds, num_classes, adapter=adapter)
-    spec = adapter.conditioning(model)
-    require(isinstance(guidance_scale, (int, float)) and guidance_scale >= 1.0,
-            f"guidance_scale={guidance_scale!r} must be >= 1 (1 = no guidance)")
-    null = None
-    if spec is not None and spec.kind == "text":
-        if negative_prompt_embeds is not None:
-            null = _per_seed(spec.check_context(torch.as_tensor(negative_prompt_embeds).float(),
-                                                "negative_prompt_embeds"), len(seeds), "negative_prompt_embeds")
-        require(guidance_scale == 1.0 or null is not None,
-                "classifier-free guidance of a text model needs negative_prompt_embeds (the empty prompt's: "
-                "TextEncoder.null()); or use guidance_scale 1")
-    elif spec is not None and spec.null() is not None:
-        null = spec.null().expand(len(seeds))
-    if guidance_scale != 1.0:
-        require(null is not None, "classifier-free guidance needs a conditional model with a null label (e.g. a "
-                                  "DiT) or a text model; this model has none: use --guidance-scale 1")
+    null = _null_conditioning(adapter.conditioning(model), len(seeds), guidance_scale, negative_prompt_embeds)
     eta = (0.0 if sampler == "ddim" else 1.0) if eta is None else float(eta)
     device = device if device is not None else next(model.parameters()).device
     sched = QuadDDIMScheduler.from_config(scheduler.config, **({"clip_sample": False} if codec is not None else {}))
     sched.set_timesteps(num_inference_steps, skip=skip)
-    shape = adapter.input_shape(model)
     dtype = next(model.parameters()).dtype
     out = []
     bar = tqdm(total=len(seeds) * len(sched.timesteps), desc="sampling", unit="step", disable=not progress)
@@ -215,74 +199,60 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_
             y = None if conds is None else conds[i:i + batch_size].to(
                 device=device, dtype=dtype if conds.is_floating_point() else None)
             y_null = None if null is None else null[i:i + batch_size]
-            gens = [torch.Generator().manual_seed(s) for s in chunk]
-            x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
-            for t in sched.timesteps:
-                pred = guided_prediction(adapter, model, x, t.to(device).expand(len(chunk)), y, guidance_scale,
-                                         y_null)
-                noise = None
-                if eta > 0:
-                    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
-                x = sched.step(pred, t, x, eta=eta, variance_noise=noise).prev_sample
-                bar.update(len(chunk))
-            if codec is not None and decode:
-                x = codec.decode(x)
-            bad = [s for s, ok in zip(chunk, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
-            if bad:  # NaN would silently become black pixels
-                raise DiffPruneError(f"sampling gave non-finite values (NaN/inf) for seed(s) {bad[:5]}; the model "
-                                     "has diverged or damaged weights (check them with diffprune info), or the "
-                                     "scheduler is misconfigured")
-            out.append((x.clamp(-1, 1) if codec is None or decode else x).float().cpu())
+            x = _denoise(adapter, model, sched, chunk, (y, y_null, guidance_scale), eta, device, dtype, bar)
+            out.append(_finish(x, chunk, codec, decode))
     bar.close()
     return torch.cat(out)
 
 
-def image_grid(images_uint8: torch.Tensor, nrow: int | None = None, pad: int = 2):
-    """A PIL image tiling uint8 ``[N, C, H, W]`` images in rows of ``nrow`` (default: about square)."""
-    from PIL import Image
-
-    n, c, h, w = images_uint8.shape
-    nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
-    rows = int(np.ceil(n / nrow))
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = (
-            images_uint8[k].permute(1, 2, 0).numpy()
-        )
-    return Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-
-
-SAMPLES_NPZ = "samples.npz"
-
-
-def save_samples(images_uint8: torch.Tensor, seeds: Sequence[int], out_dir, meta: dict | None = None) -> None:
-    """Write a sample folder: ``{i:05d}.png`` (image i from ``seeds[i]``), ``samples.npz`` (images, seeds),
-    ``samples.json`` (seeds and how they were made) and ``grid.png`` (the first 64)."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    from ._fs import atomic_write_json
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = np.asarray([int(s) for s in seeds], dtype=np.int64)
-    require(len(seeds) == len(images_uint8), f"{len(images_uint8)} images but {len(seeds)} seeds")
-    arr = images_uint8.permute(0, 2, 3, 1).numpy()
-    for i, a in enumerate(arr):
-        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(out / f"{i:05d}.png")
-    np.savez_compressed(out / SAMPLES_NPZ, images=images_uint8.numpy(), seeds=seeds)
-    atomic_write_json(out / "samples.json", {"seeds": seeds.tolist(), **(meta or {})})
-    image_grid(images_uint8[:64]).save(out / "grid.png")
+def _null_conditioning(spec, n: int, guidance_scale: float, negative_prompt_embeds) -> torch.Tensor | None:
+    """The unconditional branch of classifier-free guidance, one per seed (None: the model has none): a text model's
+    ``negative_prompt_embeds``, a class model's null label. Refuses guidance a model cannot do."""
+    require(isinstance(guidance_scale, (int, float)) and guidance_scale >= 1.0,
+            f"guidance_scale={guidance_scale!r} must be >= 1 (1 = no guidance)")
+    null = None
+    if spec is not None and spec.kind == "text":
+        if negative_prompt_embeds is not None:
+            null = _per_seed(spec.check_context(torch.as_tensor(negative_prompt_embeds).float(),
+                                                "negative_prompt_embeds"), n, "negative_prompt_embeds")
+        require(guidance_scale == 1.0 or null is not None,
+                "classifier-free guidance of a text model needs negative_prompt_embeds (the empty prompt's: "
+                "TextEncoder.null()); or use guidance_scale 1")
+    elif spec is not None and spec.null() is not None:
+        null = spec.null().expand(n)
+    if guidance_scale != 1.0:
+        require(null is not None, "classifier-free guidance needs a conditional model with a null label (e.g. a "
+                                  "DiT) or a text model; this model has none: use --guidance-scale 1")
+    return null
 
 
-def load_samples(folder) -> tuple[torch.Tensor, np.ndarray]:
-    """(uint8 images [N, C, H, W], seeds [N]) from a folder written by :func:`save_samples`."""
-    from pathlib import Path
+def _denoise(adapter, model, sched, chunk: list[int], guidance: tuple, eta: float, device, dtype,
+             bar) -> torch.Tensor:
+    """One batch, from its seeds' starting noise through every timestep. ``guidance``: ``(cond, null_cond,
+    scale)`` of these seeds. Each seed draws its starting and (eta > 0) step noise from its own generator, so an
+    image does not depend on the batch it is in."""
+    cond, null_cond, scale = guidance
+    shape = adapter.input_shape(model)
+    gens = [torch.Generator().manual_seed(s) for s in chunk]
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
+    for t in sched.timesteps:
+        pred = guided_prediction(adapter, model, x, t.to(device).expand(len(chunk)), cond, scale, null_cond)
+        noise = None
+        if eta > 0:
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
+        x = sched.step(pred, t, x, eta=eta, variance_noise=noise).prev_sample
+        bar.update(len(chunk))
+    return x
 
-    path = Path(folder) / SAMPLES_NPZ
-    require(path.is_file(), f"{str(folder)!r} is not a sample folder (no {SAMPLES_NPZ}); write one with "
-                            "`diffprune sample`")
-    with np.load(path, allow_pickle=False) as d:
-        return torch.from_numpy(d["images"].copy()), d["seeds"].copy()
+
+def _finish(x: torch.Tensor, chunk: list[int], codec, decode: bool) -> torch.Tensor:
+    """A denoised batch as :func:`sample` returns it: decoded (latent models, unless ``decode=False``), checked
+    finite, pixels clamped to [-1, 1], float32 on the CPU."""
+    if codec is not None and decode:
+        x = codec.decode(x)
+    bad = [s for s, ok in zip(chunk, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
+    if bad:  # NaN would silently become black pixels
+        raise DiffPruneError(f"sampling gave non-finite values (NaN/inf) for seed(s) {bad[:5]}; the model "
+                             "has diverged or damaged weights (check them with diffprune info), or the "
+                             "scheduler is misconfigured")
+    return (x.clamp(-1, 1) if codec is None or decode else x).float().cpu()

@@ -87,6 +87,7 @@ class ModelAdapter:
     model_classes: tuple[str, ...] = ()
     sample_arg: str = "sample"  # the name of x_t in the model's forward()
     label_arg: str = "class_labels"
+    flow: tuple[str, ...] = ()  # top-level module names from input to output (see layer_order)
 
     # --- the denoiser contract ------------------------------------------------------------------------------------
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
@@ -126,6 +127,17 @@ class ModelAdapter:
         t = torch.ones(batch_size, dtype=torch.long, device=device)
         return {self.sample_arg: x, "timestep": t,
                 **self.model_kwargs(model, self.example_cond(model, batch_size, device))}
+
+    def layer_order(self, name: str) -> tuple:
+        """A sort key putting layer ``name`` in input-to-output order, for per-layer plots: its top-level module's
+        place in :attr:`flow`, then its block number (``down_blocks.2...`` -> 2); a stable sort keeps the recorded
+        order within a block. A family that declares no flow keeps the recorded order (every key ``()``)."""
+        if not self.flow:
+            return ()
+        parts = name.split(".")
+        head = self.flow.index(parts[0]) if parts[0] in self.flow else len(self.flow)
+        block = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+        return head, block
 
     def prepare_for_training(self, model: nn.Module) -> None:
         """Make the model's training-mode forward deterministic given diffprune's own random draws."""
@@ -241,6 +253,12 @@ def resolve_adapter(model: nn.Module, adapter: ModelAdapter | None = None) -> Mo
     return adapter if adapter is not None else adapter_for(model)
 
 
+def adapter_named(name: str | None) -> ModelAdapter | None:
+    """The adapter registered as ``name`` (a ``pruning.json``'s ``family``), or None when none is."""
+    _load_families()
+    return ADAPTERS.get(name) if name in ADAPTERS else None
+
+
 def adapter_for_class_name(class_name: str) -> ModelAdapter:
     """The adapter for a model class name as written in a diffusers ``config.json`` (``_class_name``)."""
     _load_families()
@@ -251,5 +269,5 @@ def adapter_for_class_name(class_name: str) -> ModelAdapter:
     raise DiffPruneError(f"no pruning adapter for model class {class_name!r}; supported: {supported_classes()}")
 
 
-__all__ = ["ADAPTERS", "Conditioning", "ModelAdapter", "adapter_for", "adapter_for_class_name", "resolve_adapter",
-           "supported_classes"]
+__all__ = ["ADAPTERS", "Conditioning", "ModelAdapter", "adapter_for", "adapter_for_class_name", "adapter_named",
+           "resolve_adapter", "supported_classes"]

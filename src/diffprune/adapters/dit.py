@@ -37,6 +37,8 @@ class DiTAdapter(ModelAdapter):
     name = "dit"
     model_classes = ("DiTTransformer2DModel",)
     sample_arg = "hidden_states"
+    # patch embedding, the blocks (each opens with its timestep/label embedders, norm1.emb), the final layer
+    flow = ("pos_embed", "transformer_blocks", "norm_out", "proj_out_1", "proj_out_2")
 
     def conditioning(self, model):
         n = int(model.config.num_embeds_ada_norm)

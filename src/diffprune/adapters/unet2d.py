@@ -36,6 +36,9 @@ def _resampling_conv(m: nn.Module):
 class UNet2DAdapter(ModelAdapter):
     name = "unet2d"
     model_classes = ("UNet2DModel",)
+    # down blocks, mid block, up blocks: the order a sample flows through (UNet2DConditionModel's too)
+    flow = ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out",
+            "conv_out")
 
     def conditioning(self, model):
         n = model.config.num_class_embeds

@@ -120,12 +120,12 @@ def _eval(args, inputs) -> int:
         classifier=args.classifier, prompts=read_prompts(args), clip_model=args.clip_model,
     )
     device = device_of(args)
-    student = teacher = scheduler = pruning = codec = class_names = text = None
+    student = teacher = scheduler = pruning = codec = class_names = text = adapter = None
     log: dict = {}
     if args.model is not None:
         loaded, log = load_for_eval(args.model)
         student, scheduler, pruning, codec = loaded.denoiser.to(device), loaded.scheduler, loaded.pruning, loaded.codec
-        class_names, text = loaded.class_names, loaded.text_encoder
+        class_names, text, adapter = loaded.class_names, loaded.text_encoder, loaded.adapter
     if args.teacher is not None:
         loaded, _ = load_for_eval(args.teacher)
         teacher = loaded.denoiser.to(device)
@@ -133,6 +133,7 @@ def _eval(args, inputs) -> int:
         codec = loaded.codec if codec is None else codec
         class_names = loaded.class_names if class_names is None else class_names
         text = loaded.text_encoder if text is None else text
+        adapter = loaded.adapter if adapter is None else adapter
     for part in (codec, text):
         if part is not None:
             part.to(device)
@@ -142,12 +143,12 @@ def _eval(args, inputs) -> int:
                  student_samples=args.student_samples, teacher_samples=args.teacher_samples, pruning=pruning,
                  train_log=log, device=device, overwrite=args.overwrite, progress=True,
                  names={"student": args.model or args.student_samples, "teacher": args.teacher or args.teacher_samples},
-                 inputs=inputs, codec=codec, class_names=class_names, text_encoder=text)
+                 inputs=inputs, codec=codec, class_names=class_names, text_encoder=text, adapter=adapter)
 
     def f(v, spec=".4g"):
         return "n/a" if v is None else format(v, spec)
 
     print(f"FID student {f(m['fid'])}  teacher {f(m['fid_teacher'])}  | SSIM teacher-student {f(m['ssim'])}"
-          f"  | MACs {f(m['teacher_macs'], ',')} -> {f(m['macs'], ',')}  | speedup {f(m['speedup'], '.2f')}x")
+          f"  | MACs {f(m['base_macs'], ',')} -> {f(m['macs'], ',')}  | speedup {f(m['speedup'], '.2f')}x")
     print(f"report: {args.out}/report.html (and report.md); metrics: {args.out}/metrics.json")
     return 0

@@ -18,16 +18,17 @@ def summarize(name_or_path: str) -> dict:
 
     loaded = load_model(name_or_path)
     model = loaded.denoiser
-    macs = count_macs(model)
+    adapter = loaded.adapter  # looked up once, handed down
+    macs = count_macs(model, adapter=adapter)
     rec = loaded.pruning or {}
     cfg = rec.get("config", {})
     calibration = rec.get("calibration") or {}
-    spec = loaded.adapter.conditioning(model)
+    spec = adapter.conditioning(model)
     return {
         "source": loaded.source,
         "revision": loaded.revision,
         "model_class": type(model).__name__,
-        "family": loaded.adapter.name,
+        "family": adapter.name,
         "pipeline": loaded.pipeline.family.pipeline_class if loaded.pipeline is not None else None,
         "latent": loaded.codec is not None,
         "conditioning": None if spec is None else {"kind": spec.kind, "num_classes": spec.num_classes,
@@ -51,7 +52,7 @@ def summarize(name_or_path: str) -> dict:
         "calibration_timesteps": len(calibration.get("accumulated", [])) if calibration else None,
         "scheduler": type(loaded.scheduler).__name__ if loaded.scheduler is not None else None,
         "diffprune_version": rec.get("diffprune_version"),
-        "input_shape": list(loaded.adapter.input_shape(model)),
+        "input_shape": list(adapter.input_shape(model)),
     }
 
 

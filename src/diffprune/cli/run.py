@@ -26,16 +26,20 @@ def execute(config, out, *, force=(), device=None) -> int:
     import time
 
     from ..pipeline import run_pipeline
-    from ._common import default_device
+    from ._common import check_device, default_device
 
     t0 = time.time()
-    device = device or config.device or default_device()
+    device = check_device(device or config.device) if (device or config.device) else default_device()
     metrics = run_pipeline(config, out, force=force, device=device)
     print(summary_table(metrics, out, time.time() - t0))
     return 0
 
 
 def summary_table(m: dict, out, seconds: float) -> str:
+    from ..records import read_metrics
+
+    m = read_metrics(m)  # a finished run's eval stage may be an older metrics.json
+
     def num(key, fmt):
         v = m.get(key)
         return "n/a" if v is None else format(v, fmt)
@@ -46,8 +50,8 @@ def summary_table(m: dict, out, seconds: float) -> str:
 
     rows = [
         ("", "teacher", "student", "ratio"),
-        ("params", num("teacher_params", ",d"), num("params", ",d"), ratio("params", "teacher_params")),
-        ("MACs / UNet call", num("teacher_macs", ",d"), num("macs", ",d"), ratio("macs", "teacher_macs")),
+        ("params", num("base_params", ",d"), num("params", ",d"), ratio("params", "base_params")),
+        ("MACs / UNet call", num("base_macs", ",d"), num("macs", ",d"), ratio("macs", "base_macs")),
         ("FID", num("fid_teacher", ".2f"), num("fid", ".2f"), ""),
         ("speedup (measured)", "", "", num("speedup", ".2f") + "x"),
         ("SSIM teacher<->student", "", num("ssim", ".3f"), ""),

@@ -55,13 +55,15 @@ def _sample(args) -> int:
     from ..errors import require
     from ..io import load_model
     from ..objective import resolve_scheduler
-    from ..sampling import conditioning_for, prompts_for, sample, save_samples
+    from ..samples import save_samples
+    from ..sampling import conditioning_for, prompts_for, sample
 
     prompts = read_prompts(args)
     loaded = load_model(args.model)
     scheduler = resolve_scheduler(loaded.scheduler, args.prediction_type)
     device = device_of(args)
     model = loaded.denoiser.to(device)
+    adapter = loaded.adapter  # looked up once, handed down
     codec = loaded.codec.to(device) if loaded.codec is not None else None
     seeds = list(range(args.seed, args.seed + args.n))
     names = loaded.class_names
@@ -74,11 +76,12 @@ def _sample(args) -> int:
         context, negative = text.to(device).sampling_inputs(per_seed, args.guidance_scale)
     else:
         require(text is None, f"{args.model!r} is a text-to-image pipeline: pass --prompt TEXT or --prompt-file FILE")
-        labels = conditioning_for(model, seeds, args.class_labels, None, len(names) if names else None)
+        labels = conditioning_for(model, seeds, args.class_labels, None, len(names) if names else None,
+                                  adapter=adapter)
     images = sample(model, scheduler, seeds=seeds, class_labels=labels, prompt_embeds=context,
                     negative_prompt_embeds=negative, guidance_scale=args.guidance_scale, codec=codec,
                     num_inference_steps=args.steps, sampler=args.sampler, skip=args.skip,
-                    batch_size=args.batch_size, device=device)
+                    batch_size=args.batch_size, device=device, adapter=adapter)
     meta = {"model": str(args.model), "steps": args.steps, "sampler": args.sampler, "skip": args.skip,
             "guidance_scale": args.guidance_scale, "class_labels": None if labels is None else labels.tolist(),
             "class_names": names, "prompts": per_seed}

@@ -28,9 +28,9 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     dataset name or ``"data-free"`` (a class-conditional model needs labelled data: each image is calibrated with
     its own label). ``scheduler``: the model's noise scheduler (``add_noise``, ``num_train_timesteps`` and the
     ``prediction_type`` the loss targets), required by gradient methods. ``codec``: a latent pipeline's
-    autoencoder (:class:`~diffprune.adapters.pipelines.LatentCodec`): calibration images are encoded with it
+    autoencoder (:class:`~diffprune.components.LatentCodec`): calibration images are encoded with it
     (cached under ``cache_dir``). ``num_classes``: the classes a conditional model was trained on, for data-free
-    calibration. ``text_encoder`` (a text-to-image pipeline's :class:`~diffprune.adapters.pipelines.TextEncoder`):
+    calibration. ``text_encoder`` (a text-to-image pipeline's :class:`~diffprune.components.TextEncoder`):
     encodes the calibration captions, or the ``prompts`` of data-free calibration. ``device``: where to run
     (default: where the model is; the model is moved there); a ``target_latency`` is timed there. ``timer(model) ->
     seconds``: replaces the latency measurement (tests, or a timer of your own, e.g. of a whole pipeline call).

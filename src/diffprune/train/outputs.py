@@ -30,7 +30,8 @@ def save_final(raw, ema, scheduler, folder: Path, pruning: dict | None, pipeline
 
 def save_sample_grid(raw, ema, scheduler, path: Path, steps: int, *, adapter, codec=None, data=None) -> None:
     """36 samples; a text model draws seed i with the caption of training image i (mod the data)."""
-    from ..sampling import image_grid, sample
+    from ..samples import image_grid
+    from ..sampling import sample
 
     model = ema_copy(raw, ema)
     spec = adapter.conditioning(model)

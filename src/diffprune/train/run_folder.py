@@ -224,7 +224,7 @@ def diverged(what: str, step: int, config: TrainConfig, folder: RunFolder, main:
 
 def append_log(path: Path, row: dict) -> None:
     new = not path.exists()
-    with open(path, "a", newline="") as f:
+    with open(path, "a", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
         if new:
             w.writeheader()
@@ -235,7 +235,7 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop log rows past ``step`` (a resumed run rewrites them) and a row torn by a kill; rewrite atomically."""
     if not path.exists():
         return
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if _whole_row(r) and int(r["step"]) <= step]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\r\n")
