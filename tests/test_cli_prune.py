@@ -79,9 +79,13 @@ def test_existing_out_refused_unless_overwrite(model_dir, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     out2 = tmp_path / "out2"
     assert main(_base(model_dir, out2, "--method", "magnitude", "--ratio", "0.3")) == 0
-    (out2 / "notes.txt").write_text("x")
+    (out2 / "notes.txt").write_text("x")  # a file of the user's in diffprune's folder: --overwrite keeps it
+    assert main(_base(model_dir, out2, "--method", "magnitude", "--ratio", "0.5", "--overwrite")) == 2
+    assert "holds 'notes.txt', which diffprune did not write" in capsys.readouterr().err
+    assert (out2 / "notes.txt").read_text() == "x" and json.loads((out2 / "pruning.json").read_text())["ratio"] == 0.3
+    (out2 / "notes.txt").unlink()
     assert main(_base(model_dir, out2, "--method", "magnitude", "--ratio", "0.5", "--overwrite")) == 0
-    assert not (out2 / "notes.txt").exists() and json.loads((out2 / "pruning.json").read_text())["ratio"] == 0.5
+    assert json.loads((out2 / "pruning.json").read_text())["ratio"] == 0.5
 
 
 def test_prune_prints_numbers_and_info_reads_them(model_dir, tmp_path, capsys):

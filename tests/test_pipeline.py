@@ -102,8 +102,6 @@ def test_interrupted_finetune_stage_resumes(tmp_path, monkeypatch):
 def test_bad_config_or_failed_stage_loses_no_finished_stage(tmp_path, monkeypatch):
     """A config whose model is a typo is refused before anything is written; a stage that fails leaves the finished
     stage it would have replaced (and every later one) in place, so the good config skips them all again."""
-    import json
-
     import diffprune.pipeline as pipeline
     import diffprune.prune
 
@@ -112,12 +110,11 @@ def test_bad_config_or_failed_stage_loses_no_finished_stage(tmp_path, monkeypatc
             folder = run / f".{name}.next"
             folder.mkdir()
             (folder / "result").write_text(name)
+            (folder / "metrics.json").write_text('{"fid": 1.0}')
             return folder
         return run
 
     monkeypatch.setattr(pipeline, "_STAGE_FUNCS", {s: stage(s) for s in pipeline.STAGES})
-    monkeypatch.setattr(pipeline, "read_json", lambda p: {"fid": 1.0} if p.name == "metrics.json" else
-                        json.loads(p.read_text()))
     good = load_run_config(BASE)
     pipeline.run_pipeline(good, tmp_path, progress=False, log=lambda m: None)
     saved = (tmp_path / "run_config.json").read_text()
