@@ -168,3 +168,52 @@ def test_class_folders_map_to_the_models_classes_by_name():
     with pytest.raises(DiffPruneError, match=r"class labels \[3\] .* trained on 3 classes"):
         denoiser_data(unet, data(None, [0, 1, 2, 3]), class_names=trained)
     assert denoiser_data(unet, data(None, [0, 1, 2, 3])).cond.tolist() == [0, 1, 2, 3]  # no names: the table rules
+
+
+def test_a_hub_repo_with_only_pickles_names_the_repo(model_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def snapshot(repo_id, allow_patterns):  # the hub fetched what the patterns allow: the config, not the .bin
+        cache = tmp_path / "hub" / "snapshots" / "abc123"
+        cache.mkdir(parents=True)
+        (cache / "config.json").write_text((model_dir / "config.json").read_text())
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    with pytest.raises(DiffPruneError) as e:
+        from diffprune.io import load_model
+
+        load_model("someone/bin-only")
+    assert "hub repo 'someone/bin-only' has no diffusion_pytorch_model.safetensors" in str(e.value)
+    assert "never pickles" in str(e.value) and str(tmp_path) not in str(e.value)
+
+
+def test_distillation_teacher_of_another_input_shape_is_refused_before_writing(model_dir, tmp_path):
+    import torch
+    from diffusers import UNet2DModel
+
+    from diffprune.finetune import finetune
+    from diffprune.train import TrainConfig
+
+    other = UNet2DModel.from_pretrained(model_dir)
+    other.register_to_config(sample_size=other.config.sample_size * 2)
+    other.save_pretrained(tmp_path / "big", safe_serialization=True)
+    out = tmp_path / "ft"
+    with pytest.raises(DiffPruneError, match=r"teacher .*big' takes inputs of shape \(1, 16, 16\) but the student "
+                                             r"takes \(1, 8, 8\)"):
+        finetune(str(model_dir), "mnist", TrainConfig(steps=1, batch_size=2, kd_weight=0.5), out,
+                 teacher=str(tmp_path / "big"), progress=False)
+    assert not out.exists()
+    assert torch.equal(UNet2DModel.from_pretrained(tmp_path / "big").conv_in.weight, other.conv_in.weight)
+
+
+def test_eval_stage_is_redone_on_another_device(tmp_path):
+    import json
+
+    from diffprune.pipeline import stage_complete
+
+    (tmp_path / "stage.json").write_text(json.dumps({"hash": "h", "device": "cpu"}))
+    assert stage_complete(tmp_path, "h", "cpu") and stage_complete(tmp_path, "h")
+    assert not stage_complete(tmp_path, "h", "cuda") and not stage_complete(tmp_path, "other", "cpu")
+    (tmp_path / "stage.json").write_text(json.dumps({"hash": "h"}))  # written before devices were recorded
+    assert stage_complete(tmp_path, "h", "cuda")

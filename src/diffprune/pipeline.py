@@ -139,9 +139,14 @@ def stage_hashes(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
-def stage_complete(folder: Path, digest: str) -> bool:
+def stage_complete(folder: Path, digest: str, device: str | None = None) -> bool:
+    """The stage finished with these settings (``digest``); with ``device``, also on that device when the stage
+    recorded one (eval's latency is the device's: measured on the CPU, it is no answer for a GPU run)."""
     marker = folder / "stage.json"
-    return marker.is_file() and read_json(marker).get("hash") == digest
+    if not marker.is_file():
+        return False
+    done = read_json(marker)
+    return done.get("hash") == digest and (device is None or done.get("device", device) == str(device))
 
 
 def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, *, force: tuple[str, ...] = (), device=None,
@@ -194,14 +199,15 @@ def _run_stages(config: RunConfig, run: Path, force, device, progress: bool, log
     forced_from = min((STAGES.index(s) for s in force), default=len(STAGES))  # --force: that stage and later ones
     for i, stage in enumerate(STAGES):
         folder = run / stage
-        if i < forced_from and stage_complete(folder, hashes[stage]):
+        if i < forced_from and stage_complete(folder, hashes[stage], device if stage == "eval" else None):
             log(f"[{stage}] complete with the same settings; skipped ({folder})")
             continue
         t0 = time.time()
         log(f"[{stage}] running -> {folder}")
         staging = _STAGE_FUNCS[stage](config, run, hashes, device=device, progress=progress)
         atomic_write_json(staging / "stage.json", {"stage": stage, "hash": hashes[stage], "settings":
-                                                   config.section(stage), "seconds": round(time.time() - t0, 1)})
+                                                   config.section(stage), "seconds": round(time.time() - t0, 1),
+                                                   "device": None if device is None else str(device)})
         swap_in(staging, folder)  # the finished stage replaces the old one only now
     from .records import read_metrics
 
@@ -283,7 +289,8 @@ def _run_eval(config: RunConfig, run: Path, hashes: dict, *, device, progress: b
                 m.to(device)
     evaluate(student.denoiser, teacher.denoiser, config=config.eval, out_dir=folder, scheduler=student.scheduler,
              pruning=student.pruning, train_log=log, device=device, overwrite=True, progress=progress,
-             names={"student": "pruned + fine-tuned", "teacher": str(config.model)}, codec=student.codec,
+             names={"student": "pruned + fine-tuned", "teacher": str(config.model),
+                    "teacher_revision": teacher.revision}, codec=student.codec,
              class_names=student.class_names, text_encoder=student.text_encoder)
     return folder
 

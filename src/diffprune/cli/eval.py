@@ -121,11 +121,13 @@ def _eval(args, inputs) -> int:
     )
     device = device_of(args)
     student = teacher = scheduler = pruning = codec = class_names = text = adapter = None
+    revisions = {}
     log: dict = {}
     if args.model is not None:
         loaded, log = load_for_eval(args.model)
         student, scheduler, pruning, codec = loaded.denoiser.to(device), loaded.scheduler, loaded.pruning, loaded.codec
         class_names, text, adapter = loaded.class_names, loaded.text_encoder, loaded.adapter
+        revisions["student_revision"] = loaded.revision
     if args.teacher is not None:
         loaded, _ = load_for_eval(args.teacher)
         teacher = loaded.denoiser.to(device)
@@ -134,6 +136,7 @@ def _eval(args, inputs) -> int:
         class_names = loaded.class_names if class_names is None else class_names
         text = loaded.text_encoder if text is None else text
         adapter = loaded.adapter if adapter is None else adapter
+        revisions["teacher_revision"] = loaded.revision  # a hub id's commit: what was actually compared against
     for part in (codec, text):
         if part is not None:
             part.to(device)
@@ -142,7 +145,8 @@ def _eval(args, inputs) -> int:
     m = evaluate(student, teacher, config=config, out_dir=args.out, scheduler=scheduler,
                  student_samples=args.student_samples, teacher_samples=args.teacher_samples, pruning=pruning,
                  train_log=log, device=device, overwrite=args.overwrite, progress=True,
-                 names={"student": args.model or args.student_samples, "teacher": args.teacher or args.teacher_samples},
+                 names={"student": args.model or args.student_samples, "teacher": args.teacher or args.teacher_samples,
+                        **revisions},
                  inputs=inputs, codec=codec, class_names=class_names, text_encoder=text, adapter=adapter)
 
     def f(v, spec=".4g"):

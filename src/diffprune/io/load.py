@@ -267,7 +267,12 @@ def _load_hub(repo_id: str, device, dtype) -> LoadedModel:
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); check the id and the connection, or pass a local folder"
         ) from None
-    loaded = _load_folder(folder, device, dtype)
+    try:
+        loaded = _load_folder(folder, device, dtype)
+    except DiffPruneError as e:  # name the repo, not a path inside the hub cache (only safetensors were fetched)
+        raise DiffPruneError(str(e).replace(repr(str(folder)), f"hub repo {repo_id!r}").replace(
+            str(folder), repo_id) + ("" if "safetensors" not in str(e) else "; diffprune fetches only safetensors "
+                                     "weights from the hub, never pickles (.bin)")) from None
     # the hub cache keeps each commit in snapshots/<commit sha>/: record exactly which weights were loaded
     revision = folder.name if folder.parent.name == "snapshots" else None
     return dataclasses.replace(loaded, source=repo_id, revision=revision)
