@@ -1,6 +1,7 @@
 """Reliability of output folders and names: foreign files survive --overwrite, file systems without locks get a
 clear error, shipped names never hide (or get overwritten by) a local folder."""
 import errno
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,27 @@ def test_eval_stage_is_redone_on_another_device(tmp_path):
     assert not stage_complete(tmp_path, "h", "cuda") and not stage_complete(tmp_path, "other", "cpu")
     (tmp_path / "stage.json").write_text(json.dumps({"hash": "h"}))  # written before devices were recorded
     assert stage_complete(tmp_path, "h", "cuda")
+
+
+def test_labels_and_eval_settings_that_do_not_fit_are_refused():
+    from diffusers import UNet2DModel
+
+    from diffprune.evaluate import EvalConfig
+    from diffprune.sampling import labels_for
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+                       num_class_embeds=1000)
+    with pytest.raises(DiffPruneError, match=r"class labels \[1.5\] are not whole numbers"):
+        labels_for(unet, [0, 1], [1.5, 2.0])
+    assert labels_for(unet, [0, 1], [1.0, 2.0]).tolist() == [1, 2]
+    with pytest.raises(DiffPruneError, match=r"class labels \[500\] are out of range: this model was trained on 10"):
+        labels_for(unet, [0, 1], 500, num_classes=10)  # a 10-class model with a 1,000-row label table
+    assert labels_for(unet, [0, 1], 500).tolist() == [500, 500]  # no trained classes known: the table decides
+    with pytest.raises(DiffPruneError, match="data=None computes no FID"):
+        EvalConfig(data=None, extractor="inception")
+    with pytest.raises(DiffPruneError, match="not text-to-image: it is evaluated without prompts"):
+        from diffprune.evaluate import evaluate
+
+        evaluate(unet, None, config=EvalConfig(n=2, steps=1, prompts=("a cat",), latency_batches=()), out_dir=Path("never-written"),
+                 device="cpu")

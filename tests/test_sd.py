@@ -336,3 +336,25 @@ def test_gradient_checkpointing_gives_the_same_training(sd, tmp_path):
     assert len(loss[0]) == 2 and np.allclose(loss[0], loss[1], rtol=1e-5)
     for k in plain:
         torch.testing.assert_close(plain[k], ckpt[k], atol=1e-5, rtol=1e-4)
+
+
+def test_conditioning_that_does_not_fit_a_text_model_is_refused_up_front(sd, tmp_path, capsys):
+    """Class labels beside prompts, prompts beside captioned calibration data, and a run config without eval prompts
+    are one-line errors before any work starts."""
+    from diffprune.errors import DiffPruneError
+    from diffprune.pipeline import load_run_config, run_pipeline
+
+    root = sd["root"]
+    assert main(["sample", str(root / "pipe"), "--prompt", "a cat", "--class-labels", "3", "--n", "2",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "--class-labels and --prompt both given" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    with pytest.raises(DiffPruneError, match="prompts are for data-free calibration"):
+        prune_model(root / "pipe", PruneConfig(method="diff-pruning", target_macs=0.5, calib_batch=2,
+                                               max_timesteps=2), str(root / "data"), prompts=["a cat"],
+                    progress=False)
+    cfg = load_run_config({"model": str(root / "pipe"), "data": str(root / "data"), "prune": {"method": "magnitude",
+                           "target_macs": 0.5}, "finetune": {"steps": 2}, "eval": {"n": 2}})
+    with pytest.raises(DiffPruneError, match=r"is a text-to-image pipeline \(StableDiffusionPipeline\), evaluated "
+                                             "on prompts: give eval.prompts"):
+        run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

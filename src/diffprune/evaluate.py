@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from ._cache import cached
 from ._hashing import Hasher, source_sha256
 from .adapters import resolve_adapter, unwrap
 from .errors import require, require_int, require_seed
-from .records import eval_versions, read_log
+from .records import finite_or_none, eval_versions, read_log
 from .samples import SampleSet, load_sample_folder, pair_by_seed, save_samples
 
 __all__ = ["EvalConfig", "evaluate", "load_for_eval", "default_extractor"]
@@ -97,6 +96,9 @@ class EvalConfig:
                 f"clip_model={self.clip_model!r} scores samples against their prompts: give prompts too")
         require(all(isinstance(b, int) and b >= 1 for b in self.latency_batches),
                 f"latency_batches={self.latency_batches!r} must be positive integers, e.g. (1, 16, 64)")
+        require(self.data is not None or (self.extractor, self.extractor_weights, self.ref_count) == (None,) * 3,
+                "extractor, extractor_weights and ref_count set how FID is computed, but data=None computes no FID; "
+                "give the reference data (--data) or drop them")
         if self.extractor is not None:
             from .metrics import EXTRACTORS
 
@@ -195,6 +197,8 @@ def _sampling_setup(models: dict[str, _Model], config: EvalConfig, scheduler, de
                 "(CLI: --prompt-file FILE)")
         context = text_encoder.sampling_inputs(prompts_for(config.seeds, config.prompts), config.guidance_scale)
     elif model is not None:
+        require(config.prompts is None and config.clip_model is None, "this model is not text-to-image: it is "
+                "evaluated without prompts; drop --prompt/--prompt-file and --clip-model (eval.prompts, eval.clip_model)")
         labels = labels_for(model, config.seeds, num_classes=len(class_names) if class_names else None,
                             adapter=adapter)
     return _Sampling(config, scheduler if scheduler is not None else default_scheduler(), device, progress, codec,
@@ -484,15 +488,4 @@ def _write_outputs(out_dir, metrics: dict, sets: dict[str, SampleSet], pairs: tu
                                          else sets["student"].images, seeds=common, pruning=pruning,
                                          train_log=train_log, grid_count=config.grid_count,
                                          labels=labels, label_names=label_names)
-        atomic_write_json(tmp / "metrics.json", _finite_or_none(metrics))
-
-
-def _finite_or_none(x):
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite_or_none(v) for v in x]
-    return x
+        atomic_write_json(tmp / "metrics.json", finite_or_none(metrics))

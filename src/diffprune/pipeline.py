@@ -188,6 +188,23 @@ def check_inputs(config: RunConfig) -> None:
         raise DiffPruneError(missing_path_message(what, name) if "/" in name or name.startswith((".", "~")) else
                              f"{what} {name!r} is not a folder here, nor one of {sorted(names)}, nor a hub id "
                              "(owner/name); fix the config's '" + what + "'")
+    _check_text_model(config)
+
+
+def _check_text_model(config: RunConfig) -> None:
+    """A text-to-image pipeline (a local folder whose family has a text encoder) is evaluated on prompts: without
+    ``eval.prompts`` the run would prune and fine-tune for hours and then fail at eval."""
+    from .adapters.pipelines import PIPELINES
+    from .layout import INDEX_NAME, read_index
+
+    folder = Path(config.model).expanduser()
+    if not (folder / INDEX_NAME).is_file():
+        return
+    name = read_index(folder).get("_class_name")
+    family = PIPELINES.get(name) if isinstance(name, str) and name in PIPELINES else None
+    require(family is None or family.text_encoder is None or config.eval.prompts is not None,
+            f"model {config.model!r} is a text-to-image pipeline ({name}), evaluated on prompts: give eval.prompts "
+            "(a list of prompts) in the config")
 
 
 def _run_stages(config: RunConfig, run: Path, force, device, progress: bool, log) -> dict:

@@ -3,6 +3,7 @@ an evaluation's ``metrics.json`` (older files included)."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import platform
 from pathlib import Path
@@ -68,4 +69,15 @@ def read_metrics(source: str | os.PathLike | dict) -> dict:
     return m
 
 
-__all__ = ["LOG_FIELDS", "eval_versions", "read_log", "read_metrics", "run_info"]
+def finite_or_none(x):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return x
+
+
+__all__ = ["LOG_FIELDS", "finite_or_none", "eval_versions", "read_log", "read_metrics", "run_info"]

@@ -112,12 +112,19 @@ def labels_for(model, seeds: Sequence[int], class_labels=None, num_classes: int 
     if class_labels is None:
         n = min(num_classes or spec.num_classes, spec.num_classes)
         return torch.tensor([int(s) % n for s in seeds], dtype=torch.long)
-    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    given = torch.as_tensor(class_labels).reshape(-1)
+    require(not given.is_floating_point() or bool((given == given.round()).all()),
+            f"class labels {given[given != given.round()].tolist()[:5]} are not whole numbers; give class ids")
+    labels = given.to(torch.long)
     if labels.numel() == 1:
         labels = labels.expand(len(seeds)).clone()
     require(labels.numel() == len(seeds), f"{labels.numel()} class labels for {len(seeds)} seeds; give one label, "
                                           "or one per image")
-    return spec.check_labels(labels)
+    trained = min(num_classes or spec.num_classes, spec.num_classes)
+    bad = sorted(set(labels[(labels < 0) | (labels >= trained)].tolist()))
+    require(not bad, f"class labels {bad[:5]} are out of range: this model was trained on {trained} classes "
+                     f"(0..{trained - 1})")
+    return labels
 
 
 def prompts_for(seeds: Sequence[int], prompts: Sequence[str]) -> list[str]:

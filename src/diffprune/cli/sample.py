@@ -70,6 +70,8 @@ def _sample(args) -> int:
     text = loaded.text_encoder
     per_seed = context = negative = labels = None
     if prompts is not None:
+        require(args.class_labels is None, "--class-labels and --prompt both given; a model takes one kind of "
+                                           "conditioning: drop one")
         require(text is not None, f"{args.model!r} is not a text-to-image pipeline: it takes no prompt (drop "
                                   "--prompt/--prompt-file)")
         per_seed = prompts_for(seeds, prompts)

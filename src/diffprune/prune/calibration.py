@@ -80,6 +80,11 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
 
     adapter = resolve_adapter(model, adapter)
     device = device if device is not None else next(model.parameters()).device
+    spec = adapter.conditioning(model)
+    require(prompts is None or (isinstance(source, str) and source == DATA_FREE and spec is not None
+                                and spec.kind == "text"),
+            "prompts are for data-free calibration of a text-to-image model (--data data-free); this calibration "
+            "takes its conditioning from the data (captions or labels): drop --prompt/--prompt-file")
     if isinstance(source, str) and source == DATA_FREE:
         return _data_free_batch(model, adapter, scheduler, seeds=list(range(seed, seed + batch_size)), codec=codec,
                                 steps=data_free_steps, device=device, num_classes=num_classes,
