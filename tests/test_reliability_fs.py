@@ -242,3 +242,16 @@ def test_labels_and_eval_settings_that_do_not_fit_are_refused():
 
         evaluate(unet, None, config=EvalConfig(n=2, steps=1, prompts=("a cat",), latency_batches=()), out_dir=Path("never-written"),
                  device="cpu")
+
+
+def test_clip_model_that_is_not_clip_or_lacks_its_tokenizer(model_dir, tmp_path):
+    import shutil
+
+    pytest.importorskip("transformers")
+    from diffprune.metrics import load_clip
+
+    folder = tmp_path / "notclip"
+    shutil.copytree(model_dir, folder)
+    (folder / "model.safetensors").write_bytes((folder / "diffusion_pytorch_model.safetensors").read_bytes())
+    with pytest.raises(DiffPruneError, match="does not hold a CLIP model"):
+        load_clip(folder)

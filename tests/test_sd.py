@@ -358,3 +358,15 @@ def test_conditioning_that_does_not_fit_a_text_model_is_refused_up_front(sd, tmp
                                              "on prompts: give eval.prompts"):
         run_pipeline(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_clip_model_without_its_tokenizer_is_a_one_line_error(tmp_path):
+    from diffprune.errors import DiffPruneError
+    from diffprune.metrics import load_clip
+
+    folder = build_clip(tmp_path / "clip")
+    assert load_clip(folder)[0].config.projection_dim == 16
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(DiffPruneError, match="has no tokenizer files .* would build an empty tokenizer"):
+        load_clip(folder)

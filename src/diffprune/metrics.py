@@ -272,8 +272,24 @@ def load_clip(folder: str | os.PathLike):
             f"{str(folder)!r} has no model.safetensors; diffprune never loads pickles (save it with "
             "safe_serialization=True)")
     transformers = require_transformers()
-    model = transformers.CLIPModel.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
-    return model, transformers.AutoTokenizer.from_pretrained(folder)
+    try:
+        kind = type(transformers.AutoConfig.from_pretrained(folder, local_files_only=True)).__name__
+    except (OSError, ValueError, KeyError):
+        kind = "unknown"
+    require(kind == "CLIPConfig", f"{str(folder)!r} does not hold a CLIP model (its config.json is a {kind}); pass a "
+                                  "CLIP model folder with its tokenizer (--clip-model)")
+    require((folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt")
+                                                       .is_file()),
+            f"{str(folder)!r} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt); transformers would "
+            "build an empty tokenizer and score every prompt alike: save the CLIP model's tokenizer beside it")
+    try:
+        model = transformers.CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DiffPruneError(f"cannot load a CLIP model and its tokenizer from {str(folder)!r} ({first}); pass a "
+                             "folder saved by CLIPModel.save_pretrained with its tokenizer files") from None
+    return model.eval().requires_grad_(False), tokenizer
 
 
 @torch.no_grad()
