@@ -134,9 +134,21 @@ def stage_hashes(cfg: RunConfig) -> dict[str, str]:
         if stage == "eval":
             extra = {"device": cfg.device,
                      "extractor_weights": sha256_file(weights) if weights and Path(weights).is_file() else None}
-        out[stage] = _hash({"stage": stage, "settings": cfg.section(stage), "upstream": upstream, **extra})
+        out[stage] = _hash({"stage": stage, "settings": _hashed_settings(cfg, stage), "upstream": upstream, **extra})
         upstream = {"stage": out[stage]}
     return out
+
+
+def _hashed_settings(cfg: RunConfig, stage: str) -> dict:
+    """A stage's settings as its hash covers them: settings added after runs were recorded are left out while at
+    the value those runs used (the allocation settings at the paper's global ranking), so the runs keep their
+    hashes, and count as soon as they are set."""
+    from .prune.config import ALLOCATION_DEFAULTS
+
+    settings = cfg.section(stage)
+    if stage == "prune":
+        settings = {k: v for k, v in settings.items() if k not in ALLOCATION_DEFAULTS or v != ALLOCATION_DEFAULTS[k]}
+    return settings
 
 
 def stage_complete(folder: Path, digest: str, device: str | None = None) -> bool:

@@ -147,6 +147,11 @@ class ModelAdapter:
         """Layers whose output channels must never be pruned (e.g. the output convolution)."""
         raise NotImplementedError
 
+    def conditioning_paths(self, model: nn.Module) -> list[str]:
+        """Module names (prefixes) of the conditioning pathways (timestep and class embedders, adaLN inputs): computed
+        once per sample, parameter-heavy and MAC-cheap; ``PruneConfig.conditioning_floor`` keeps a share of them."""
+        return []
+
     def num_heads(self, model: nn.Module) -> dict[nn.Module, int]:
         """Projection layer -> number of attention heads, for per-head-consistent pruning."""
         return {}

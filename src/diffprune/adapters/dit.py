@@ -55,6 +55,9 @@ class DiTAdapter(ModelAdapter):
             keep += [block.norm1.linear, block.attn1.to_out[0], block.ff.net[-1]]
         return keep
 
+    def conditioning_paths(self, model):
+        return [f"transformer_blocks.{i}.norm1.emb" for i in range(len(model.transformer_blocks))]
+
     def num_heads(self, model):
         return _attention.num_heads(model)
 

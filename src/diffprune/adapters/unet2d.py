@@ -52,6 +52,9 @@ class UNet2DAdapter(ModelAdapter):
     def ignored_layers(self, model):
         return [model.conv_out]
 
+    def conditioning_paths(self, model):
+        return [n for n in ("time_embedding", "class_embedding", "add_embedding") if getattr(model, n, None) is not None]
+
     def num_heads(self, model):
         return _attention.num_heads(model)
 

@@ -64,6 +64,16 @@ def add_parser(sub) -> None:
                         "--ratio-mode uniform); default: global with --target-macs, local with --ratio")
     p.add_argument("--round-to", type=int, default=d.round_to,
                    help="keep every pruned width a multiple of N (e.g. 8 for tensor cores); 1 = no rounding")
+    p.add_argument("--allocation", default=d.allocation,
+                   help="global ranking: score (rank positions by importance alone, the paper's; default) or cost "
+                        "(importance per MAC its removal saves)")
+    p.add_argument("--normalize", default=d.normalize,
+                   help="global ranking: none (default) or mean (each group's scores over their mean)")
+    p.add_argument("--max-layer-ratio", type=float, default=d.max_layer_ratio,
+                   help="global ranking: no layer group loses more than this share of its channels, in (0, 1)")
+    p.add_argument("--conditioning-floor", type=float, default=d.conditioning_floor,
+                   help="global ranking: the conditioning pathways (timestep/class embedders, adaLN inputs) keep at "
+                        "least this share of their channels, in (0, 1)")
     p.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads instead of shrinking head dims (needs --ratio-mode uniform)")
     p.add_argument("--thr", type=float, default=None,
@@ -142,6 +152,8 @@ def run(args) -> int:
     config = PruneConfig(
         method=args.method, ratio=args.ratio, ratio_mode=args.ratio_mode, target_macs=args.target_macs,
         global_ranking=_ranking(args.ranking), prune_heads=args.prune_heads, round_to=args.round_to, thr=args.thr,
+        allocation=args.allocation, normalize=args.normalize, max_layer_ratio=args.max_layer_ratio,
+        conditioning_floor=args.conditioning_floor,
         threshold_semantics=args.threshold_semantics, timesteps=args.timesteps, stride=args.stride,
         max_timesteps=args.max_timesteps, taylor_form=args.taylor_form, calib_batch=args.calib_batch,
         seed=args.seed, data_free_steps=args.data_free_steps, macs_tolerance=args.macs_tolerance,

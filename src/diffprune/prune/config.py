@@ -14,6 +14,10 @@ from ..structure import TORCH_PRUNING_VERSION
 from ..timesteps import STRATEGY_FIELDS, TimestepStrategy, make_strategy
 
 RATIO_MODES = ("paper", "uniform")
+ALLOCATIONS = ("score", "cost")
+NORMALIZERS = ("none", "mean")
+# the allocation settings at their defaults (the paper's global ranking); runs made before they existed used these
+ALLOCATION_DEFAULTS = {"allocation": "score", "normalize": "none", "max_layer_ratio": None, "conditioning_floor": None}
 LATENCY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DATA_FREE = "data-free"
 
@@ -38,6 +42,13 @@ class PruneConfig:
     (``thr``/``threshold_semantics`` for "threshold", ``stride`` for "threshold" (an approximate walk over every
     k-th timestep, under the same rule) and "strided", ``max_timesteps`` for any);
     diff-pruning also owns ``taylor_form``.
+
+    Allocation across layers (global ranking only): ``allocation="score"`` ranks positions by importance alone (the
+    paper, Torch-Pruning); ``"cost"`` by importance per MAC its removal saves (a greedy knapsack, as HALP does with
+    latency), so that parameter-heavy, MAC-cheap layers (timestep and class embedders, adaLN inputs) are not
+    removed first for nothing. ``normalize="mean"`` divides each group's scores by their mean (groups of different
+    kinds and sizes compete on their relative scores). ``max_layer_ratio``: no group loses more than this share of
+    its positions. ``conditioning_floor``: the conditioning pathways the adapter names keep at least this share.
     """
 
     method: str = "diff-pruning"
@@ -54,6 +65,10 @@ class PruneConfig:
     latency_dtype: str = "float32"
     latency_tolerance: float = 0.05
     latency_repeats: int = 10
+    allocation: str = "score"
+    normalize: str = "none"
+    max_layer_ratio: float | None = None
+    conditioning_floor: float | None = None
     # owned by the method (None: its default)
     calib_batch: int | None = None
     data_free_steps: int | None = None
@@ -119,6 +134,19 @@ class PruneConfig:
                 f"round_to={self.round_to} needs diffprune's channel selection: ratio_mode 'paper' or global ranking "
                 "(the default with a target), without prune_heads")
         require(0.0 < self.macs_tolerance < 1.0, f"macs_tolerance={self.macs_tolerance!r} must be in (0, 1)")
+        self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        require(self.allocation in ALLOCATIONS, f"unknown allocation {self.allocation!r}; choose from {list(ALLOCATIONS)}")
+        require(self.normalize in NORMALIZERS, f"unknown normalize {self.normalize!r}; choose from {list(NORMALIZERS)}")
+        for name in ("max_layer_ratio", "conditioning_floor"):
+            value = getattr(self, name)
+            require(value is None or (isinstance(value, (int, float)) and 0.0 < value < 1.0),
+                    f"{name}={value!r} must be in (0, 1) or None, e.g. 0.75")
+        custom = [k for k, v in ALLOCATION_DEFAULTS.items() if getattr(self, k) != v]
+        require(not custom or (self.global_ranking and not self.prune_heads),
+                f"{custom} choose between layers, which needs global ranking (the default with --target-macs, or "
+                "--ranking global --ratio-mode uniform), without prune_heads")
 
     def _resolve_method_settings(self, method) -> None:
         """The method's own settings: its defaults filled in, other methods' refused, the timestep strategy resolved."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..adapters import ModelAdapter
 from ..errors import require
+from ..macs import count_macs
 from ..seed import seed_everything
 from .config import PruneConfig
 
@@ -28,6 +30,7 @@ class _SelectingPruner(tp.pruner.BasePruner):
         if self.current_step > self.iterative_steps:
             return
         records = []  # (module, pruning fn, scores, channel groups, current channels, initial channels)
+        self.costs = []  # with allocation "cost": the MACs one position of each record's group costs
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types):
             if not self._check_pruning_ratio(group):
@@ -46,6 +49,8 @@ class _SelectingPruner(tp.pruner.BasePruner):
             initial = (self.layer_init_out_ch if is_out else self.layer_init_in_ch)[module]
             records.append((module, pruning_fn, imp.detach().cpu(), self._get_channel_groups(group), current,
                             initial))
+            if self.layer_macs is not None:
+                self.costs.append(self._position_cost(group, records[-1][3]))
         for (module, pruning_fn, *_), idxs in zip(records, self._select(records)):
             if len(idxs) > 0:
                 group = self.DG.get_pruning_group(module, pruning_fn, sorted(int(i) for i in idxs))
@@ -55,6 +60,26 @@ class _SelectingPruner(tp.pruner.BasePruner):
     def _select(self, records) -> list:
         """The channel indices to prune in each record's group."""
         raise NotImplementedError
+
+    def _position_cost(self, group, chunks: int) -> float:
+        """The MACs (one call at batch 1) that removing one position of ``group`` saves: each coupled layer's own
+        MACs per channel, for one channel in each of the ``chunks`` chunks. An attention's q/k/v channels also carry
+        its attention products (q and k a quarter of them per channel of the head width, v half)."""
+        cost, seen = 0.0, set()
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            is_out = self.DG.is_out_channel_pruning_fn(handler)
+            if (id(module), is_out) in seen:
+                continue
+            seen.add((id(module), is_out))
+            name = self.module_names.get(id(module), "")
+            width = (self.DG.get_out_channels if is_out else self.DG.get_in_channels)(module) or 0
+            if width:
+                cost += self.layer_macs.get(name, 0) / width
+                parent, _, leaf = name.rpartition(".")
+                if is_out and leaf in ("to_q", "to_k", "to_v"):
+                    cost += self.layer_macs.get(parent, 0) * (0.5 if leaf == "to_v" else 0.25) / width
+        return cost * chunks
 
     def _kept(self, keep: int, size: int, chunks: int) -> int:
         """Positions per chunk to keep when the ratio asks for ``keep`` of ``size``: with ``round_to`` N, the most
@@ -128,13 +153,15 @@ class GlobalPruner(_SelectingPruner):
         names = [self.module_names.get(id(rec[0]), "?") for rec in records]
         self.total_positions = total = sum(len(p) for p in positions)
         n_pruned = total - int(total * (1 - self.pruning_ratio))
-        ranked = sorted((float(score), r, i) for r, pos in enumerate(positions) for i, score in enumerate(pos))
+        ranked = sorted((key, r, i) for r, keys in enumerate(self._rank_keys(positions))
+                        for i, key in enumerate(keys.tolist()))
         left = [len(p) for p in positions]
+        floors = [self._floor(name, len(pos)) for name, pos in zip(names, positions)]
         chosen: list[list[int]] = [[] for _ in records]
         for _, r, i in ranked:
             if n_pruned <= 0:
                 break
-            if left[r] > 1 and (names[r], i) not in self.skip:  # every group keeps at least one position
+            if left[r] > floors[r] and (names[r], i) not in self.skip:  # every group keeps at least its floor
                 chosen[r].append(i)
                 left[r] -= 1
                 n_pruned -= 1
@@ -144,6 +171,31 @@ class GlobalPruner(_SelectingPruner):
             chosen[r] = torch.argsort(pos)[:len(pos) - kept].tolist()
         return [[i + g * len(pos) for g in range(rec[3]) for i in picked]
                 for rec, pos, picked in zip(records, positions, chosen)]
+
+    def _rank_keys(self, positions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What positions are ranked by, lowest first: the score (``normalize="mean"``: over its group's mean), or
+        with ``allocation="cost"`` the score per MAC saved (a position that saves nothing goes last)."""
+        keys = []
+        for r, pos in enumerate(positions):
+            pos = pos.double()
+            if self.allocation.normalize == "mean" and float(pos.mean()) > 0:
+                pos = pos / pos.mean()
+            if self.allocation.allocation == "cost":
+                cost = self.costs[r]
+                pos = pos / cost if cost > 0 else torch.full_like(pos, float("inf"))
+            keys.append(pos)
+        return keys
+
+    def _floor(self, name: str, size: int) -> int:
+        """The positions a group keeps at least: one; ``size * (1 - max_layer_ratio)``; for a conditioning pathway
+        the adapter names, ``size * conditioning_floor``."""
+        floor = 1
+        a = self.allocation
+        if a.max_layer_ratio is not None:
+            floor = max(floor, math.ceil(size * (1 - a.max_layer_ratio) - 1e-9))
+        if a.conditioning_floor is not None and any(name == p or name.startswith(p + ".") for p in self.conditioning):
+            floor = max(floor, math.ceil(size * a.conditioning_floor - 1e-9))
+        return min(floor, size)
 
 
 class _RecordingImportance:
@@ -182,6 +234,8 @@ def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, 
            GlobalPruner if config.global_ranking and not config.prune_heads else tp.pruner.BasePruner)
     pruner = cls(unet, adapter.example_inputs(unet), **kwargs)
     pruner.round_to = config.round_to  # read by diffprune's own selection (_SelectingPruner._kept)
+    pruner.allocation, pruner.conditioning = config, adapter.conditioning_paths(unet)
+    pruner.layer_macs = count_macs(unet, adapter=adapter).per_layer if config.allocation == "cost" else None
     pruner.module_names, pruner.skip, pruner.picks, pruner.total_positions = names, frozenset(skip), [], None
     pruner.step()
     heads = {}

@@ -1,0 +1,135 @@
+"""Allocation across layers under global ranking: the MAC cost of a position, cost-aware ranking, score
+normalisation, the per-layer maximum and the conditioning floor."""
+import copy
+
+import pytest
+import torch
+import yaml
+
+from diffprune.adapters import adapter_for
+from diffprune.errors import DiffPruneError
+from diffprune.importance import METHODS
+from diffprune.macs import count_macs
+from diffprune.prune import PruneConfig, prune_
+from diffprune.prune.selection import GlobalPruner
+from diffprune.presets import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("tiny")
+
+
+def _pruner(model, adapter, layer_macs):
+    imp = METHODS.get("magnitude").make(PruneConfig(method="magnitude", target_macs=0.5))
+    p = GlobalPruner(model, adapter.example_inputs(model), importance=imp, pruning_ratio=0.01, global_pruning=True,
+                     ignored_layers=adapter.ignored_layers(model), num_heads=dict(adapter.num_heads(model)))
+    p.module_names, p.layer_macs = {id(m): n for n, m in model.named_modules()}, layer_macs
+    return p
+
+
+def test_position_cost_is_the_mac_drop_of_removing_that_position(tiny):
+    """For every group of the tiny UNet: prune one position (one channel per GroupNorm group or head) and count the
+    MACs again; the estimate the cost-aware ranking uses equals the drop (conv, linear, attention products)."""
+    adapter = adapter_for(tiny)
+    base = count_macs(tiny, adapter=adapter)
+    with adapter.tracing(tiny):
+        p0 = _pruner(tiny, adapter, base.per_layer)
+        roots = [(p0.module_names[id(g[0].dep.target.module)], g[0].dep.handler)
+                 for g in p0.DG.get_all_groups(ignored_layers=p0.ignored_layers, root_module_types=p0.root_module_types)]
+    ratios = {}
+    for name, fn in roots:
+        twin = copy.deepcopy(tiny)
+        with adapter.tracing(twin):
+            p = _pruner(twin, adapter, base.per_layer)
+            module = dict(twin.named_modules())[name]
+            k = p._get_channel_groups(p.DG.get_pruning_group(module, fn, [0]))
+            width = (p.DG.get_out_channels if p.DG.is_out_channel_pruning_fn(fn) else p.DG.get_in_channels)(module)
+            group = p.DG.get_pruning_group(module, fn, [g * (width // k) for g in range(k)])
+            if not p.DG.check_pruning_group(group) or k > 1 and width // k < 2:
+                continue
+            estimate = p._position_cost(group, k)
+            snapshot = adapter.snapshot(twin)
+            group.prune()
+            try:
+                adapter.finalize_(twin, snapshot)  # the attributes that mirror shapes (resampling channels, heads)
+            except (RuntimeError, AssertionError, DiffPruneError):  # a split that no real selection makes
+                continue
+        ratios[name] = estimate / (base.macs - count_macs(twin, adapter=adapter).macs)
+    assert len(ratios) >= 15
+    exact = [n for n, r in ratios.items() if abs(r - 1) < 1e-9]
+    assert len(exact) >= 0.9 * len(ratios) and all(0.8 <= r <= 1.0 + 1e-9 for r in ratios.values()), ratios
+
+
+def _kept(model, config):
+    twin = copy.deepcopy(model)
+    report = prune_(twin, config, progress=False)
+    return report, {n: w[1] / report.base_widths[n][1] for n, w in report.widths.items()}
+
+
+def test_cost_allocation_keeps_the_mac_cheap_conditioning_path(tiny):
+    """Magnitude to 0.5x MACs: ranked by score alone the timestep MLP (almost no MACs) loses channels; ranked by
+    score per MAC saved it keeps them and the MACs come from the convolutions; both land on the target."""
+    score, kept_score = _kept(tiny, PruneConfig(method="magnitude", target_macs=0.5))
+    cost, kept_cost = _kept(tiny, PruneConfig(method="magnitude", target_macs=0.5, allocation="cost"))
+    for r in (score, cost):
+        assert abs(r.macs / r.base_macs - 0.5) <= 0.02 * 0.5
+    assert kept_cost["time_embedding.linear_1"] > kept_score["time_embedding.linear_1"]
+    assert cost.config["allocation"] == "cost" and score.config["allocation"] == "score"
+
+
+def test_per_layer_maximum_and_conditioning_floor(tiny):
+    report, kept = _kept(tiny, PruneConfig(method="magnitude", ratio=0.6, ratio_mode="uniform", global_ranking=True,
+                                            max_layer_ratio=0.5))
+    pruned = {n: k for n, k in kept.items() if "norm" not in n and n != "conv_out"}
+    assert min(pruned.values()) >= 0.5 - 1e-9 and report.params < report.base_params
+    _, unfloored = _kept(tiny, PruneConfig(method="magnitude", ratio=0.6, ratio_mode="uniform", global_ranking=True))
+    assert min(unfloored.values()) < 0.5  # without the maximum some layer loses more than half
+    _, floored = _kept(tiny, PruneConfig(method="magnitude", ratio=0.6, ratio_mode="uniform", global_ranking=True,
+                                         conditioning_floor=0.9))
+    assert floored["time_embedding.linear_1"] >= 0.9 - 1e-9 and floored["time_embedding.linear_2"] >= 0.9 - 1e-9
+    assert adapter_for(tiny).conditioning_paths(tiny) == ["time_embedding"]
+
+
+def test_rank_keys_and_floors():
+    """What positions are ranked by: the score; over its group's mean (normalize); per MAC saved (cost)."""
+    positions = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])]
+    stub = GlobalPruner.__new__(GlobalPruner)
+    stub.costs = [1.0, 100.0]
+    stub.conditioning = ["time_embedding"]
+    stub.allocation = PruneConfig(method="magnitude", target_macs=0.5)
+    assert [k.tolist() for k in stub._rank_keys(positions)] == [[1, 2, 3], [10, 20, 30]]
+    stub.allocation = PruneConfig(method="magnitude", target_macs=0.5, normalize="mean")
+    assert [k.tolist() for k in stub._rank_keys(positions)] == [[0.5, 1, 1.5], [0.5, 1, 1.5]]
+    stub.allocation = PruneConfig(method="magnitude", target_macs=0.5, allocation="cost")
+    assert [k.tolist() for k in stub._rank_keys(positions)] == [[1, 2, 3], [0.1, 0.2, 0.3]]
+    stub.costs = [0.0, 100.0]  # removing it saves nothing: ranked last
+    assert stub._rank_keys(positions)[0].tolist() == [float("inf")] * 3
+    stub.allocation = PruneConfig(method="magnitude", target_macs=0.5, max_layer_ratio=0.75, conditioning_floor=0.5)
+    assert stub._floor("up_blocks.0.conv", 10) == 3 and stub._floor("time_embedding.linear_1", 10) == 5
+    assert stub._floor("up_blocks.0.conv", 1) == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(allocation="latency"), "unknown allocation 'latency'; choose from"),
+    (dict(normalize="max"), "unknown normalize 'max'; choose from"),
+    (dict(max_layer_ratio=1.5), r"max_layer_ratio=1.5 must be in \(0, 1\)"),
+    (dict(ratio=0.3, target_macs=None, allocation="cost"), "needs global ranking"),
+])
+def test_allocation_settings_are_checked(kwargs, message):
+    with pytest.raises(DiffPruneError, match=message):
+        PruneConfig(**{"method": "magnitude", "target_macs": 0.5, **kwargs})
+
+
+def test_default_allocation_keeps_the_committed_benchmark_hashes():
+    """The allocation settings at their defaults leave the stage hashes as they were before they existed: the demo
+    config at seed 0 and 3,000 steps gives the eval hash recorded in benchmarks/results/unet-methods.json."""
+    from diffprune.cli.demo import config_path
+    from diffprune.pipeline import load_run_config, stage_hashes
+
+    raw = yaml.safe_load(config_path(False).read_text())
+    raw["seed"], raw["finetune"]["steps"] = 0, 3000
+    assert stage_hashes(load_run_config(raw))["eval"] == "1fcdffa21a608e9c"
+    raw["prune"]["allocation"] = "cost"
+    assert stage_hashes(load_run_config(raw))["eval"] != "1fcdffa21a608e9c"
