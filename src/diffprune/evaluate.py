@@ -96,13 +96,13 @@ class EvalConfig:
                 f"clip_model={self.clip_model!r} scores samples against their prompts: give prompts too")
         require(all(isinstance(b, int) and b >= 1 for b in self.latency_batches),
                 f"latency_batches={self.latency_batches!r} must be positive integers, e.g. (1, 16, 64)")
-        require(self.data is not None or (self.extractor, self.extractor_weights, self.ref_count) == (None,) * 3,
-                "extractor, extractor_weights and ref_count set how FID is computed, but data=None computes no FID; "
-                "give the reference data (--data) or drop them")
         if self.extractor is not None:
             from .metrics import EXTRACTORS
 
             EXTRACTORS.get(self.extractor)  # unknown name -> error listing the choices
+        require(self.data is not None or (self.extractor, self.extractor_weights) == (None, None),
+                "extractor and extractor_weights set how FID is computed, but data=None computes no FID; give the "
+                "reference data (--data) or drop them")
 
     @property
     def resolved_extractor(self) -> str:
