@@ -370,3 +370,48 @@ def test_run_config_accepts_a_latent_pipeline(tmp_path):
     assert m["params"] < m["base_params"]
     assert (tmp_path / "run" / "finetune" / "model" / "model_index.json").is_file()
     assert type(load_pipeline(tmp_path / "run" / "finetune" / "model")).__name__ == "DiTPipeline"
+
+
+@pytest.mark.parametrize("how", ["truncated", "other content", "unreadable"])
+def test_latent_cache_damaged_is_recomputed_equal(tmp_path, how, capsys):
+    """The latents of a latent pipeline's data, cached: a damaged entry is re-encoded, equal to a cold cache."""
+    from safetensors.torch import save_file
+
+    from diffprune.inputs import encode_cached
+
+    torch.manual_seed(0)
+    build_ldm(tmp_path / "ldm")
+    codec = load_model(tmp_path / "ldm").codec
+    images = (torch.rand(6, 1, 16, 16) * 255).to(torch.uint8)
+    cold, key = encode_cached(codec, images, "data-sha", cache_dir=tmp_path / "cache")
+    entry = tmp_path / "cache" / "latents" / f"{key}.safetensors"
+    if how == "truncated":
+        entry.write_bytes(entry.read_bytes()[:50])
+    elif how == "other content":  # right shape, other values (e.g. another data set's latents copied in)
+        save_file({"latents": cold.flip(0).contiguous()}, str(entry))
+    else:
+        entry.write_bytes(b"not safetensors")
+    again, key2 = encode_cached(codec, images, "data-sha", cache_dir=tmp_path / "cache")
+    assert key2 == key and torch.equal(again, cold) and "recomputing it" in capsys.readouterr().err
+
+
+def test_odd_config_and_label_maps_are_one_line_errors(tmp_path, monkeypatch):
+    """A `_class_name` that is not a string and a label map whose ids are not numbers are refused in one line; a
+    model folder under ~ is found."""
+    import json as _json
+
+    torch.manual_seed(0)
+    build_dit(tmp_path / "dit")
+    index = _json.loads((tmp_path / "dit" / "model_index.json").read_text())
+    (tmp_path / "dit" / "model_index.json").write_text(_json.dumps({**index, "id2label": {"a": "cat"}}))
+    with pytest.raises(DiffPruneError, match="has id2label=.*it must map class ids 0, 1, ... to names"):
+        load_model(tmp_path / "dit").class_names
+    cfg = _json.loads((tmp_path / "dit" / "transformer" / "config.json").read_text())
+    (tmp_path / "dit" / "transformer" / "config.json").write_text(_json.dumps({**cfg, "_class_name": ["x"]}))
+    with pytest.raises(DiffPruneError, match=r"no '_class_name' string \(found \['x'\]\)"):
+        load_model(tmp_path / "dit" / "transformer")
+    with pytest.raises(DiffPruneError, match=r"transformer/config.json holds a \['x'\]"):
+        load_model(tmp_path / "dit")
+    build_unet_class(tmp_path / "home" / "m")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_model("~/m").adapter.name == "unet2d"

@@ -255,3 +255,18 @@ def test_clip_model_that_is_not_clip_or_lacks_its_tokenizer(model_dir, tmp_path)
     (folder / "model.safetensors").write_bytes((folder / "diffusion_pytorch_model.safetensors").read_bytes())
     with pytest.raises(DiffPruneError, match="does not hold a CLIP model"):
         load_clip(folder)
+
+
+def test_captions_read_with_a_byte_order_mark(tmp_path):
+    from PIL import Image
+
+    from diffprune.data import load_data
+
+    for i in range(2):
+        Image.new("L", (8, 8), i * 100).save(tmp_path / f"{i}.png")
+    (tmp_path / "metadata.jsonl").write_bytes(
+        '\ufeff{"file_name": "0.png", "text": "café"}\n{"file_name": "1.png", "text": "—"}\n'.encode("utf-8"))
+    assert load_data(tmp_path, resolution=8, channels=1).captions == ("café", "—")
+    (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "0.png", "text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(DiffPruneError, match="is not UTF-8"):
+        load_data(tmp_path, resolution=8, channels=1)

@@ -370,3 +370,21 @@ def test_clip_model_without_its_tokenizer_is_a_one_line_error(tmp_path):
         (folder / name).unlink(missing_ok=True)
     with pytest.raises(DiffPruneError, match="has no tokenizer files .* would build an empty tokenizer"):
         load_clip(folder)
+
+
+@pytest.mark.parametrize("how", ["truncated", "other content", "unreadable"])
+def test_text_embedding_cache_damaged_is_recomputed_equal(sd, tmp_path, how, capsys):
+    from safetensors.torch import save_file
+
+    text = sd["loaded"].text_encoder
+    prompts = ["a red square", "a blue square", "a red square"]
+    cold, key = text.encode_cached(prompts, cache_dir=tmp_path)
+    entry = tmp_path / "text" / f"{key}.safetensors"
+    if how == "truncated":
+        entry.write_bytes(entry.read_bytes()[:50])
+    elif how == "other content":
+        save_file({"context": torch.zeros(2, *cold.shape[1:])}, str(entry))
+    else:
+        entry.write_bytes(b"not safetensors")
+    again, key2 = text.encode_cached(prompts, cache_dir=tmp_path)
+    assert key2 == key and torch.equal(again, cold) and "recomputing it" in capsys.readouterr().err
