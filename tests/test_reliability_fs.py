@@ -47,10 +47,13 @@ def test_a_file_system_without_locks_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(DiffPruneError, match=r"cannot lock '.*\.out\.lock': this file system has no file locks.*"
                                              "DIFFPRUNE_NO_LOCK=1"):
         with fs.output_lock(tmp_path / "out"):
-            pass
+            raise AssertionError("the block must not run without a lock")
+    assert list(tmp_path.iterdir()) == []  # no lock file left behind
     monkeypatch.setenv("DIFFPRUNE_NO_LOCK", "1")
+    ran = []
     with fs.output_lock(tmp_path / "out"):
-        pass
+        ran.append(1)
+    assert ran == [1] and list(tmp_path.iterdir()) == []  # unlocked: the block runs, no lock file
 
 
 def test_shipped_names_neither_hide_nor_get_overwritten(tmp_path, monkeypatch, capsys):

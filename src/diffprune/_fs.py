@@ -268,6 +268,8 @@ def _try_lock(fd: int, path: Path) -> bool:
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # nothing of ours stays behind
         raise DiffPruneError(
             f"cannot lock {str(path)!r}: this file system has no file locks "
             f"({e.strerror}); write --out on a local disk, or set DIFFPRUNE_NO_LOCK=1 to run unlocked at your own risk "
