@@ -87,9 +87,9 @@ def _plain_name(key: str) -> bool:
     return bool(key) and not key.startswith(".") and "/" not in key and "\\" not in key and key not in ("..", ".")
 
 
-def components(folder: Path) -> list[str]:
-    """The component folders ``model_index.json`` names and the pipeline holds (autoencoder, scheduler, ...)."""
-    index = read_index(folder)
+def components(folder: Path, index: dict) -> list[str]:
+    """The component folders ``index`` (the folder's :func:`read_index`) names and the pipeline holds (autoencoder,
+    scheduler, ...)."""
     return sorted(k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is not None
                   and (folder / k).is_dir())
 

@@ -39,7 +39,7 @@ class PipelineSource:
 
     def components(self) -> list[str]:
         """The component folders named in ``model_index.json`` (autoencoder, scheduler, denoiser, ...)."""
-        return components(self.folder)
+        return components(self.folder, self.index)
 
 
 @dataclass
