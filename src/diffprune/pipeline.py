@@ -31,6 +31,7 @@ from ._hashing import json_sha256
 from .errors import DiffPruneError, require
 
 STAGES = ("prune", "finetune", "eval")
+SECTION_EXAMPLES = {"prune": "method: magnitude", "finetune": "steps: 100", "eval": "n: 100"}
 TOP_KEYS = {"model": str, "data": str, "seed": int, "device": (str, type(None))}
 
 
@@ -94,8 +95,8 @@ def load_run_config(source: str | os.PathLike | dict) -> RunConfig:
     sections = {}
     for stage in STAGES:
         require(raw[stage] is None or isinstance(raw[stage], dict),
-                f"config section {stage!r} is {raw[stage]!r}; it must be a mapping of settings, e.g. "
-                f"{stage}: {{{'method: magnitude' if stage == 'prune' else 'steps: 100' if stage == 'finetune' else 'n: 100'}}}")
+                f"config section {stage!r} is {raw[stage]!r}; it must be a mapping of settings, e.g. {stage}: "
+                f"{{{SECTION_EXAMPLES[stage]}}}")
         values = dict(raw[stage] or {})
         if stage == "eval":
             values.setdefault("data", raw["data"])
@@ -195,7 +196,8 @@ def check_inputs(config: RunConfig) -> None:
     from .data import DATASETS
 
     for what, name, names in (("model", config.model, SHIPPED_MODELS), ("data", config.data, DATASETS)):
-        if name in names or Path(name).expanduser().exists() or is_hub_id(name):
+        known = name in names or (what, name) == ("data", "data-free")
+        if known or Path(name).expanduser().exists() or is_hub_id(name):
             continue
         raise DiffPruneError(missing_path_message(what, name) if "/" in name or name.startswith((".", "~")) else
                              f"{what} {name!r} is not a folder here, nor one of {sorted(names)}, nor a hub id "
