@@ -27,7 +27,7 @@ from typing import Any
 
 from ._config import config_from_dict
 from ._fs import atomic_write_bytes, atomic_write_json, mark_output, read_json, swap_in
-from ._hashing import json_sha256
+from ._hashing import file_sha256, json_sha256
 from .errors import DiffPruneError, require
 
 STAGES = ("prune", "finetune", "eval")
@@ -113,20 +113,18 @@ def input_fingerprint(cfg: RunConfig) -> dict:
     manifest, and a local model folder through the sha256 of the files that define it: a changed teacher redoes
     every stage. Hub ids and data folders count by name only."""
     from . import assets
-    from ._hashing import file_sha256 as sha256_file
     from .layout import model_files
 
-    key: dict = {"shipped": sha256_file(assets.bundled_path("manifest.json"))}
+    key: dict = {"shipped": file_sha256(assets.bundled_path("manifest.json"))}
     folder = Path(cfg.model).expanduser()
     if folder.is_dir():
-        key["model"] = {p.relative_to(folder).as_posix(): sha256_file(p) for p in model_files(folder)}
+        key["model"] = {p.relative_to(folder).as_posix(): file_sha256(p) for p in model_files(folder)}
     return key
 
 
 def stage_hashes(cfg: RunConfig) -> dict[str, str]:
     """Each stage's hash covers its own settings, the run's inputs (by content, see :func:`input_fingerprint`) and
     every upstream stage's hash; eval's also covers the device and the FID extractor's weights file."""
-    from ._hashing import file_sha256 as sha256_file
 
     out, upstream = {}, {"model": cfg.model, "data": cfg.data, "content": input_fingerprint(cfg)}
     weights = cfg.eval.extractor_weights
@@ -134,7 +132,7 @@ def stage_hashes(cfg: RunConfig) -> dict[str, str]:
         extra = {}
         if stage == "eval":
             extra = {"device": cfg.device,
-                     "extractor_weights": sha256_file(weights) if weights and Path(weights).is_file() else None}
+                     "extractor_weights": file_sha256(weights) if weights and Path(weights).is_file() else None}
         out[stage] = _hash({"stage": stage, "settings": _hashed_settings(cfg, stage), "upstream": upstream, **extra})
         upstream = {"stage": out[stage]}
     return out
@@ -245,11 +243,15 @@ def _run_stages(config: RunConfig, run: Path, force, device, progress: bool, log
     return read_metrics(run / "eval" / "metrics.json")
 
 
+def _staging_path(run: Path, stage: str) -> Path:
+    return run / f".{stage}.next"
+
+
 def _staging(run: Path, stage: str, key: str, *, resume_from: Path | None = None) -> Path:
     """The stage's work folder ``run/.STAGE.next``: kept when it was left by the same resume ``key`` (an
     interrupted resumable stage), else made anew, seeded with a copy of ``resume_from`` when that finished folder
     can be continued. Deleting it loses nothing finished."""
-    staging = run / f".{stage}.next"
+    staging = _staging_path(run, stage)
     marker = staging / ".hash"
     if staging.exists() and not (marker.is_file() and marker.read_text() == key):
         shutil.rmtree(staging)
@@ -295,7 +297,7 @@ def _run_finetune(config: RunConfig, run: Path, hashes: dict, *, device, progres
     # a finished (or interrupted) fine-tuning with the same settings and no more steps than asked is continued
     can_continue = (done / ".hash").is_file() and (done / ".hash").read_text() == key \
         and _steps_done(done / "model") <= config.finetune.steps
-    staging = run / ".finetune.next"
+    staging = _staging_path(run, "finetune")
     if (staging / "model").is_dir() and _steps_done(staging / "model") > config.finetune.steps:
         shutil.rmtree(staging)  # fewer steps than its last checkpoint: start over
     folder = _staging(run, "finetune", key, resume_from=done if can_continue else None)
