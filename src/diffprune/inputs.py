@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import _cond
 from .errors import DiffPruneError, require
 
 LATENT_FORMAT = 1  # bump when the way latents are computed changes
@@ -22,7 +23,8 @@ LATENT_FORMAT = 1  # bump when the way latents are computed changes
 @dataclass(frozen=True)
 class DenoiserData:
     """``x0``: images ``[N, C, H, W]`` (uint8, or float in [-1, 1]) for pixel models, float32 latents for latent
-    ones; ``cond``: each row's conditioning (int64 labels ``[N]``, float32 text context ``[N, L, D]``) or None;
+    ones; ``cond``: each row's conditioning (int64 labels ``[N]``, float32 text context ``[N, L, D]``, or a dict of
+    text tensors for a family that takes several, see :mod:`diffprune._cond`) or None;
     ``null_cond``: the unconditional conditioning ``[1, ...]`` (a null label, the empty prompt's context) when the
     model has one, for classifier-free guidance; ``record``: where they came from (the data's record, plus the
     latent and text cache keys); ``class_names``: the name of each label, when the source has them."""
@@ -42,7 +44,7 @@ class DenoiserData:
 
         x = self.x0[idx]
         x = to_model_range(x) if x.dtype == torch.uint8 else x.float()
-        return x.to(device), (None if self.cond is None else self.cond[idx].to(device))
+        return x.to(device), _cond.to(_cond.take(self.cond, idx), device)
 
 
 def pixel_shape(model, codec=None, *, adapter=None) -> tuple[int, int, int]:

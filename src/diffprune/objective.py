@@ -5,7 +5,15 @@ The model (through its adapter, :meth:`diffprune.adapters.ModelAdapter.forward`)
 
 * ``epsilon``: the noise ``ε``;
 * ``v_prediction``: ``v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x₀`` (``scheduler.get_velocity``);
-* ``sample``: the clean ``x₀``.
+* ``sample``: the clean ``x₀``;
+* ``flow``: for a flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``: SD3, Flux), the velocity
+  ``ε − x₀`` of the straight path ``x_σ = (1 − σ) x₀ + σ ε``.
+
+Timesteps: diffprune's training and calibration timestep is an integer ``t`` in ``0 .. T−1``, low noise first (the
+walk of Diff-Pruning starts at ``t = 0``). For the DDPM-family schedulers it is also what the model is called with.
+A flow-matching scheduler's training noise level is ``σ_t = (t + 1) / T``, shifted by the scheduler's ``shift``
+unless it shifts dynamically (by resolution, at sampling only), as diffusers' schedulers set their training sigmas;
+the model is called with ``σ_t · T`` (:func:`model_timesteps`), the value the stock pipelines pass.
 
 Output distillation mixes in the teacher's prediction of the same quantity:
 ``a·‖f_T − f_S‖² + (1 − a)·‖target − f_S‖²``.
@@ -17,10 +25,42 @@ import torch.nn.functional as F
 
 from .errors import DiffPruneError, require
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a DDPM-family scheduler may say; flow matching: "flow"
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` is a flow-matching one (diffusers' ``FlowMatch*`` schedulers)."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def flow_sigmas(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """The noise level ``σ_t`` of integer timesteps ``t`` (float32, on ``t``'s device) of a flow-matching scheduler."""
+    cfg = scheduler.config
+    sigma = (t.to(torch.float32) + 1) / int(cfg.num_train_timesteps)
+    shift = float(getattr(cfg, "shift", 1.0) or 1.0)
+    if not getattr(cfg, "use_dynamic_shifting", False) and shift != 1.0:
+        sigma = shift * sigma / (1 + (shift - 1) * sigma)
+    return sigma
+
+
+def noisy(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t``: the scheduler's ``add_noise``, or the flow path ``(1 − σ_t) x₀ + σ_t ε``."""
+    if not is_flow_matching(scheduler):
+        return scheduler.add_noise(x0, noise, t)
+    sigma = flow_sigmas(scheduler, t).to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def model_timesteps(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """What the model is called with at integer timesteps ``t``: ``t`` itself, or ``σ_t · T`` for flow matching."""
+    if not is_flow_matching(scheduler):
+        return t
+    return flow_sigmas(scheduler, t) * int(scheduler.config.num_train_timesteps)
 
 
 def prediction_type(scheduler) -> str:
+    if is_flow_matching(scheduler):
+        return "flow"
     kind = getattr(scheduler.config, "prediction_type", "epsilon")
     require(kind in PREDICTION_TYPES, f"scheduler prediction_type {kind!r} is not supported; choose from "
                                       f"{list(PREDICTION_TYPES)}")
@@ -59,6 +99,8 @@ def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch
         return noise
     if kind == "sample":
         return x0
+    if kind == "flow":
+        return noise - x0
     return scheduler.get_velocity(x0, noise, t)
 
 
@@ -74,10 +116,10 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, teacher_pred: torch
 def loss_at(adapter, model, scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond=None, *,
             teacher=None, kd_weight: float = 0.0) -> torch.Tensor:
     """The denoising loss of ``model`` at timesteps ``t`` for clean inputs ``x0`` (pixels or latents)."""
-    x_t = scheduler.add_noise(x0, noise, t)
-    pred = adapter.forward(model, x_t, t, cond)
+    x_t, s = noisy(scheduler, x0, noise, t), model_timesteps(scheduler, t)
+    pred = adapter.forward(model, x_t, s, cond)
     teacher_pred = None
     if teacher is not None and kd_weight > 0:
         with torch.no_grad():
-            teacher_pred = adapter.forward(teacher, x_t, t, cond)
+            teacher_pred = adapter.forward(teacher, x_t, s, cond)
     return denoising_loss(pred, prediction_target(scheduler, x0, noise, t), teacher_pred, kd_weight)

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
+from . import _cond
 from ._torch import eval_mode
 from .adapters import resolve_adapter
 from .errors import DiffPruneError, require
@@ -147,13 +148,13 @@ def conditioning_for(model, seeds: Sequence[int], class_labels=None, prompt_embe
     require(class_labels is None, "this model is text-conditioned: it takes a prompt, not class labels")
     require(prompt_embeds is not None, "this model is text-conditioned: pass prompt_embeds (TextEncoder.encode"
                                        "(prompts); CLI: --prompt TEXT or --prompt-file FILE)")
-    return _per_seed(spec.check_context(torch.as_tensor(prompt_embeds).float(), "prompt_embeds"), len(seeds),
-                     "prompt_embeds")
+    return _per_seed(spec.check_context(prompt_embeds, "prompt_embeds"), len(seeds), "prompt_embeds")
 
 
-def _per_seed(cond: torch.Tensor, n: int, what: str) -> torch.Tensor:
-    require(len(cond) in (1, n), f"{len(cond)} {what} for {n} seeds; give one, or one per image")
-    return cond.expand(n, *cond.shape[1:]) if len(cond) == 1 else cond
+def _per_seed(cond, n: int, what: str):
+    size = _cond.batch_size(cond)
+    require(size in (1, n), f"{size} {what} for {n} seeds; give one, or one per image")
+    return _cond.expand(cond, n)
 
 
 def guided_prediction(adapter, model, x: torch.Tensor, t: torch.Tensor, cond, guidance_scale: float,
@@ -162,8 +163,8 @@ def guided_prediction(adapter, model, x: torch.Tensor, t: torch.Tensor, cond, gu
     (``null_cond``: the unconditional conditioning, one per input or ``[1, ...]``)."""
     if cond is None or guidance_scale == 1.0:
         return adapter.forward(model, x, t, cond)
-    both = adapter.forward(model, torch.cat([x, x]), torch.cat([t, t]),
-                           torch.cat([cond, null_cond.to(cond.device, cond.dtype).expand_as(cond)]))
+    null = _cond.to(_cond.expand(null_cond, _cond.batch_size(cond)), x.device)
+    both = adapter.forward(model, torch.cat([x, x]), torch.cat([t, t]), _cond.cat([cond, null]))
     c, u = both.chunk(2)
     return u + guidance_scale * (c - u)
 
@@ -203,8 +204,7 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_
     with eval_mode(model):
         for i in range(0, len(seeds), batch_size):
             chunk = seeds[i:i + batch_size]
-            y = None if conds is None else conds[i:i + batch_size].to(
-                device=device, dtype=dtype if conds.is_floating_point() else None)
+            y = _cond.to(_cond.take(conds, slice(i, i + batch_size)), device, dtype)
             y_null = None if null is None else null[i:i + batch_size]
             x = _denoise(adapter, model, sched, chunk, (y, y_null, guidance_scale), eta, device, dtype, bar)
             out.append(_finish(x, chunk, codec, decode))
@@ -220,8 +220,8 @@ def _null_conditioning(spec, n: int, guidance_scale: float, negative_prompt_embe
     null = None
     if spec is not None and spec.kind == "text":
         if negative_prompt_embeds is not None:
-            null = _per_seed(spec.check_context(torch.as_tensor(negative_prompt_embeds).float(),
-                                                "negative_prompt_embeds"), n, "negative_prompt_embeds")
+            null = _per_seed(spec.check_context(negative_prompt_embeds, "negative_prompt_embeds"), n,
+                             "negative_prompt_embeds")
         require(guidance_scale == 1.0 or null is not None,
                 "classifier-free guidance of a text model needs negative_prompt_embeds (the empty prompt's: "
                 "TextEncoder.null()); or use guidance_scale 1")

@@ -35,14 +35,16 @@ FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit")  # imported on first use;
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What a conditional denoiser takes besides ``(x_t, t)``: its ``cond``, a tensor whose first dimension is the
-    batch.
+    """What a conditional denoiser takes besides ``(x_t, t)``: its ``cond``, whose first dimension is the batch.
 
     ``kind="class"``: integer labels ``[N]``, valid ``0 .. num_classes - 1``; ``null_label``: the label of the
     unconditional branch (classifier-free guidance, label dropout), or None when the model has none.
     ``kind="text"``: text-encoder hidden states ``[N, L, context_dim]`` (``encoder_hidden_states``); the
     unconditional branch is the empty prompt's, which the pipeline's text encoder makes (not the denoiser);
-    ``context_length``: the ``L`` that MACs are counted and tracing runs with.
+    ``context_length``: the ``L`` that MACs are counted and tracing runs with. A text family that takes more than
+    the context (SDXL, SD3, Flux: a pooled text embedding ``[N, pooled_dim]``; PixArt: the context's attention mask
+    ``[N, L]``, 1 keep / 0 padding) takes a dict ``{"context": ..., "pooled": ..., "mask": ...}`` holding exactly the
+    keys it declares (:attr:`keys`); batch operations on either form are in :mod:`diffprune._cond`.
     """
 
     kind: str
@@ -50,6 +52,15 @@ class Conditioning:
     null_label: int | None = None
     context_dim: int | None = None
     context_length: int | None = None
+    pooled_dim: int | None = None
+    masked: bool = False
+
+    @property
+    def keys(self) -> tuple[str, ...] | None:
+        """The dict keys a text family takes (None: a bare context tensor)."""
+        if self.kind != "text" or (self.pooled_dim is None and not self.masked):
+            return None
+        return ("context",) + (("pooled",) if self.pooled_dim is not None else ()) + (("mask",) if self.masked else ())
 
     def check_labels(self, labels: torch.Tensor, what: str = "class labels") -> torch.Tensor:
         labels = torch.as_tensor(labels, dtype=torch.long)
@@ -59,17 +70,45 @@ class Conditioning:
                                  f"{self.num_classes} classes (0..{self.num_classes - 1})")
         return labels
 
-    def check_context(self, context: torch.Tensor, what: str = "text embeddings") -> torch.Tensor:
-        if context.ndim != 3 or context.shape[-1] != self.context_dim:
-            raise DiffPruneError(f"{what} have shape {tuple(context.shape)}, but this model's cross-attention takes "
-                                 f"[N, tokens, {self.context_dim}]; use the text encoder its pipeline was trained with")
-        return context
+    def check_context(self, context, what: str = "text embeddings"):
+        """``context`` checked against what the model takes, features as float32 (a mask stays as given)."""
+        keys = self.keys
+        if keys is None:
+            context = torch.as_tensor(context).float()
+            if context.ndim != 3 or context.shape[-1] != self.context_dim:
+                raise DiffPruneError(f"{what} have shape {tuple(context.shape)}, but this model's cross-attention "
+                                     f"takes [N, tokens, {self.context_dim}]; use the text encoder its pipeline was "
+                                     "trained with")
+            return context
+        if not isinstance(context, dict) or set(context) != set(keys):
+            got = sorted(context) if isinstance(context, dict) else type(context).__name__
+            raise DiffPruneError(f"{what}: this model takes a dict with keys {list(keys)}, got {got}; encode the "
+                                 "prompts with its pipeline's text encoders")
+        out = {k: torch.as_tensor(v) for k, v in context.items()}
+        n = len(out["context"])
+        expected = {"context": (n, None, self.context_dim), "pooled": (n, self.pooled_dim), "mask": (n, None)}
+        for k, v in out.items():
+            shape = expected[k]
+            if v.ndim != len(shape) or any(e is not None and e != d for e, d in zip(shape, v.shape)):
+                raise DiffPruneError(f"{what}[{k!r}] has shape {tuple(v.shape)}, but this model takes "
+                                     f"{tuple('N' if i == 0 else ('any' if e is None else e) for i, e in enumerate(shape))}"
+                                     "; use the text encoders its pipeline was trained with")
+        return {k: v if k == "mask" else v.float() for k, v in out.items()}
 
-    def example(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
-        """A valid conditioning tensor for ``batch_size`` inputs: labels 0, 1, 2, ... or an all-zero context."""
-        if self.kind == "text":
-            return torch.zeros(batch_size, self.context_length, self.context_dim, device=device, dtype=dtype)
-        return (torch.arange(batch_size) % self.num_classes).to(device)
+    def example(self, batch_size: int, device=None, dtype=torch.float32):
+        """A valid conditioning for ``batch_size`` inputs: labels 0, 1, 2, ... or an all-zero context (a dict with an
+        all-zero pooled embedding and an all-ones mask for the families that take them)."""
+        if self.kind != "text":
+            return (torch.arange(batch_size) % self.num_classes).to(device)
+        context = torch.zeros(batch_size, self.context_length, self.context_dim, device=device, dtype=dtype)
+        if self.keys is None:
+            return context
+        out = {"context": context}
+        if self.pooled_dim is not None:
+            out["pooled"] = torch.zeros(batch_size, self.pooled_dim, device=device, dtype=dtype)
+        if self.masked:
+            out["mask"] = torch.ones(batch_size, self.context_length, device=device, dtype=torch.long)
+        return out
 
     def null(self) -> torch.Tensor | None:
         """The unconditional ``cond`` of one input (``[1, ...]``) when the denoiser itself defines it, else None."""

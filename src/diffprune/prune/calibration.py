@@ -11,8 +11,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _cond
 from ..adapters import resolve_adapter
 from ..errors import DiffPruneError, require, require_int
+from ..objective import is_flow_matching
 from ..timesteps import TimestepStrategy
 from .config import DATA_FREE, CalibrationResult
 
@@ -124,7 +126,7 @@ def _data_free_batch(model, adapter, scheduler, *, seeds: list[int], codec, step
     x0 = sample(model, scheduler, seeds=seeds, class_labels=labels, prompt_embeds=context, num_inference_steps=steps,
                 device=device, progress=progress, codec=codec, decode=False, adapter=adapter)
     cond = labels if context is None else context
-    return x0.to(device), None if cond is None else cond.to(device), {**desc, "batch": len(seeds)}
+    return x0.to(device), _cond.to(cond, device), {**desc, "batch": len(seeds)}
 
 
 def _source_images(source, shape: tuple[int, int, int], split: str):
@@ -169,7 +171,8 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     require_int("timestep_batch", timestep_batch, 1)
     started, started_cpu = time.perf_counter(), time.process_time()
     adapter = resolve_adapter(model, adapter)
-    require(hasattr(scheduler, "add_noise"), "the scheduler must have add_noise (a diffusers noise scheduler)")
+    require(hasattr(scheduler, "add_noise") or is_flow_matching(scheduler),
+            "the scheduler must have add_noise (a diffusers noise scheduler) or be a flow-matching one")
     T = int(scheduler.config.num_train_timesteps)
     plan = strategy.plan(T)
     full = len(type(strategy)(**{**dataclasses.asdict(strategy), "max_timesteps": None}).plan(T))
@@ -211,11 +214,10 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
 
 def _chunk_losses(model, adapter, scheduler, x0, noise, cond, chunk: list[tuple[int, float]]) -> torch.Tensor:
     """The loss at each of the chunk's timesteps, from one forward pass of the batch repeated once per timestep."""
-    from ..objective import prediction_target
+    from ..objective import model_timesteps, noisy, prediction_target
 
     k, B = len(chunk), x0.shape[0]
     tt = torch.tensor([t for t, _ in chunk], device=x0.device).repeat_interleave(B)
     xx0, nn_ = x0.repeat(k, *([1] * (x0.ndim - 1))), noise.repeat(k, *([1] * (x0.ndim - 1)))
-    cc = None if cond is None else cond.repeat(k, *[1] * (cond.dim() - 1))
-    pred = adapter.forward(model, scheduler.add_noise(xx0, nn_, tt), tt, cc)
+    pred = adapter.forward(model, noisy(scheduler, xx0, nn_, tt), model_timesteps(scheduler, tt), _cond.repeat(cond, k))
     return (pred - prediction_target(scheduler, xx0, nn_, tt)).pow(2).flatten(1).mean(1).view(k, B).mean(1)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import objective
+from .. import _cond, objective
 from .._fs import output_lock
 from .._hashing import state_sha256
 from ..errors import DiffPruneError, require
@@ -311,8 +311,7 @@ def _batch(run: _Run, step: int):
     t = t.to(acc.device)
     if cond is not None and cfg.label_dropout > 0:  # for classifier-free guidance; teacher sees the same
         drop = (torch.rand(B, generator=gen) < cfg.label_dropout).to(acc.device)
-        null = data.null_cond.to(acc.device, cond.dtype).expand_as(cond)
-        cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), null, cond)
+        cond = _cond.where(drop, data.null_cond, cond)
     return x0, noise, t, cond
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _cond
 from .._fs import staged_dir
 from ..data import to_uint8
 
@@ -37,7 +38,7 @@ def save_sample_grid(raw, ema, scheduler, path: Path, steps: int, *, adapter, co
     spec = adapter.conditioning(model)
     context = None
     if spec is not None and spec.kind == "text":
-        context = data.cond[torch.arange(36) % len(data)]
+        context = _cond.take(data.cond, torch.arange(36) % len(data))
     imgs = sample(model, scheduler, seeds=range(36), num_inference_steps=steps, progress=False, codec=codec,
                   prompt_embeds=context, adapter=adapter)
     path.parent.mkdir(parents=True, exist_ok=True)
