@@ -43,8 +43,10 @@ class Conditioning:
     unconditional branch is the empty prompt's, which the pipeline's text encoder makes (not the denoiser);
     ``context_length``: the ``L`` that MACs are counted and tracing runs with. A text family that takes more than
     the context (SDXL, SD3, Flux: a pooled text embedding ``[N, pooled_dim]``; PixArt: the context's attention mask
-    ``[N, L]``, 1 keep / 0 padding) takes a dict ``{"context": ..., "pooled": ..., "mask": ...}`` holding exactly the
-    keys it declares (:attr:`keys`); batch operations on either form are in :mod:`diffprune._cond`.
+    ``[N, L]``, 1 keep / 0 padding; SDXL: also its ``time_ids`` micro-conditioning ``[N, time_ids]``, original size,
+    crop and target size, made by the pipeline side, which knows the image size) takes a dict ``{"context": ...,
+    "pooled": ..., "mask": ..., "time_ids": ...}`` holding exactly the keys it declares (:attr:`keys`); batch
+    operations on either form are in :mod:`diffprune._cond`.
     """
 
     kind: str
@@ -54,13 +56,15 @@ class Conditioning:
     context_length: int | None = None
     pooled_dim: int | None = None
     masked: bool = False
+    time_ids: int = 0
 
     @property
     def keys(self) -> tuple[str, ...] | None:
         """The dict keys a text family takes (None: a bare context tensor)."""
-        if self.kind != "text" or (self.pooled_dim is None and not self.masked):
+        if self.kind != "text" or (self.pooled_dim is None and not self.masked and not self.time_ids):
             return None
-        return ("context",) + (("pooled",) if self.pooled_dim is not None else ()) + (("mask",) if self.masked else ())
+        return (("context",) + (("pooled",) if self.pooled_dim is not None else ()) + (("mask",) if self.masked else ())
+                + (("time_ids",) if self.time_ids else ()))
 
     def check_labels(self, labels: torch.Tensor, what: str = "class labels") -> torch.Tensor:
         labels = torch.as_tensor(labels, dtype=torch.long)
@@ -86,7 +90,8 @@ class Conditioning:
                                  "prompts with its pipeline's text encoders")
         out = {k: torch.as_tensor(v) for k, v in context.items()}
         n = len(out["context"])
-        expected = {"context": (n, None, self.context_dim), "pooled": (n, self.pooled_dim), "mask": (n, None)}
+        expected = {"context": (n, None, self.context_dim), "pooled": (n, self.pooled_dim), "mask": (n, None),
+                    "time_ids": (n, self.time_ids)}
         for k, v in out.items():
             shape = expected[k]
             if v.ndim != len(shape) or any(e is not None and e != d for e, d in zip(shape, v.shape)):
@@ -108,6 +113,8 @@ class Conditioning:
             out["pooled"] = torch.zeros(batch_size, self.pooled_dim, device=device, dtype=dtype)
         if self.masked:
             out["mask"] = torch.ones(batch_size, self.context_length, device=device, dtype=torch.long)
+        if self.time_ids:
+            out["time_ids"] = torch.zeros(batch_size, self.time_ids, device=device, dtype=dtype)
         return out
 
     def null(self) -> torch.Tensor | None:

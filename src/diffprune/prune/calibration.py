@@ -67,7 +67,8 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
     model), each image's conditioning (its label for a class-conditional model, its caption's context for a
     text-conditioned one, encoded with ``text_encoder``; else None), and a JSON description of the source.
 
-    ``source``: a tensor ``[N, C, H, W]`` (float in [-1, 1] or uint8) of exactly the image shape; a ``.npy`` or
+    ``source``: a tuple ``(x0, cond)`` of inputs already in the denoiser's space (latents for a latent model) and
+    their conditioning; a tensor ``[N, C, H, W]`` (float in [-1, 1] or uint8) of exactly the image shape; a ``.npy`` or
     ``.safetensors`` file holding one (key ``images``, optional ``labels``); a folder of images, a bundled dataset
     name or a Hugging Face id (:func:`diffprune.data.load_data`, fitted to the model; class sub-folders give
     labels); or ``"data-free"``: inputs sampled from the model itself with ``data_free_steps`` DDIM steps (latents
@@ -87,6 +88,8 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
                                 and spec.kind == "text"),
             "prompts are for data-free calibration of a text-to-image model (--data data-free); this calibration "
             "takes its conditioning from the data (captions or labels): drop --prompt/--prompt-file")
+    if isinstance(source, tuple):
+        return _given_batch(source, adapter, model, batch_size, seed, device)
     if isinstance(source, str) and source == DATA_FREE:
         return _data_free_batch(model, adapter, scheduler, seeds=list(range(seed, seed + batch_size)), codec=codec,
                                 steps=data_free_steps, device=device, num_classes=num_classes,
@@ -104,6 +107,30 @@ def calibration_batch(model, source, *, batch_size: int, seed: int = 0, schedule
     x0, y = prepared.batch(torch.arange(len(prepared)), device=device)
     desc["batch"] = int(x0.shape[0])
     return x0, y, desc
+
+
+def _given_batch(source: tuple, adapter, model, batch_size: int, seed: int, device):
+    """A batch given in memory: ``(x0, cond)``, inputs already in the denoiser's space (latents for a latent model)
+    with their conditioning (None, labels, a text context or a dict of text tensors)."""
+    require(len(source) == 2, f"a calibration batch given as a tuple is (x0, cond); got {len(source)} items")
+    x0, cond = source
+    spec = adapter.conditioning(model)
+    x0, shape = torch.as_tensor(x0), tuple(adapter.input_shape(model))
+    require(x0.ndim == 4 and tuple(x0.shape[1:]) == shape and x0.is_floating_point() and len(x0) >= 1,
+            f"calibration inputs x0 have shape {tuple(x0.shape)} ({x0.dtype}), but the model takes float [N, "
+            f"{', '.join(map(str, shape))}] (latents for a latent model)")
+    if spec is None:
+        require(cond is None, "this model is unconditional: give (x0, None)")
+    else:
+        cond = spec.check_context(cond, "calibration conditioning") if spec.kind == "text" else spec.check_labels(cond)
+        require(_cond.batch_size(cond) == len(x0), f"{_cond.batch_size(cond)} conditionings for {len(x0)} inputs; "
+                                                   "give one per input")
+    desc = {"source": "tensors"}
+    if len(x0) > batch_size:
+        idx = torch.randperm(len(x0), generator=torch.Generator().manual_seed(int(seed)))[:batch_size]
+        x0, cond, desc["subset_seed"] = x0[idx], _cond.take(cond, idx), int(seed)
+    desc["batch"] = int(len(x0))
+    return x0.float().to(device), _cond.to(cond, device), desc
 
 
 def _data_free_batch(model, adapter, scheduler, *, seeds: list[int], codec, steps: int, device, num_classes,
