@@ -133,3 +133,34 @@ def test_default_allocation_keeps_the_committed_benchmark_hashes():
     assert stage_hashes(load_run_config(raw))["eval"] == "1fcdffa21a608e9c"
     raw["prune"]["allocation"] = "cost"
     assert stage_hashes(load_run_config(raw))["eval"] != "1fcdffa21a608e9c"
+
+
+def test_noise_draws_sum_the_walks_of_successive_draws_and_one_draw_is_the_paper():
+    """noise_draws=k: the first draw is the single draw (the paper's path, bitwise); the gradient is the sum of the k
+    walks, each with its own draw from the seed's generator."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffprune.prune import accumulate_gradients, calibration_noise
+    from diffprune.prune.api import _calibrate
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    sched, x0 = DDPMScheduler(num_train_timesteps=20), torch.rand(3, 1, 8, 8) * 2 - 1
+    three = calibration_noise(x0.shape, 5, draws=3)
+    assert three.shape == (3, *x0.shape) and torch.equal(three[0], calibration_noise(x0.shape, 5))
+    assert not torch.equal(three[1], three[0])
+    config = PruneConfig(method="diff-pruning", ratio=0.3, seed=5, calib_batch=3, max_timesteps=4, noise_draws=3)
+    record = _calibrate(unet, adapter_for(unet), config, x0, sched, torch.device("cpu"), False)
+    assert record["noise_draws"] == 3 and len(record["accumulated_per_draw"]) == 3
+    got = {n: p.grad.clone() for n, p in unet.named_parameters()}
+    ref = copy.deepcopy(unet)
+    for k in range(3):
+        accumulate_gradients(ref, sched, x0, three[k], config.timestep_strategy(), progress=False, zero_grad=k == 0)
+    for n, p in ref.named_parameters():
+        assert torch.allclose(got[n], p.grad, rtol=1e-5, atol=1e-7), n
+    with pytest.raises(DiffPruneError, match="noise_draws"):
+        PruneConfig(method="diff-pruning", ratio=0.3, noise_draws=0)
+    with pytest.raises(DiffPruneError, match="noise_draws=2 does not apply to method 'magnitude'"):
+        PruneConfig(method="magnitude", ratio=0.3, noise_draws=2)

@@ -40,7 +40,7 @@ TAYLOR_FORMS = ("abs", "squared")
 
 # Settings of the calibration pass, owned by every method that scores with gradients (defaults for PruneConfig).
 GRADIENT_SETTINGS = {"calib_batch": 64, "data_free_steps": 10, "timestep_batch": 1, "timesteps": None, "thr": None,
-                     "threshold_semantics": None, "stride": None, "max_timesteps": None}
+                     "threshold_semantics": None, "stride": None, "max_timesteps": None, "noise_draws": 1}
 
 
 @dataclass(frozen=True)

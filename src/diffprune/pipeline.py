@@ -142,11 +142,11 @@ def _hashed_settings(cfg: RunConfig, stage: str) -> dict:
     """A stage's settings as its hash covers them: settings added after runs were recorded are left out while at
     the value those runs used (the allocation settings at the paper's global ranking), so the runs keep their
     hashes, and count as soon as they are set."""
-    from .prune.config import ALLOCATION_DEFAULTS
+    from .prune.config import LATER_DEFAULTS
 
     settings = cfg.section(stage)
     if stage == "prune":
-        settings = {k: v for k, v in settings.items() if k not in ALLOCATION_DEFAULTS or v != ALLOCATION_DEFAULTS[k]}
+        settings = {k: v for k, v in settings.items() if k not in LATER_DEFAULTS or v not in (None, LATER_DEFAULTS[k])}
     return settings
 
 

@@ -97,6 +97,9 @@ def add_parser(sub) -> None:
     p.add_argument("--timestep-batch", type=int, default=None,
                    help="timesteps per calibration pass (default 1, the reference's walk): k > 1 gives the same "
                         "scores from fewer, larger passes, with k times the memory")
+    p.add_argument("--noise-draws", type=int, default=None,
+                   help="calibration noise draws of the same batch, gradients summed over all (default 1, the paper): "
+                        "k draws give scores that depend less on one draw, at k times the calibration cost")
     p.add_argument("--data-free-steps", type=int, default=None,
                    help="DDIM steps used to sample calibration images with --data data-free (default 10)")
     p.add_argument("--seed", type=int, default=d.seed,
@@ -157,8 +160,8 @@ def run(args) -> int:
         threshold_semantics=args.threshold_semantics, timesteps=args.timesteps, stride=args.stride,
         max_timesteps=args.max_timesteps, taylor_form=args.taylor_form, calib_batch=args.calib_batch,
         seed=args.seed, data_free_steps=args.data_free_steps, macs_tolerance=args.macs_tolerance,
-        timestep_batch=args.timestep_batch, target_latency=args.target_latency, latency_batch=args.latency_batch,
-        latency_dtype=args.latency_dtype, latency_tolerance=args.latency_tolerance,
+        timestep_batch=args.timestep_batch, noise_draws=args.noise_draws, target_latency=args.target_latency,
+        latency_batch=args.latency_batch, latency_dtype=args.latency_dtype, latency_tolerance=args.latency_tolerance,
         latency_repeats=args.latency_repeats,
     )
     inputs = (args.model, args.data)

@@ -89,10 +89,17 @@ def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, devic
     x0, cond, desc = calibration_batch(
         unet, calibration, batch_size=config.calib_batch, seed=config.seed, scheduler=scheduler,
         data_free_steps=config.data_free_steps, device=device, progress=progress, adapter=adapter, **sources)
-    noise = calibration_noise(x0.shape, config.seed, device=device)
-    result = accumulate_gradients(unet, scheduler, x0, noise, config.timestep_strategy(), cond=cond, adapter=adapter,
-                                  timestep_batch=config.timestep_batch, progress=progress)
-    return {**desc, "noise_seed": config.seed, **result.to_dict()}
+    draws = config.noise_draws
+    noise = calibration_noise(x0.shape, config.seed, device=device, draws=draws).view(draws, *x0.shape)
+    results = [accumulate_gradients(unet, scheduler, x0, noise[k], config.timestep_strategy(), cond=cond,
+                                    adapter=adapter, timestep_batch=config.timestep_batch, progress=progress,
+                                    zero_grad=k == 0) for k in range(draws)]
+    record = {**desc, "noise_seed": config.seed, **results[0].to_dict()}
+    if draws > 1:  # the first draw's walk above; every draw's accumulated timesteps, and the total time
+        record.update(noise_draws=draws, accumulated_per_draw=[r.accumulated for r in results],
+                      seconds=round(sum(r.seconds for r in results), 3),
+                      cpu_seconds=round(sum(r.cpu_seconds for r in results), 3))
+    return record
 
 
 def _report(unet, config: PruneConfig, adapter, pruned: _Pruned, before, after, widths_before, calibration_record,

@@ -19,9 +19,13 @@ from ..timesteps import TimestepStrategy
 from .config import DATA_FREE, CalibrationResult
 
 
-def calibration_noise(shape, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The fixed calibration noise: ``torch.randn(shape, generator=Generator().manual_seed(seed))`` on the CPU."""
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed))).to(device=device, dtype=dtype)
+def calibration_noise(shape, seed: int, device=None, dtype=torch.float32, draws: int = 1) -> torch.Tensor:
+    """The fixed calibration noise: ``torch.randn(shape, generator=Generator().manual_seed(seed))`` on the CPU; with
+    ``draws=k``, ``k`` such draws one after the other from that generator, stacked ``[k, *shape]`` (the first is the
+    single draw)."""
+    g = torch.Generator().manual_seed(int(seed))
+    noise = torch.stack([torch.randn(tuple(shape), generator=g) for _ in range(draws)])
+    return (noise if draws > 1 else noise[0]).to(device=device, dtype=dtype)
 
 
 def _check_tensor(x: torch.Tensor, shape: tuple[int, int, int], what: str) -> torch.Tensor:
@@ -182,10 +186,11 @@ def _source_images(source, shape: tuple[int, int, int], split: str):
 
 def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Tensor,
                          strategy: TimestepStrategy, *, cond=None, adapter=None, timestep_batch: int = 1,
-                         progress: bool = True) -> CalibrationResult:
+                         progress: bool = True, zero_grad: bool = True) -> CalibrationResult:
     """Step 2 of Diff-Pruning: walk the strategy's timesteps, ``backward()`` each loss without zeroing gradients.
 
-    Gradients are zeroed once at the start. Each planned ``(t, weight)`` gives ``L_t = mse(f(x_t, t, cond),
+    Gradients are zeroed once at the start (``zero_grad=False``: added to those already there, for a further noise
+    draw). Each planned ``(t, weight)`` gives ``L_t = mse(f(x_t, t, cond),
     target)`` (the target follows the scheduler's prediction type, :mod:`diffprune.objective`; ``cond``: each
     input's label for a conditional model); ``strategy.decide`` says whether it is accumulated
     (``(weight * L_t).backward()``) and whether to stop. ``adapter``: how to call the model (default: its family's).
@@ -203,7 +208,8 @@ def accumulate_gradients(model: nn.Module, scheduler, x0: torch.Tensor, noise: t
     T = int(scheduler.config.num_train_timesteps)
     plan = strategy.plan(T)
     full = len(type(strategy)(**{**dataclasses.asdict(strategy), "max_timesteps": None}).plan(T))
-    model.zero_grad(set_to_none=True)
+    if zero_grad:
+        model.zero_grad(set_to_none=True)
     dtype = next(model.parameters()).dtype
     x0, noise = x0.to(dtype=dtype), noise.to(device=x0.device, dtype=dtype)
     losses: list[tuple[int, float]] = []

@@ -18,6 +18,8 @@ ALLOCATIONS = ("score", "cost")
 NORMALIZERS = ("none", "mean")
 # the allocation settings at their defaults (the paper's global ranking); runs made before they existed used these
 ALLOCATION_DEFAULTS = {"allocation": "score", "normalize": "none", "max_layer_ratio": None, "conditioning_floor": None}
+# settings added after runs were recorded, at the value those runs used (None: a method that does not own it)
+LATER_DEFAULTS = {**ALLOCATION_DEFAULTS, "noise_draws": 1}
 LATENCY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DATA_FREE = "data-free"
 
@@ -37,7 +39,9 @@ class PruneConfig:
     The remaining fields belong to the method (:data:`diffprune.importance.METHODS`): ``None`` takes the method's
     default, and a field the method does not own is refused. Gradient methods own the calibration: ``calib_batch``
     images, ``data_free_steps`` DDIM steps for ``calibration="data-free"``, ``timestep_batch`` timesteps per
-    forward/backward pass (same scores, faster; see :func:`accumulate_gradients`), the timestep strategy ``timesteps``
+    forward/backward pass (same scores, faster; see :func:`accumulate_gradients`), ``noise_draws``: the timestep walk
+    repeated with that many noise draws of the same batch, gradients summed over all of them (scores that depend
+    less on one draw, at ``noise_draws`` times the calibration cost; 1 is the paper), the timestep strategy ``timesteps``
     (default: "threshold" for diff-pruning, "all" for taylor) and that strategy's own fields, passed by name
     (``thr``/``threshold_semantics`` for "threshold", ``stride`` for "threshold" (an approximate walk over every
     k-th timestep, under the same rule) and "strided", ``max_timesteps`` for any);
@@ -73,6 +77,7 @@ class PruneConfig:
     calib_batch: int | None = None
     data_free_steps: int | None = None
     timestep_batch: int | None = None
+    noise_draws: int | None = None
     timesteps: str | None = None
     thr: float | None = None
     threshold_semantics: str | None = None
@@ -161,6 +166,7 @@ class PruneConfig:
             require_int("calib_batch", self.calib_batch, 1)
             require_int("data_free_steps", self.data_free_steps, 1)
             require_int("timestep_batch", self.timestep_batch, 1)
+            require_int("noise_draws", self.noise_draws, 1)
             strategy = self.timestep_strategy()  # validates its own fields; record the values it resolved
             object.__setattr__(self, "timesteps", strategy.name)
             for name in STRATEGY_FIELDS:
