@@ -29,8 +29,17 @@ def test_quad_timesteps_follow_ddim_paper():
     expected = np.unique((np.linspace(0, np.sqrt(800), 10) ** 2).astype(int))[::-1]
     assert seq.tolist() == expected.tolist() == [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]
     assert skip_timesteps(1000, 10, "uniform").tolist() == list(range(900, -1, -100))
-    # for many steps the first squares repeat; duplicates are dropped
-    assert len(skip_timesteps(1000, 100, "quad")) < 100
+    # for many steps the first squares repeat: each repeat moves to one past the value before it, so exactly S
+    # distinct steps remain (the paper's code would run 49 of 50), equal to the paper's squares past the repeats
+    for S in (30, 50, 100, 1000):
+        seq = skip_timesteps(1000, S, "quad")[::-1]
+        squares = (np.linspace(0, np.sqrt(800), S) ** 2).astype(int)
+        assert len(seq) == S and (np.diff(seq) >= 1).all() and seq[-1] == max(800, S - 1)
+        assert (seq >= squares).all() and (seq[squares >= S] == squares[squares >= S]).all()
+    assert skip_timesteps(1000, 50, "quad")[::-1][:6].tolist() == [0, 1, 2, 3, 5, 8]
+    s = QuadDDIMScheduler(num_train_timesteps=1000)
+    s.set_timesteps(50, skip="quad")
+    assert s.num_inference_steps == len(s.timesteps) == 50
 
 
 def test_quad_step_uses_true_previous_timestep():

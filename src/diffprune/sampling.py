@@ -33,8 +33,9 @@ def default_scheduler(prediction_type: str = "epsilon", clip_sample: bool = True
 def skip_timesteps(num_train_timesteps: int, num_inference_steps: int, skip: str) -> np.ndarray:
     """Descending timesteps of a strided sampler, as in the DDIM paper's code.
 
-    ``uniform``: range(0, T, T // S). ``quad``: int(linspace(0, sqrt(0.8 T), S) ** 2), duplicates removed (for
-    large S the first values repeat), so fewer than S steps may remain.
+    ``uniform``: range(0, T, T // S). ``quad``: int(linspace(0, sqrt(0.8 T), S) ** 2); for large S (S > 1 +
+    sqrt(0.8 T): 30 of 1,000) its first values repeat, and each repeat is moved to one past the value before it, so
+    exactly S distinct steps remain (the DDIM paper's code drops the repeats and runs fewer steps than asked).
     """
     T, S = num_train_timesteps, num_inference_steps
     require(1 <= S <= T, f"num_inference_steps={S} must be in [1, {T}] (the scheduler's num_train_timesteps)")
@@ -42,7 +43,8 @@ def skip_timesteps(num_train_timesteps: int, num_inference_steps: int, skip: str
     if skip == "uniform":
         seq = np.arange(0, T, T // S)[:S]
     else:
-        seq = np.unique((np.linspace(0, np.sqrt(0.8 * T), S) ** 2).astype(np.int64))
+        seq = (np.linspace(0, np.sqrt(0.8 * T), S) ** 2).astype(np.int64)
+        seq = np.maximum.accumulate(seq - np.arange(S)) + np.arange(S)  # a_i = max(q_i, a_(i-1) + 1): distinct
     return seq[::-1].copy()
 
 
