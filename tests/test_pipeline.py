@@ -185,3 +185,28 @@ def test_yaml_quirks_in_a_run_config():
     cfg["finetune"]["lr"] = "fast"
     with pytest.raises(DiffPruneError, match=r"finetune.lr='fast' has the wrong type; expected a number"):
         load_run_config(cfg)
+
+
+def test_config_lists_prints_and_copies_shipped_configs_and_run_takes_their_names(tmp_path, capsys, monkeypatch):
+    from diffprune.assets import shipped_configs
+    from diffprune.cli import main
+    from diffprune.pipeline import load_run_config
+
+    names = list(shipped_configs())
+    assert {"demo", "demo-quick", "demo-dit", "demo-dit-quick"} <= set(names)
+    assert main(["config"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == names
+    assert main(["config", "demo"]) == 0
+    assert capsys.readouterr().out == shipped_configs()["demo"].read_text(encoding="utf-8")
+    out = tmp_path / "my.yaml"
+    assert main(["config", "demo-quick", "--out", str(out)]) == 0
+    assert out.read_bytes() == shipped_configs()["demo-quick"].read_bytes()
+    assert main(["config", "demo", "--out", str(out)]) == 2  # never overwrites
+    assert out.read_bytes() == shipped_configs()["demo-quick"].read_bytes()
+    assert "my.yaml' exists; choose a new file name (nothing was written)" in capsys.readouterr().err
+    assert main(["config", "nope"]) == 2
+    assert "'nope' is not a shipped config; shipped: demo" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # outside a source checkout: a shipped name still resolves
+    assert stage_hashes(load_run_config("demo-quick")) == stage_hashes(load_run_config(shipped_configs()["demo-quick"]))
+    with pytest.raises(DiffPruneError, match="shipped config name .*diffprune config NAME"):
+        load_run_config("missing.yaml")

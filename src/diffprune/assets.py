@@ -35,6 +35,19 @@ def verify_asset_dir(folder: Path) -> None:
             raise DiffPruneError(f"shipped file {rel!r} is missing or its sha256 differs from the manifest; reinstall diffprune")
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The run configs that ship with diffprune (``configs/NAME.yaml``), by name."""
+    folder = Path(str(resources.files("diffprune") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def shipped_config_path(name: str) -> Path | None:
+    """The shipped run config ``name`` (``demo``, ``demo-dit``, ...), or None if ``name`` is not one; a local file of
+    that name wins, as for models."""
+    path = shipped_configs().get(str(name))
+    return None if path is None or Path(name).is_file() else path
+
+
 def shipped_model_path(name: str) -> Path | None:
     """The verified folder of a shipped model name, or None if ``name`` is not one. One rule everywhere: a local
     folder of that name wins over the shipped model (with a one-line notice), as it does for data."""

@@ -73,8 +73,11 @@ def load_run_config(source: str | os.PathLike | dict) -> RunConfig:
     else:
         import yaml
 
-        path = Path(source)
-        require(path.is_file(), f"config {str(path)!r} does not exist; pass a YAML file (see configs/demo.yaml)")
+        from .assets import shipped_config_path, shipped_configs
+
+        path = shipped_config_path(source) or Path(source)
+        require(path.is_file(), f"config {str(path)!r} does not exist; pass a YAML file or a shipped config name "
+                                f"({', '.join(shipped_configs())}; `diffprune config NAME` prints one to copy)")
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["prune", "info", "train", "finetune", "sample", "eval", "run", "demo", "cache"]
+SUBCOMMANDS = ["prune", "info", "train", "finetune", "sample", "eval", "run", "demo", "config", "cache"]
 
 
 class _Parser(argparse.ArgumentParser):

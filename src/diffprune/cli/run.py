@@ -6,7 +6,7 @@ from ._common import add_device_flag
 
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run the whole pipeline from a YAML config", description=__doc__)
-    p.add_argument("config", help="a YAML run config (see the shipped configs/demo.yaml)")
+    p.add_argument("config", help="a YAML run config, or a shipped config name (diffprune config lists them)")
     p.add_argument("--out", required=True, help="the run folder (re-running it skips finished stages)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE (prune, finetune or eval) and every stage after it; repeatable")
