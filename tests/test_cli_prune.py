@@ -92,7 +92,7 @@ def test_prune_prints_numbers_and_info_reads_them(model_dir, tmp_path, capsys):
     out = tmp_path / "p"
     assert main(_base(model_dir, out, "--ratio", "0.5", "--data", str(model_dir / "ok.npy"), "--dry-run")) == 0
     text = capsys.readouterr().out
-    assert "params: 0.0450M -> " in text and "MACs:" in text and "conv_in" in text and "dry run" in text
+    assert "params: 45.0K -> " in text and "MACs:" in text and "conv_in" in text and "dry run" in text
     assert not out.exists()
     assert main(_base(model_dir, out, "--ratio", "0.5", "--data", str(model_dir / "ok.npy"))) == 0
     capsys.readouterr()

@@ -273,3 +273,36 @@ def test_captions_read_with_a_byte_order_mark(tmp_path):
     (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "0.png", "text": "café"}\n'.encode("latin-1"))
     with pytest.raises(DiffPruneError, match="is not UTF-8"):
         load_data(tmp_path, resolution=8, channels=1)
+
+
+def test_counts_print_in_the_unit_that_fits():
+    from diffprune._units import si
+
+    assert [si(65.7e6), si(32.3e6, like=65.7e6), si(1_112_800), si(558_000, like=1_112_800)] == \
+        ["65.7M", "32.3M", "1.11M", "0.558M"]
+    assert [si(512), si(45_000), si(2.6e9), si(999.6e6), si(1.5e12, sep=" ")] == ["512", "45.0K", "2.60G", "1.00G",
+                                                                                     "1.50 T"]
+
+
+def test_safetensors_files_are_written_atomically_with_the_mode_of_any_new_file(tmp_path):
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import load_file
+
+    from diffprune._fs import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        write_safetensors(tmp_path / "w.safetensors", {"a": torch.arange(6.0)}, metadata={"format": "pt"})
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o644
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["a"], torch.arange(6.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "w.safetensors"]  # no temporary left
+    with pytest.raises(Exception):
+        write_safetensors(tmp_path / "bad.safetensors", {"a": "not a tensor"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "w.safetensors"]

@@ -80,6 +80,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    """Write ``tensors`` as a safetensors file, atomically (a temporary beside it, fsynced, renamed), streamed by
+    safetensors (the file is never built in memory) and with the mode of any new file (safetensors makes 0600)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        fsync_path(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` as UTF-8 (whatever the locale's encoding), atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))

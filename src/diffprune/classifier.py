@@ -68,11 +68,12 @@ class DigitClassifier(nn.Module):
 
 
 def save_classifier(model: DigitClassifier, folder: str | Path) -> None:
-    from safetensors.torch import save_file
+    from ._fs import write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / CLASSIFIER_WEIGHTS)
+    write_safetensors(folder / CLASSIFIER_WEIGHTS,
+                      {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     (folder / CLASSIFIER_CONFIG).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ._fs import atomic_write_text
+from ._units import si
 from .samples import image_grid
 
 __all__ = ["width_changes", "timestep_losses", "metrics_rows", "write_report"]
@@ -274,10 +275,8 @@ def _fmt(v, kind: str = "") -> str:
         return "—"
     if isinstance(v, float) and not math.isfinite(v):
         return "—"
-    if kind == "count":
-        return f"{v / 1e6:.3f} M" if v >= 1e5 else f"{int(v):,}"
-    if kind == "macs":
-        return f"{v / 1e9:.3f} G" if v >= 1e8 else f"{v / 1e6:.2f} M"
+    if kind in ("count", "macs"):
+        return si(v, sep=" ") if v >= 1e5 else f"{int(v):,}"
     if kind == "s":
         return f"{v * 1e3:.2f} ms"
     if kind == "x":

@@ -5,6 +5,7 @@ nothing. The output folder holds config.json + pruning.json + diffusion_pytorch_
 """
 from __future__ import annotations
 
+from .._units import si
 from ._common import add_device_flag, add_prediction_type_flag, add_prompt_flags, device_of, read_prompts
 
 
@@ -115,10 +116,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _fmt_count(n: int, unit: str) -> str:
-    return f"{n / 1e6:.4f}M" if unit == "params" else f"{n / 1e9:.4f}G"
-
-
 def width_table(before: dict, after: dict) -> str:
     """Per-layer widths ``in -> out`` before and after, one row per Conv/Linear/GroupNorm layer."""
     rows = [("layer", "before (in->out)", "after (in->out)", "")]
@@ -133,8 +130,8 @@ def summary_lines(rec: dict) -> list[str]:
     """``params``/``MACs`` before -> after lines of a pruning record."""
     p0, p1, m0, m1 = rec["base_params"], rec["params"], rec["base_macs"], rec["macs"]
     return [
-        f"params: {_fmt_count(p0, 'params')} -> {_fmt_count(p1, 'params')} ({p1 / p0:.1%})",
-        f"MACs:   {_fmt_count(m0, 'macs')} -> {_fmt_count(m1, 'macs')} ({m1 / m0:.1%}, one call at batch 1)",
+        f"params: {si(p0)} -> {si(p1, like=p0)} ({p1 / p0:.1%})",
+        f"MACs:   {si(m0)} -> {si(m1, like=m0)} ({m1 / m0:.1%}, one call at batch 1)",
     ]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._fs import atomic_dir, atomic_write_json
+from .._fs import atomic_dir, atomic_write_json, write_safetensors
 from .._torch import shape_mismatch, state_shapes
 from ..adapters.pipelines import latent_family
 from ..errors import DiffPruneError, require
@@ -77,8 +77,6 @@ def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | 
                 pipeline: PipelineSource | None = None) -> None:
     """Write ``model`` into the new folder ``folder``: pruned (with ``pruning``) or plain; bare or, with
     ``pipeline``, as a pipeline folder whose other components are copied from the source pipeline."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     target = folder
     if pipeline is not None:
@@ -91,7 +89,7 @@ def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | 
     _check_record(model, pruning)
     target.mkdir(parents=True, exist_ok=True)
     model.save_config(target)
-    save_file(_state_dict_for_saving(model), str(target / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_safetensors(target / WEIGHTS_NAME, _state_dict_for_saving(model), metadata={"format": "pt"})
     atomic_write_json(target / PRUNING_NAME, pruning)
 
 

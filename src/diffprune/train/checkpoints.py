@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .._fs import atomic_write_json, read_json, staged_dir
+from .._fs import atomic_write_json, read_json, staged_dir, write_safetensors
 from .._hashing import file_sha256
 from ..errors import DiffPruneError
 
@@ -25,10 +25,10 @@ CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetenso
 def save_checkpoint(folder: Path, step: int, model, ema, optimizer, keep: int) -> None:
     """Publish the checkpoint of ``step`` in ``folder``, then drop all but the newest ``keep``."""
     with staged_dir(folder / f"{CHECKPOINT_PREFIX}{step:07d}") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  tmp / "model.safetensors")
-        save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
-                  tmp / "ema.safetensors")
+        write_safetensors(tmp / "model.safetensors",
+                          {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        write_safetensors(tmp / "ema.safetensors",
+                          {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)})
         opt = optimizer.state_dict()
         tensors, scalars = {}, {}
         for i, st in opt["state"].items():
@@ -37,7 +37,7 @@ def save_checkpoint(folder: Path, step: int, model, ema, optimizer, keep: int) -
                     tensors[f"{i}.{k}"] = v.detach().cpu().contiguous()
                 else:
                     scalars[f"{i}.{k}"] = v
-        save_file(tensors, tmp / "optimizer.safetensors")
+        write_safetensors(tmp / "optimizer.safetensors", tensors)
         atomic_write_json(tmp / "state.json", {
             "step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
             "ema": {"optimization_step": ema.optimization_step, "decay": ema.decay},
