@@ -117,3 +117,25 @@ def test_flag_defaults_are_the_configs():
     for name in ("method", "macs_tolerance", "latency_batch", "latency_dtype", "latency_tolerance",
                  "latency_repeats", "round_to", "seed"):
         assert getattr(args, name) == defaults[name], name
+
+
+def test_every_commands_help_shows_its_defaults(capsys):
+    """Every flag with a default (not None/False) states it in --help, whatever the command."""
+    from diffprune.cli import SUBCOMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(SUBCOMMANDS)
+    missing = []
+    for name, p in sub.choices.items():
+        text = " ".join(p.format_help().split())
+        for a in p._actions:
+            shown = a.default is not None and a.default is not False and a.default not in ([], "==SUPPRESS==")
+            if a.option_strings and shown and a.help:
+                if "default" not in (a.help or "") and f"(default: {a.default})" not in text:
+                    missing.append(f"{name} {a.option_strings[0]}")
+    assert missing == []
+    assert main(["prune", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED seed of the calibration noise, image subset, random scores (default: 0)" in out
+    assert "UNet or transformer" in out and "MACs of one denoiser call" in out

@@ -67,4 +67,4 @@ def test_rerun_skips_finished_stages(run_dir, capsys):
     out = capsys.readouterr().out
     assert out.count("complete with the same settings; skipped") == 3
     assert (run_dir / "eval" / "metrics.json").stat().st_mtime_ns == before
-    assert "MACs / UNet call" in out and "report:" in out
+    assert "MACs / denoiser call" in out and "report:" in out

@@ -12,8 +12,25 @@ import sys
 SUBCOMMANDS = ["prune", "info", "train", "finetune", "sample", "eval", "run", "demo", "config", "cache"]
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help states it already or there is none to state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or default == argparse.SUPPRESS
+                or "default" in text or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with diffprune's one-line errors (``diffprune: error: ...``, exit 2) instead of usage + error."""
+    """argparse with diffprune's one-line errors (``diffprune: error: ...``, exit 2) instead of usage + error, and
+    the defaults in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"diffprune: error: {self.prog}: {message}; see {self.prog} --help\n")
@@ -24,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"diffprune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return parser

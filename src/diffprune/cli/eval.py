@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="cache of reference statistics (default: $DIFFPRUNE_CACHE "
                                                      "or ~/.cache/diffprune)")
     p.add_argument("--latency-batches", type=_int_list, default=d.latency_batches,
-                   help="batch sizes of the UNet-call timing, comma-separated (default 1,16,64; 'none' skips timing)")
+                   help="batch sizes of the denoiser-call timing, comma-separated (default 1,16,64; 'none' skips timing)")
     p.add_argument("--latency-repeats", type=int, default=d.latency_repeats, help="timed runs per measurement (>= 10)")
     p.add_argument("--sampler-latency-batch", type=int, default=d.sampler_latency_batch,
                    help="batch of the full-sampler timing (per-image latency = median / batch)")

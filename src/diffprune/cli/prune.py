@@ -1,4 +1,4 @@
-"""``diffprune prune``: structurally prune a diffusion UNet (Diff-Pruning and baselines) and save it safely.
+"""``diffprune prune``: structurally prune a diffusion model's denoiser (UNet or transformer; Diff-Pruning and baselines) and save it safely.
 
 Prints params and MACs before -> after and a per-layer width table; ``--dry-run`` prints the same and writes
 nothing. The output folder holds config.json + pruning.json + diffusion_pytorch_model.safetensors (+ scheduler/).
@@ -23,8 +23,9 @@ def add_parser(sub) -> None:
     from ..prune import LATENCY_DTYPES
 
     d = _config_defaults()
-    p = sub.add_parser("prune", help="prune a UNet (diff-pruning, taylor, magnitude, random, reinit)",
-                       description=__doc__)
+    p = sub.add_parser("prune", description=__doc__,
+                       help="prune a denoiser, UNet or transformer (diff-pruning, taylor, magnitude, random, reinit, "
+                            "depth)")
     p.add_argument("--model", required=True,
                    help="model folder (diffusers model or pipeline, or a pruned folder), shipped name or hub id")
     p.add_argument("--data", default=None,
@@ -42,7 +43,7 @@ def add_parser(sub) -> None:
                    help="paper (default with --ratio: the Diff-Pruning repository's per-GroupNorm-group rule) or "
                         "uniform (Torch-Pruning 1.6.1's semantics; default with --target-macs)")
     p.add_argument("--target-macs", type=float, default=None,
-                   help="keep this fraction of the MACs of one UNet call, in (0, 1), found within "
+                   help="keep this fraction of the MACs of one denoiser call, in (0, 1), found within "
                         "--macs-tolerance (instead of --ratio)")
     # in help, argparse prints "%%" as "%": ":.0%" gives "2%", the extra "%" escapes it
     p.add_argument("--macs-tolerance", type=float, default=d.macs_tolerance,

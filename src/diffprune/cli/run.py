@@ -51,7 +51,7 @@ def summary_table(m: dict, out, seconds: float) -> str:
     rows = [
         ("", "teacher", "student", "ratio"),
         ("params", num("base_params", ",d"), num("params", ",d"), ratio("params", "base_params")),
-        ("MACs / UNet call", num("base_macs", ",d"), num("macs", ",d"), ratio("macs", "base_macs")),
+        ("MACs / denoiser call", num("base_macs", ",d"), num("macs", ",d"), ratio("macs", "base_macs")),
         ("FID", num("fid_teacher", ".2f"), num("fid", ".2f"), ""),
         ("speedup (measured)", "", "", num("speedup", ".2f") + "x"),
         ("SSIM teacher<->student", "", num("ssim", ".3f"), ""),
