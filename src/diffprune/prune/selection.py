@@ -25,6 +25,8 @@ class _SelectingPruner(tp.pruner.BasePruner):
     groups' indices.
     """
 
+    whole_heads: frozenset = frozenset()  # ids of projections whose attention loses whole heads (set per pass)
+
     @torch.no_grad()
     def _prune(self):
         if self.current_step > self.iterative_steps:
