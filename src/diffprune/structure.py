@@ -47,7 +47,9 @@ def replay_structure_(unet: nn.Module, structure: dict, *, adapter: ModelAdapter
             "(written by a newer diffprune?)")
     adapter = resolve_adapter(unet, adapter)
     with adapter.tracing(unet):
-        dg = tp.DependencyGraph().build_dependency(unet, example_inputs=adapter.example_inputs(unet), verbose=False)
+        frozen = [p for p in adapter.ignored_layers(unet) if isinstance(p, nn.Parameter)]  # e.g. QK-norm weights
+        dg = tp.DependencyGraph().build_dependency(unet, example_inputs=adapter.example_inputs(unet), verbose=False,
+                                                   ignored_params=frozen)
         try:
             dg.load_pruning_history([tuple(h) for h in structure["history"]])
         except (AttributeError, IndexError, KeyError) as e:

@@ -30,7 +30,7 @@ from .._torch import eval_mode
 from ..errors import DiffPruneError
 from ..registry import Registry
 
-FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit")  # imported on first use; each registers its adapter
+FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit", "sd3", "flux")  # imported on first use; each registers its adapter
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,11 @@ class ModelAdapter:
     def num_heads(self, model: nn.Module) -> dict[nn.Module, int]:
         """Projection layer -> number of attention heads, for per-head-consistent pruning."""
         return {}
+
+    def whole_heads(self, model: nn.Module) -> list[nn.Module]:
+        """Projection layers of the attentions whose head dim is fixed (rotary embeddings, a QK-norm over the head
+        dim): the channel selection removes whole heads from them, never the same positions in every head."""
+        return []
 
     def blocks(self, model: nn.Module) -> list[nn.Module] | None:
         """The blocks that depth pruning may remove whole (None: this family has none)."""

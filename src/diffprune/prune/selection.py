@@ -25,11 +25,14 @@ class _SelectingPruner(tp.pruner.BasePruner):
     groups' indices.
     """
 
+    whole_heads: frozenset = frozenset()  # ids of projections whose attention loses whole heads (set per pass)
+
     @torch.no_grad()
     def _prune(self):
         if self.current_step > self.iterative_steps:
             return
         records = []  # (module, pruning fn, scores, channel groups, current channels, initial channels)
+        heads = []  # per record: 1, or the head dim of an attention that loses whole heads (its positions are heads)
         self.costs = []  # with allocation "cost": the MACs one position of each record's group costs
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types):
@@ -47,11 +50,18 @@ class _SelectingPruner(tp.pruner.BasePruner):
             is_out = self.DG.is_out_channel_pruning_fn(pruning_fn)
             current = (self.DG.get_out_channels if is_out else self.DG.get_in_channels)(module)
             initial = (self.layer_init_out_ch if is_out else self.layer_init_in_ch)[module]
-            records.append((module, pruning_fn, imp.detach().cpu(), self._get_channel_groups(group), current,
-                            initial))
+            chunks, imp = self._get_channel_groups(group), imp.detach().cpu()
+            qkv = self._whole_heads_projection(group) if chunks > 1 else None
+            size = 1 if qkv is None else self.DG.get_out_channels(qkv) // chunks
+            # an attention whose head dim is fixed (RoPE, QK-norm): its positions are whole heads, scored by their mean
+            records.append((module, pruning_fn, imp, chunks, current, initial) if qkv is None else
+                           (module, pruning_fn, imp.view(chunks, -1).mean(dim=1), 1, chunks,
+                            self.layer_init_out_ch[qkv] // size))
+            heads.append(size)
             if self.layer_macs is not None:
-                self.costs.append(self._position_cost(group, records[-1][3]))
-        for (module, pruning_fn, *_), idxs in zip(records, self._select(records)):
+                self.costs.append(self._position_cost(group, chunks if qkv is None else size))
+        for (module, pruning_fn, *_), idxs, size in zip(records, self._select(records), heads):
+            idxs = [int(i) * size + d for i in idxs for d in range(size)]  # a head's channels are contiguous
             if len(idxs) > 0:
                 group = self.DG.get_pruning_group(module, pruning_fn, sorted(int(i) for i in idxs))
                 if self.DG.check_pruning_group(group):
@@ -60,6 +70,12 @@ class _SelectingPruner(tp.pruner.BasePruner):
     def _select(self, records) -> list:
         """The channel indices to prune in each record's group."""
         raise NotImplementedError
+
+    def _whole_heads_projection(self, group):
+        """A q/k/v projection of ``group`` whose attention may only lose whole heads (the adapter's
+        ``whole_heads``), or None."""
+        return next((item.dep.target.module for item in group if id(item.dep.target.module) in self.whole_heads
+                     and self.DG.is_out_channel_pruning_fn(item.dep.handler)), None)
 
     def _position_cost(self, group, chunks: int) -> float:
         """The MACs (one call at batch 1) that removing one position of ``group`` saves: each coupled layer's own
@@ -237,6 +253,7 @@ def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, 
     pruner.allocation, pruner.conditioning = config, adapter.conditioning_paths(unet)
     pruner.layer_macs = count_macs(unet, adapter=adapter).per_layer if config.allocation == "cost" else None
     pruner.module_names, pruner.skip, pruner.picks, pruner.total_positions = names, frozenset(skip), [], None
+    pruner.whole_heads = {id(m) for m in adapter.whole_heads(unet)}
     pruner.step()
     heads = {}
     for name, m in unet.named_modules():
