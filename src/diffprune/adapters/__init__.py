@@ -30,7 +30,8 @@ from .._torch import eval_mode
 from ..errors import DiffPruneError
 from ..registry import Registry
 
-FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit", "sd3", "flux")  # imported on first use; each registers its adapter
+# imported on first use; each registers its adapter
+FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit", "sd3", "flux")
 
 
 @dataclass(frozen=True)
