@@ -30,7 +30,7 @@ from .._torch import eval_mode
 from ..errors import DiffPruneError
 from ..registry import Registry
 
-FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit")  # imported on first use; each registers its adapter
+FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit", "pixart")  # imported on first use; each registers its adapter
 
 
 @dataclass(frozen=True)
