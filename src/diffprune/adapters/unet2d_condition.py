@@ -68,6 +68,9 @@ class UNet2DConditionAdapter(UNet2DAdapter):
     name = "unet2d-cond"
     model_classes = ("UNet2DConditionModel",)
     context_arg = "encoder_hidden_states"
+    # SDXL's add_embedding joins the timestep embedding before the down blocks
+    flow = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out",
+            "conv_out")
 
     def conditioning(self, model):
         cfg = model.config
