@@ -1,7 +1,8 @@
 """PixArt-α/Σ's transformer (PixArtTransformer2DModel, adaLN-single, T5 cross-attention with an attention mask,
 learned sigma): tiny ones through the shared text-family suite, without and with the resolution conditioning of
 PixArt-α 1024 px, plus the mask, depth pruning and what the adapter keeps."""
-import pytest
+import warnings
+
 import torch
 from diffusers import PixArtTransformer2DModel
 
@@ -88,6 +89,14 @@ class TestPixArt(TextFamilySuite):
             torch.testing.assert_close(adapter.forward(base, x, t, noisy), out, atol=1e-6, rtol=0)
             assert not torch.allclose(adapter.forward(base, x, t, {**cond, "mask": torch.ones_like(cond["mask"])}),
                                       out, atol=1e-4)
+
+
+    def test_pruning_says_nothing_about_the_scale_shift_tables(self):
+        """Torch-Pruning's warning that it would prune them is silenced: they follow the kept residual stream."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prune_(self.build(), PruneConfig(method="magnitude", ratio=0.3, ratio_mode="uniform"), progress=False)
+        assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
 
 
 class TestPixArtWithResolutionConditioning(TestPixArt):

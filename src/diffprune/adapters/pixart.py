@@ -32,6 +32,9 @@ Which widths a PixArt transformer loses, and why:
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from torch import nn
 
@@ -74,6 +77,16 @@ class PixArtAdapter(ModelAdapter):
         h, w = x.shape[-2] * VAE_SCALE, x.shape[-1] * VAE_SCALE
         size = torch.tensor([[float(h), float(w)]], device=x.device, dtype=x.dtype).repeat(len(x), 1)
         return {"resolution": size, "aspect_ratio": torch.full((len(x), 1), h / w, device=x.device, dtype=x.dtype)}
+
+    @contextlib.contextmanager
+    def tracing(self, model):
+        """As :meth:`ModelAdapter.tracing`. Torch-Pruning warns that it would prune the ``scale_shift_table``
+        parameters (held by no layer) along their last dimension: that dimension is the residual stream, whose group
+        this adapter never prunes (its layers are ignored; tested), so the warning would only mislead."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
+            with super().tracing(model) as traced:
+                yield traced
 
     def ignored_layers(self, model):
         emb = model.adaln_single.emb
