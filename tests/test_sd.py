@@ -311,11 +311,10 @@ def test_mismatched_or_missing_components_are_refused(tmp_path, capsys):
     xl = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, norm_num_groups=8,
                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
-                              addition_embed_type="text_time", addition_time_embed_dim=8,
-                              projection_class_embeddings_input_dim=80)
+                              addition_embed_type="text", addition_embed_type_num_heads=4)
     from diffprune.adapters import adapter_for
 
-    with pytest.raises(DiffPruneError, match="addition_embed_type='text_time' is not supported"):
+    with pytest.raises(DiffPruneError, match="addition_embed_type='text' is not supported"):
         adapter_for(xl).conditioning(xl)
 
 

@@ -31,7 +31,7 @@ from ..errors import DiffPruneError
 from ..registry import Registry
 
 # imported on first use; each registers its adapter
-FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit", "sd3", "flux")
+FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit", "pixart", "sd3", "flux")
 
 
 @dataclass(frozen=True)
