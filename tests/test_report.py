@@ -113,3 +113,24 @@ def test_the_width_plot_orders_layers_as_the_models_family_does():
         "transformer_blocks.2.attn1.to_q", "transformer_blocks.10.attn1.to_q", "proj_out_1"]
     for unknown in ({"family": "something-new"}, {}, None):  # the recorded order, unchanged
         assert sorted(dit, key=layer_order(unknown)) == dit
+
+
+def test_timings_whose_repeats_spread_are_flagged_not_printed_as_fact():
+    from diffprune.cli.run import summary_table
+    from diffprune.report import BUSY_SPREAD, busy_timings, metrics_rows, summary_rows
+
+    calm = {"median_s": 0.010, "min_s": 0.009, "max_s": 0.012, "per_image_s": 0.010}
+    busy = {"median_s": 0.120, "min_s": 0.010, "max_s": 0.150, "per_image_s": 0.120}  # 15x spread
+    sampler = {**calm, "steps": 50, "batch_size": 16}
+    m = {"latency": {"teacher": {"latency_unet": {"1": calm}, "latency_sampler": sampler},
+                     "student": {"latency_unet": {"1": busy}, "latency_sampler": sampler}},
+         "speedup": 2.03, "base_params": 10, "params": 5, "base_macs": 10, "macs": 5}
+    assert BUSY_SPREAD == 1.5 and busy_timings(m) == ["student denoiser call, batch 1 (15.0×)"]
+    row = next(r for r in metrics_rows(m) if r[0].startswith("Denoiser call latency, batch 1"))
+    assert row[1] == "10.00 ms" and row[2] == "120.00 ms ⚠ repeats spread 15.0×"
+    check = dict(summary_rows(m))["Timing check"]
+    assert check.startswith("⚠ the machine was busy") and "student denoiser call, batch 1 (15.0×)" in check
+    assert "warning: timings spread more than 1.5x between repeats" in summary_table(m, "runs/x", 60)
+    m["latency"]["student"]["latency_unet"]["1"] = calm
+    assert busy_timings(m) == [] and dict(summary_rows(m))["Timing check"].startswith("ok")
+    assert "warning" not in summary_table(m, "runs/x", 60)

@@ -25,7 +25,7 @@ from ._fs import atomic_write_text
 from ._units import si
 from .samples import image_grid
 
-__all__ = ["width_changes", "timestep_losses", "metrics_rows", "write_report"]
+__all__ = ["busy_timings", "width_changes", "timestep_losses", "metrics_rows", "write_report"]
 
 FIGURES = {
     "samples": "samples.png",
@@ -293,7 +293,7 @@ def metrics_rows(m: dict) -> list[tuple[str, str, str]]:
     ext = (m.get("fid_setup") or {}).get("extractor", {}).get("extractor", "")
     rows = [
         ("Parameters", _fmt(m.get("base_params"), "count"), _fmt(m.get("params"), "count")),
-        ("MACs per UNet call (batch 1)", _fmt(m.get("base_macs"), "macs"), _fmt(m.get("macs"), "macs")),
+        ("MACs per denoiser call (batch 1)", _fmt(m.get("base_macs"), "macs"), _fmt(m.get("macs"), "macs")),
         ("MACs per image (all steps)", _fmt(m.get("base_macs_per_image"), "macs"),
          _fmt(m.get("macs_per_image"), "macs")),
         (f"FID vs data ({ext or 'no data'})", _fmt(m.get("fid_teacher")), _fmt(m.get("fid"))),
@@ -306,14 +306,48 @@ def metrics_rows(m: dict) -> list[tuple[str, str, str]]:
                      _fmt(m.get("class_accuracy"))))
     for b, rec in (sc.get("latency_unet") or {}).items():
         trec = (tc.get("latency_unet") or {}).get(b, {})
-        rows.append((f"UNet call latency, batch {b} (median)", _fmt(trec.get("median_s"), "s"),
-                     _fmt(rec.get("median_s"), "s")))
+        rows.append((f"Denoiser call latency, batch {b} (median)", _timed(trec), _timed(rec)))
     if "latency_sampler" in sc:
         rows.append((f"Sampler latency per image ({sc['latency_sampler']['steps']} steps, batch "
                      f"{sc['latency_sampler']['batch_size']})",
-                     _fmt(tc.get("latency_sampler", {}).get("per_image_s"), "s"),
-                     _fmt(sc["latency_sampler"]["per_image_s"], "s")))
+                     _timed(tc.get("latency_sampler", {}), "per_image_s"),
+                     _timed(sc["latency_sampler"], "per_image_s")))
     return rows
+
+
+BUSY_SPREAD = 1.5  # slowest / fastest repeat of one timing above this: the machine was busy
+
+
+def _spread(rec: dict) -> float | None:
+    lo, hi = rec.get("min_s"), rec.get("max_s")
+    return hi / lo if lo and hi else None
+
+
+def _timed(rec: dict, key: str = "median_s") -> str:
+    """A timing, flagged when its repeats spread more than :data:`BUSY_SPREAD`."""
+    text = _fmt(rec.get(key), "s")
+    spread = _spread(rec)
+    return f"{text} ⚠ repeats spread {spread:.1f}×" if spread is not None and spread > BUSY_SPREAD else text
+
+
+def busy_timings(m: dict) -> list[str]:
+    """The timings of ``metrics.json`` whose repeats spread more than :data:`BUSY_SPREAD` (slowest / fastest)."""
+    out = []
+    for role, rec in (m.get("latency") or {}).items():
+        timed = {f"{role} denoiser call, batch {b}": r for b, r in (rec.get("latency_unet") or {}).items()}
+        if rec.get("latency_sampler"):
+            timed[f"{role} sampler"] = rec["latency_sampler"]
+        out += [f"{name} ({_spread(r):.1f}×)" for name, r in timed.items()
+                if _spread(r) is not None and _spread(r) > BUSY_SPREAD]
+    return out
+
+
+def _timing_check(m: dict) -> str:
+    busy = busy_timings(m)
+    if not busy:
+        return "ok (every timing's repeats within 1.5× of each other)" if m.get("latency") else "—"
+    return (f"⚠ the machine was busy, re-measure on an idle one (`diffprune eval` again, or `diffprune run ... "
+            f"--force eval`): the repeats of {', '.join(busy)} spread more than {BUSY_SPREAD}× (slowest / fastest)")
 
 
 def summary_rows(m: dict) -> list[tuple[str, str]]:
@@ -322,6 +356,7 @@ def summary_rows(m: dict) -> list[tuple[str, str]]:
         ("MAC reduction (teacher / student)", _fmt(m.get("mac_ratio"), "x")),
         ("Measured speedup (sampler, per image)", _fmt(m.get("speedup"), "x")),
         ("Speedup ÷ MAC ratio", _fmt(m.get("speedup_over_mac_ratio"))),
+        ("Timing check", _timing_check(m)),
         ("SSIM teacher↔student (same seeds)", _fmt(m.get("ssim"))),
         ("MS-SSIM", _fmt(m.get("ms_ssim")) if m.get("ms_ssim") is not None else
          "— (" + str(c.get("ms_ssim_note", "not computed")) + ")"),

@@ -59,5 +59,11 @@ def summary_table(m: dict, out, seconds: float) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    from ..report import BUSY_SPREAD, busy_timings
+
+    busy = busy_timings(m)
+    if busy:
+        lines.append(f"warning: timings spread more than {BUSY_SPREAD}x between repeats ({', '.join(busy)}): the "
+                     "machine was busy; re-measure on an idle one (--force eval)")
     lines.append(f"report: {out}/eval/report.html   ({seconds / 60:.1f} min)")
     return "\n".join(lines)
