@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["prune", "info", "train", "finetune", "sample", "eval", "run", "demo", "config", "cache"]
+SUBCOMMANDS = ["prune", "info", "train", "finetune", "sample", "eval", "run", "demo", "config", "cache", "push"]
 
 
 class _Formatter(argparse.HelpFormatter):
