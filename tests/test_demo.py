@@ -68,3 +68,18 @@ def test_rerun_skips_finished_stages(run_dir, capsys):
     assert out.count("complete with the same settings; skipped") == 3
     assert (run_dir / "eval" / "metrics.json").stat().st_mtime_ns == before
     assert "MACs / denoiser call" in out and "report:" in out
+
+
+def test_every_output_folder_carries_its_model_card(run_dir):
+    """prune, fine-tune and eval outputs each get a README.md card (hub format) with the figures of their record."""
+    from huggingface_hub import ModelCard
+
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    for folder, stage in (("prune/model", "pruned"), ("finetune/model", "fine-tuned"), ("eval", "evaluated")):
+        card = ModelCard.load(str(run_dir / folder / "README.md"))
+        assert card.data.to_dict()["library_name"] == "diffusers" and f"({stage} with diffprune)" in card.text
+        assert "needs diffprune to load" in card.text
+    text = ModelCard.load(str(run_dir / "eval" / "README.md")).text
+    assert f"| FID | {metrics['fid_teacher']:.4g} | {metrics['fid']:.4g} |" in text and "![samples](samples.png)" in text
+    pruning = load_model(run_dir / "finetune" / "model").pruning
+    assert f"({pruning['params'] / pruning['base_params']:.1%})" in text

@@ -26,7 +26,7 @@ def pruned(tmp_path_factory):
 
 def test_round_trip_is_bitwise_equal(pruned):
     unet, report, out = pruned
-    assert sorted(p.name for p in out.iterdir()) == [".diffprune",
+    assert sorted(p.name for p in out.iterdir()) == [".diffprune", "README.md",  # the model card
         "config.json", "diffusion_pytorch_model.safetensors", "pruning.json", "scheduler"]
     loaded = load_pruned(out)
     assert not loaded.training  # loaded for inference, as diffusers' from_pretrained

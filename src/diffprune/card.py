@@ -103,6 +103,16 @@ def model_card(record: dict, *, stage: str, base: str | None = None, metrics: di
     return "\n".join(lines)
 
 
+def write_eval_card(folder, metrics: dict, pruning: dict, *, grid: str | None, labelled: bool) -> str:
+    """The card of an evaluation folder: the evaluated model's record with its metrics; returns the file name."""
+    prompts = (metrics.get("config") or {}).get("prompts")
+    kind = "text" if prompts else "class" if labelled else None
+    student = (metrics.get("names") or {}).get("student")
+    name = student if student and Path(student).exists() else "path/to/the/evaluated/model"
+    return write_card(folder, pruning, stage="evaluated", metrics=metrics, grid=grid, conditioning=kind, name=name,
+                      license=input_license(student) if student and Path(student).exists() else None).name
+
+
 PUSH_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png", "*.txt", "*/*.json", "*/*.safetensors", "*/*.txt",
                  "*/*.model", "*/tokenizer.json"]  # safetensors + JSON (+ the card, grids, tokenizer files): no pickle
 
@@ -142,4 +152,5 @@ def write_card(folder: str | os.PathLike, record: dict, **kwargs) -> Path:
     return path
 
 
-__all__ = ["CARD_NAME", "PUSH_PATTERNS", "input_license", "model_card", "push", "write_card"]
+__all__ = ["CARD_NAME", "PUSH_PATTERNS", "input_license", "model_card", "push", "write_card",
+           "write_eval_card"]

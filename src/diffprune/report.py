@@ -23,6 +23,7 @@ import torch
 
 from ._fs import atomic_write_text
 from ._units import si
+from .card import write_eval_card
 from .samples import image_grid
 
 __all__ = ["busy_timings", "width_changes", "timestep_losses", "metrics_rows", "write_report"]
@@ -422,6 +423,9 @@ def write_report(out_dir, metrics: dict, *, student_images: torch.Tensor, teache
     atomic_write_text(out / "report.md", _markdown(doc))
     atomic_write_text(out / "report.html", _html(doc, out))
     written["html"], written["md"] = "report.html", "report.md"
+    if pruning is not None:  # the evaluated model's card, beside its report
+        written["card"] = write_eval_card(out, metrics, pruning, grid=written.get("samples"),
+                                          labelled=labels is not None)
     return written
 
 

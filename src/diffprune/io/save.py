@@ -74,9 +74,11 @@ def _copy_pipeline(pipeline: PipelineSource, folder: Path) -> Path:
 
 
 def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | None = None, scheduler=None,
-                pipeline: PipelineSource | None = None) -> None:
+                pipeline: PipelineSource | None = None, card: dict | None = None) -> None:
     """Write ``model`` into the new folder ``folder``: pruned (with ``pruning``) or plain; bare or, with
-    ``pipeline``, as a pipeline folder whose other components are copied from the source pipeline."""
+    ``pipeline``, as a pipeline folder whose other components are copied from the source pipeline. ``card``: the
+    settings of its model card (:func:`diffprune.card.write_card`: ``stage``, ``name``), written with a pruned
+    model; None writes none."""
     folder = Path(folder)
     target = folder
     if pipeline is not None:
@@ -91,7 +93,20 @@ def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | 
     model.save_config(target)
     write_safetensors(target / WEIGHTS_NAME, _state_dict_for_saving(model), metadata={"format": "pt"})
     atomic_write_json(target / PRUNING_NAME, pruning)
+    if card is not None:
+        _write_card(folder, model, pruning, pipeline, card)
 
+
+def _write_card(folder: Path, model: nn.Module, pruning: dict, pipeline: PipelineSource | None, card: dict) -> None:
+    """The folder's model card: its conditioning from the family's adapter, the license from the input's card."""
+    from ..adapters import adapter_named
+    from ..card import input_license, write_card
+
+    adapter = adapter_named(pruning.get("family"))
+    spec = adapter.conditioning(model) if adapter is not None else None
+    source = pipeline.folder if pipeline is not None else pruning.get("model_source")
+    license = input_license(source) if source and Path(source).is_dir() else None
+    write_card(folder, pruning, **{"conditioning": spec.kind if spec else None, "license": license, **card})
 
 def save_pruned(model: nn.Module, out_dir: str | os.PathLike, pruning: dict, scheduler=None,
                 overwrite: bool = False, inputs=(), pipeline: PipelineSource | None = None) -> Path:
@@ -103,7 +118,8 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, pruning: dict, sch
     """
     _check_record(model, pruning)
     with atomic_dir(out_dir, overwrite=overwrite, kind="pruned-model", inputs=inputs) as tmp:
-        write_model(tmp, model, pruning=pruning, scheduler=scheduler, pipeline=pipeline)
+        write_model(tmp, model, pruning=pruning, scheduler=scheduler, pipeline=pipeline,
+                    card={"stage": "pruned", "name": str(out_dir)})
     return Path(out_dir)
 
 

@@ -26,7 +26,8 @@ def save_final(raw, ema, scheduler, folder: Path, pruning: dict | None, pipeline
     with staged_dir(folder / "raw") as tmp:
         write_model(tmp, raw, pruning=pruning, scheduler=scheduler)
     with staged_dir(folder, merge=True) as tmp:  # beside the run's checkpoints, logs and record, which stay
-        write_model(tmp, ema_copy(raw, ema), pruning=pruning, scheduler=scheduler, pipeline=pipeline)
+        write_model(tmp, ema_copy(raw, ema), pruning=pruning, scheduler=scheduler, pipeline=pipeline,
+                    card={"stage": "fine-tuned", "name": str(folder)})
 
 
 def save_sample_grid(raw, ema, scheduler, path: Path, steps: int, *, adapter, codec=None, data=None) -> None:
