@@ -98,3 +98,49 @@ def test_distillation_with_caption_dropout_and_ema_resumes_bitwise(name, tmp_pat
     assert record["train"]["label_dropout"] == 0.5 and record["train"]["kd_weight"] == 0.7
     with Image.open(tmp_path / "a" / "samples" / "step-0000006.png") as grid:  # 6x6 decoded 16x16 samples
         assert grid.size == (6 * 18 + 2, 6 * 18 + 2)
+
+
+class DictPrompts:
+    """Stands in for a family's text encoders (they land separately): each prompt's conditioning dict, given as is,
+    with :meth:`~diffprune.components.TextEncoder.sampling_inputs`'s contract."""
+
+    def __init__(self, cond: dict, null: dict, prompts: tuple):
+        self.rows = {p: {k: v[i:i + 1] for k, v in cond.items()} for i, p in enumerate(prompts)}
+        self.null = null
+
+    def sampling_inputs(self, prompts, guidance_scale):
+        rows = [self.rows[p] for p in prompts]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}, (self.null if guidance_scale != 1 else None)
+
+
+def image_folder(folder, n=8):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return str(folder)
+
+
+@pytest.mark.parametrize("name, calls", [("sdxl", 4), ("flux", 2)])  # 2 steps; SDXL's guidance: 2 calls per step
+def test_evaluate_teacher_and_student_on_the_same_noise_and_prompts(name, calls, tmp_path):
+    from diffprune.evaluate import EvalConfig, evaluate
+
+    build, sched, cond, null = family(name)
+    teacher, student = pruned_pair(build)
+    prompts = ("a", "b", "c")
+    text = DictPrompts(cond, null, prompts)
+    config = EvalConfig(n=4, steps=2, batch_size=4, data=image_folder(tmp_path / "ref"), extractor="mnist-classifier",
+                        latency_batches=(), guidance_scale=2.0, prompts=prompts, cache_dir=str(tmp_path / "cache"),
+                        grid_count=4)
+    codec = LatentCodec(tiny_vae())
+    run = dict(config=config, scheduler=sched, codec=codec, text_encoder=text, device="cpu")
+    same = evaluate(copy.deepcopy(teacher), teacher, out_dir=tmp_path / "same", **run)
+    assert same["ssim"] == pytest.approx(1.0) and same["mse"] == 0  # same noise, same prompts: the same images
+    assert same["teacher_samples_cache"]["hit"] is False
+    m = evaluate(student, teacher, out_dir=tmp_path / "pruned", **run)
+    assert m["seeds"]["paired"] == 4 and -1 <= m["ssim"] < 1 and m["teacher_samples_cache"]["hit"] is True
+    assert np.isfinite(m["fid"]) and np.isfinite(m["fid_teacher"]) and m["mac_ratio"] > 1
+    assert m["latency"]["student"]["unet_calls_per_image"] == m["latency"]["teacher"]["unet_calls_per_image"] == calls
+    other = DictPrompts({k: v.flip(0) for k, v in cond.items()}, null, prompts)  # other embeddings, same prompts
+    again = evaluate(student, teacher, out_dir=tmp_path / "other", **{**run, "text_encoder": other})
+    assert again["teacher_samples_cache"]["hit"] is False  # the cache key covers every tensor of the dict
