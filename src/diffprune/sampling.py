@@ -104,8 +104,8 @@ class QuadDDIMScheduler(DDIMScheduler):
 class FlowEuler:
     """Deterministic Euler steps of a flow-matching model, ``x ← x + (σ_next − σ) v``, over the sigmas that
     ``FlowMatchEulerDiscreteScheduler.set_timesteps`` makes from the model's scheduler config: what its ``step``
-    computes (in float32), but stateless, so every batch walks the same schedule. ``timesteps`` are what the stock pipelines
-    call the model with (``σ · T``).
+    computes (in float32), but stateless, so every batch walks the same schedule. ``timesteps`` are what the stock
+    pipelines call the model with (``σ · T``).
 
     ``sigmas``: the pipeline's own spacing when it passes one (FluxPipeline: ``linspace(1, 1/n, n)``; None: the
     scheduler's). ``image_tokens``: the image sequence length, from which a resolution-dependent scheduler
