@@ -10,26 +10,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from . import _cond
 from ._torch import eval_mode
 from .adapters import resolve_adapter
 from .errors import DiffPruneError, require
-from .objective import is_flow_matching
+from .objective import default_scheduler, is_flow_matching  # noqa: F401 (re-exported: callers import it from here)
 
 SAMPLERS = ("ddim", "ddpm")
 
 SKIPS = ("uniform", "quad")
-
-
-def default_scheduler(prediction_type: str = "epsilon", clip_sample: bool = True) -> DDPMScheduler:
-    """The DDPM training schedule diffprune uses when a model ships none: 1000 steps, linear betas. ``clip_sample``
-    clips predicted images to [-1, 1] while sampling: right for pixels, wrong for latents (a latent pipeline gets
-    ``clip_sample=False``)."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                         prediction_type=prediction_type, clip_sample=clip_sample)
 
 
 def skip_timesteps(num_train_timesteps: int, num_inference_steps: int, skip: str) -> np.ndarray:
