@@ -26,6 +26,27 @@ CONFIGS = {
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
         attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, norm_num_groups=32)),
+    # issue 31's text-to-image denoisers (timed on their own conditioning dicts, adapters' example_cond)
+    "sdxl-unet": ("UNet2DConditionModel", dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=[5, 10, 20],
+        transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        norm_num_groups=32)),
+    "pixart-alpha-512": ("PixArtTransformer2DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=64,
+        patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000)),
+    "sd3-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192)),
+    # FLUX.1-dev's widths (1024 px, 512 T5 tokens) with 2 of its 19 double and 4 of its 38 single blocks: the full
+    # 12B model in float32, teacher and pruned copy, does not fit one GPU beside pruning's bookkeeping
+    "flux-dev-6-blocks": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
 }
 
 

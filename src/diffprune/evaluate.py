@@ -16,7 +16,6 @@ and writes ``metrics.json``, the sample sets and the report (:mod:`diffprune.rep
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,9 @@ from typing import Any
 import torch
 
 from ._cache import cached
-from ._hashing import Hasher, source_sha256
 from .adapters import resolve_adapter, unwrap
 from .errors import require, require_int, require_seed
+from .eval_cache import samples_check, teacher_key
 from .records import finite_or_none, eval_versions, read_log
 from .samples import SampleSet, load_sample_folder, pair_by_seed, save_samples
 
@@ -220,58 +219,18 @@ def _generate(model, run: _Sampling) -> SampleSet:
     return SampleSet(seeds=c.seeds, images=to_uint8(images))
 
 
-TEACHER_SAMPLES_FORMAT = 1
-
-
-def _teacher_key(model, run: _Sampling) -> str:
-    """The key covers everything the teacher's images depend on: the weights (and the codec's), the model class,
-    the scheduler's config, the seeds, steps, skip, guidance, batch size, labels and text context, the device type,
-    diffprune's source files (cached samples never outlive a change to the code that made them) and the torch and
-    diffusers versions; so a hit is bitwise what sampling would give."""
-    import diffusers
-
-    config, codec = run.config, run.codec
-    h = Hasher()
-    for prefix, module in (("model", model), ("codec", getattr(codec, "autoencoder", None))):
-        if module is not None:
-            for name, t in module.state_dict().items():
-                h.tensor(f"{prefix}.{name}", t)
-    for name, t in (("labels", run.labels), *((f"context{i}", c) for i, c in enumerate(run.context or ()))):
-        if isinstance(t, torch.Tensor):
-            h.tensor(name, t)
-    h.text(json.dumps({"format": TEACHER_SAMPLES_FORMAT, "code": source_sha256(Path(__file__).parent),
-                       "class": type(model).__name__,
-                       "scheduler": {k: v for k, v in dict(run.scheduler.config).items() if not k.startswith("_")},
-                       "seeds": config.seeds, "steps": config.steps, "skip": config.skip,
-                       "guidance": config.guidance_scale, "batch": config.batch_size,
-                       "codec_scale": getattr(codec, "scale", None), "device": torch.device(run.device).type,
-                       "torch": torch.__version__, "diffusers": diffusers.__version__}, sort_keys=True, default=str))
-    return h.hexdigest()
-
-
-def _samples_check(config: EvalConfig):
-    """What a cached teacher-sample entry must hold for ``config``: uint8 images ``[n, C, H, W]`` and its seeds."""
-    def check(t: dict) -> str | None:
-        images, seeds = t.get("images"), t.get("seeds")
-        if images is None or images.dtype != torch.uint8 or images.ndim != 4 or len(images) != config.n:
-            return f"it holds no uint8 images [{config.n}, C, H, W]"
-        return None if seeds is not None and seeds.tolist() == config.seeds else "its seeds are not the ones asked for"
-
-    return check
-
-
 def _teacher_samples(model, run: _Sampling) -> tuple[SampleSet, dict]:
     """The teacher's samples, read from or written to the cache (``config.cache_dir``, as the FID statistics):
     evaluating many students against one teacher samples it once. Returns ``(samples, info)``: the key, the file,
     whether it was a hit and why a damaged entry was replaced (``metrics.json``'s ``teacher_samples_cache``)."""
-    key = _teacher_key(model, run)
+    key = teacher_key(model, run)
 
     def compute() -> dict:
         s = _generate(model, run)
         return {"seeds": torch.tensor(s.seeds), "images": s.images}
 
     t, info = cached("teacher-samples", key, compute, root=run.config.cache_dir,
-                     name=f"{type(model).__name__}-{run.config.n}-{key[:24]}", check=_samples_check(run.config))
+                     name=f"{type(model).__name__}-{run.config.n}-{key[:24]}", check=samples_check(run.config))
     return SampleSet(seeds=t["seeds"].tolist(), images=t["images"]), info
 
 
@@ -377,7 +336,8 @@ def _cost(model, run: _Sampling) -> dict:
     config = run.config
     rep = count_macs(model, adapter=run.adapter)
     steps = len(skip_timesteps(run.scheduler.config.num_train_timesteps, config.steps, config.skip))
-    calls = steps * (2 if config.guidance_scale != 1 else 1)  # guidance calls the denoiser twice per step
+    cfg_guided = config.guidance_scale != 1 and run.adapter.embedded_guidance(model) is None  # not Flux-dev's
+    calls = steps * (2 if cfg_guided else 1)  # classifier-free guidance calls the denoiser twice per step
     out = {"params": rep.params, "macs": rep.macs, "macs_per_image": rep.macs * calls, "unet_calls_per_image": calls}
     if config.latency_batches:
         out["latency_unet"] = denoiser_latency(model, device=run.device, batch_sizes=config.latency_batches,

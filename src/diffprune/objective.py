@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 from .errors import DiffPruneError, require
 
@@ -80,12 +81,18 @@ def check_prediction_type(scheduler, requested: str | None) -> None:
                              "scheduler_config.json")
 
 
+def default_scheduler(prediction_type: str = "epsilon", clip_sample: bool = True) -> DDPMScheduler:
+    """The DDPM training schedule diffprune uses when a model ships none: 1000 steps, linear betas. ``clip_sample``
+    clips predicted images to [-1, 1] while sampling: right for pixels, wrong for latents (a latent pipeline gets
+    ``clip_sample=False``)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type=prediction_type, clip_sample=clip_sample)
+
+
 def resolve_scheduler(scheduler, requested: str | None = None):
     """The model's scheduler, checked against a requested prediction type; for a model without one, diffprune's
     default DDPM schedule predicting ``requested`` (default ``epsilon``)."""
     if scheduler is None:
-        from .sampling import default_scheduler
-
         require(requested is None or requested in PREDICTION_TYPES,
                 f"prediction type {requested!r} is unknown; choose from {list(PREDICTION_TYPES)}")
         return default_scheduler(requested or "epsilon")

@@ -1,4 +1,5 @@
-"""Sampling: DDIM with uniform or quadratic timestep spacing, and DDPM, reproducible per sample.
+"""Sampling: DDIM with uniform or quadratic timestep spacing, and DDPM, reproducible per sample; for a flow-matching
+model (SD3, Flux: a ``FlowMatch*`` scheduler), Euler steps over its scheduler's own sigmas (:class:`FlowEuler`).
 
 Image i always comes from seed ``seeds[i]``: its starting noise and (for stochastic samplers) every step's noise
 are drawn from its own generator, so a seed gives the same image at every batch size.
@@ -9,25 +10,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from . import _cond
 from ._torch import eval_mode
 from .adapters import resolve_adapter
 from .errors import DiffPruneError, require
+from .objective import default_scheduler, is_flow_matching  # noqa: F401 (re-exported: callers import it from here)
 
 SAMPLERS = ("ddim", "ddpm")
 
 SKIPS = ("uniform", "quad")
-
-
-def default_scheduler(prediction_type: str = "epsilon", clip_sample: bool = True) -> DDPMScheduler:
-    """The DDPM training schedule diffprune uses when a model ships none: 1000 steps, linear betas. ``clip_sample``
-    clips predicted images to [-1, 1] while sampling: right for pixels, wrong for latents (a latent pipeline gets
-    ``clip_sample=False``)."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                         prediction_type=prediction_type, clip_sample=clip_sample)
 
 
 def skip_timesteps(num_train_timesteps: int, num_inference_steps: int, skip: str) -> np.ndarray:
@@ -99,6 +93,51 @@ class QuadDDIMScheduler(DDIMScheduler):
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
+class FlowEuler:
+    """Deterministic Euler steps of a flow-matching model, ``x ← x + (σ_next − σ) v``, over the sigmas that
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps`` makes from the model's scheduler config: what its ``step``
+    computes (in float32), but stateless, so every batch walks the same schedule. ``timesteps`` are what the stock
+    pipelines call the model with (``σ · T``).
+
+    ``sigmas``: the pipeline's own spacing when it passes one (FluxPipeline: ``linspace(1, 1/n, n)``; None: the
+    scheduler's). ``image_tokens``: the image sequence length, from which a resolution-dependent scheduler
+    (``use_dynamic_shifting``) gets its shift ``mu`` by diffusers' ``calculate_shift``, as the pipelines compute it.
+    """
+
+    def __init__(self, scheduler, num_inference_steps: int, *, image_tokens: int, sigmas=None):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        cfg = scheduler.config
+        require(num_inference_steps >= 1, f"num_inference_steps={num_inference_steps} must be >= 1")
+        require(not cfg.get("stochastic_sampling", False), "the scheduler config sets stochastic_sampling, which "
+                                                           "diffprune's reproducible Euler sampler does not do; set it "
+                                                           "false in scheduler_config.json")
+        sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        kwargs = {"mu": flow_shift(cfg, image_tokens)} if cfg.get("use_dynamic_shifting", False) else {}
+        if sigmas is None or cfg.get("use_flow_sigmas", False):
+            sched.set_timesteps(num_inference_steps, **kwargs)
+        else:
+            sched.set_timesteps(sigmas=list(sigmas), **kwargs)
+        self.timesteps, self.sigmas = sched.timesteps, sched.sigmas
+        self._next = {float(t): (self.sigmas[i], self.sigmas[i + 1]) for i, t in enumerate(self.timesteps)}
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, variance_noise=None):
+        sigma, sigma_next = self._next[float(timestep)]
+        out = (sample.to(torch.float32) + (sigma_next - sigma) * model_output).to(model_output.dtype)
+        from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=out)
+
+
+def flow_shift(config, image_tokens: int) -> float:
+    """``mu`` of a resolution-dependent flow-matching scheduler for ``image_tokens`` image tokens: diffusers'
+    ``calculate_shift`` with the scheduler config's bounds, as FluxPipeline and StableDiffusion3Pipeline compute it."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+
+
 def labels_for(model, seeds: Sequence[int], class_labels=None, num_classes: int | None = None, *,
                adapter=None) -> torch.Tensor | None:
     """The class label of each seed for a class-conditional model (None for an unconditional one).
@@ -160,12 +199,15 @@ def _per_seed(cond, n: int, what: str):
 
 
 def guided_prediction(adapter, model, x: torch.Tensor, t: torch.Tensor, cond, guidance_scale: float,
-                      null_cond: torch.Tensor | None) -> torch.Tensor:
+                      null_cond, embedded: float | None = None) -> torch.Tensor:
     """The model's prediction, with classifier-free guidance ``u + s (c - u)`` when ``guidance_scale != 1``
-    (``null_cond``: the unconditional conditioning, one per input or ``[1, ...]``)."""
+    (``null_cond``: the unconditional conditioning, one per input or ``[1, ...]``). ``embedded``: the guidance value
+    a guidance-distilled model (FLUX.1-dev) takes as an input instead (one call, no unconditional branch)."""
+    if embedded is not None:
+        return adapter.forward(model, x, t, cond, guidance=embedded)
     if cond is None or guidance_scale == 1.0:
         return adapter.forward(model, x, t, cond)
-    null = _cond.to(_cond.expand(null_cond, _cond.batch_size(cond)), x.device)
+    null = _cond.to(_cond.expand(null_cond, _cond.batch_size(cond)), x.device, x.dtype)
     both = adapter.forward(model, torch.cat([x, x]), torch.cat([t, t]), _cond.cat([cond, null]))
     c, u = both.chunk(2)
     return u + guidance_scale * (c - u)
@@ -173,7 +215,7 @@ def guided_prediction(adapter, model, x: torch.Tensor, t: torch.Tensor, cond, gu
 
 @torch.no_grad()
 def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_embeds=None,
-           negative_prompt_embeds=None, guidance_scale: float = 1.0, codec=None, num_inference_steps: int = 50,
+           negative_prompt_embeds=None, guidance_scale: float | None = None, codec=None, num_inference_steps: int = 50,
            sampler: str = "ddim", skip: str = "uniform", eta: float | None = None, batch_size: int = 64,
            device=None, decode: bool = True, num_classes: int | None = None, progress: bool = True,
            adapter=None) -> torch.Tensor:
@@ -181,25 +223,31 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_
 
     ``sampler="ddim"`` is deterministic (eta 0 unless given). ``sampler="ddpm"`` is DDIM with eta 1, which over all
     T steps is exactly ancestral DDPM with the posterior variance (and its strided generalisation for fewer steps).
+    A flow-matching model (its scheduler a ``FlowMatch*`` one: SD3, Flux) is sampled by :class:`FlowEuler`, Euler
+    steps over its scheduler's sigmas, as its stock pipeline does; ``sampler``, ``skip`` and ``eta`` are DDIM's and
+    are refused for it unless left at their defaults (ddim, uniform, 0).
     A class-conditional model takes ``class_labels`` (see :func:`labels_for`, with ``num_classes``); a
-    text-conditioned one ``prompt_embeds`` (its text encoder's context, one per seed or one for all; see
-    :func:`prompts_for` and :class:`~diffprune.components.TextEncoder`). ``guidance_scale``:
-    classifier-free guidance (1 = none) through the model's null label, or for a text model the
-    ``negative_prompt_embeds`` (the empty prompt's context, ``TextEncoder.null()``, for plain guidance), as
-    diffusers names them. ``codec``: a latent pipeline's autoencoder; the latents are decoded into images unless
-    ``decode=False``, and predicted latents are never clipped to [-1, 1] (a scheduler's ``clip_sample`` is meant
-    for pixels; latents range wider). ``device`` defaults to the model's device.
+    text-conditioned one ``prompt_embeds`` (its text encoder's context, one per seed or one for all, a dict for
+    the families that take several text inputs; see :func:`prompts_for` and
+    :class:`~diffprune.components.TextEncoder`). ``guidance_scale``: classifier-free guidance (default 1 = none)
+    through the model's null label, or for a text model the ``negative_prompt_embeds`` (the empty prompt's
+    context, ``TextEncoder.null()``, for plain guidance), as diffusers names them. A guidance-distilled model
+    (FLUX.1-dev, ``guidance_embeds``) takes its guidance as an input, as ``FluxPipeline``'s ``guidance_scale``:
+    here too ``guidance_scale`` sets it (default: the adapter's, 3.5), with one model call per step and no
+    unconditional branch, so ``negative_prompt_embeds`` are not used. ``codec``: a latent pipeline's autoencoder;
+    the latents are decoded into images unless ``decode=False``, and predicted latents are never clipped to [-1, 1]
+    (a scheduler's ``clip_sample`` is meant for pixels; latents range wider). ``device`` defaults to the model's.
     """
     require(sampler in SAMPLERS, f"unknown sampler {sampler!r}; choose from {list(SAMPLERS)}")
     require(batch_size >= 1, f"batch_size={batch_size} must be >= 1")
     adapter = resolve_adapter(model, adapter)
     seeds = [int(s) for s in seeds]
     conds = conditioning_for(model, seeds, class_labels, prompt_embeds, num_classes, adapter=adapter)
-    null = _null_conditioning(adapter.conditioning(model), len(seeds), guidance_scale, negative_prompt_embeds)
-    eta = (0.0 if sampler == "ddim" else 1.0) if eta is None else float(eta)
+    guidance_scale, embedded = _guidance(adapter, model, guidance_scale)
+    null = None if embedded is not None else _null_conditioning(adapter.conditioning(model), len(seeds),
+                                                                guidance_scale, negative_prompt_embeds)
     device = device if device is not None else next(model.parameters()).device
-    sched = QuadDDIMScheduler.from_config(scheduler.config, **({"clip_sample": False} if codec is not None else {}))
-    sched.set_timesteps(num_inference_steps, skip=skip)
+    sched, eta = _schedule(adapter, model, scheduler, num_inference_steps, (sampler, skip, eta), codec)
     dtype = next(model.parameters()).dtype
     out = []
     bar = tqdm(total=len(seeds) * len(sched.timesteps), desc="sampling", unit="step", disable=not progress)
@@ -207,11 +255,42 @@ def sample(model, scheduler, *, seeds: Sequence[int], class_labels=None, prompt_
         for i in range(0, len(seeds), batch_size):
             chunk = seeds[i:i + batch_size]
             y = _cond.to(_cond.take(conds, slice(i, i + batch_size)), device, dtype)
-            y_null = None if null is None else null[i:i + batch_size]
-            x = _denoise(adapter, model, sched, chunk, (y, y_null, guidance_scale), eta, device, dtype, bar)
+            y_null = _cond.take(null, slice(i, i + batch_size))
+            x = _denoise(adapter, model, sched, chunk, (y, y_null, guidance_scale, embedded), eta, device, dtype, bar)
             out.append(_finish(x, chunk, codec, decode))
     bar.close()
     return torch.cat(out)
+
+
+def _guidance(adapter, model, guidance_scale) -> tuple[float, float | None]:
+    """``(classifier-free scale, embedded guidance)``: a guidance-distilled model's ``guidance_scale`` is its embedded
+    guidance (None: the adapter's default) and its classifier-free scale 1; any other model's default scale is 1."""
+    default = adapter.embedded_guidance(model)
+    if default is None:
+        return (1.0 if guidance_scale is None else guidance_scale), None
+    value = default if guidance_scale is None else guidance_scale
+    require(isinstance(value, (int, float)) and value >= 0, f"guidance_scale={value!r} must be a number >= 0 (this "
+                                                            f"guidance-distilled model takes it as an input; default "
+                                                            f"{default})")
+    return 1.0, float(value)
+
+
+def _schedule(adapter, model, scheduler, steps: int, how: tuple, codec) -> tuple:
+    """``(schedule, eta)``: :class:`FlowEuler` for a flow-matching scheduler, else :class:`QuadDDIMScheduler` from
+    the scheduler's config (``how``: the sampler, skip and eta asked for)."""
+    sampler, skip, eta = how
+    if is_flow_matching(scheduler):
+        asked = [f"{k}={v!r}" for k, v, ok in (("sampler", sampler, "ddim"), ("skip", skip, "uniform"))
+                 if v != ok] + ([f"eta={eta!r}"] if eta not in (None, 0) else [])
+        require(not asked, f"{', '.join(asked)} cannot be used with a flow-matching model (its scheduler is "
+                           f"{type(scheduler).__name__}): it is sampled by Euler steps over its scheduler's sigmas; "
+                           "only num_inference_steps and guidance_scale apply (CLI: drop --sampler/--skip)")
+        return FlowEuler(scheduler, steps, image_tokens=adapter.image_tokens(model),
+                         sigmas=adapter.sampling_sigmas(model, steps)), 0.0
+    eta = (0.0 if sampler == "ddim" else 1.0) if eta is None else float(eta)
+    sched = QuadDDIMScheduler.from_config(scheduler.config, **({"clip_sample": False} if codec is not None else {}))
+    sched.set_timesteps(steps, skip=skip)
+    return sched, eta
 
 
 def _null_conditioning(spec, n: int, guidance_scale: float, negative_prompt_embeds) -> torch.Tensor | None:
@@ -238,14 +317,14 @@ def _null_conditioning(spec, n: int, guidance_scale: float, negative_prompt_embe
 def _denoise(adapter, model, sched, chunk: list[int], guidance: tuple, eta: float, device, dtype,
              bar) -> torch.Tensor:
     """One batch, from its seeds' starting noise through every timestep. ``guidance``: ``(cond, null_cond,
-    scale)`` of these seeds. Each seed draws its starting and (eta > 0) step noise from its own generator, so an
-    image does not depend on the batch it is in."""
-    cond, null_cond, scale = guidance
+    scale, embedded)`` of these seeds. Each seed draws its starting and (eta > 0) step noise from its own generator,
+    so an image does not depend on the batch it is in."""
+    cond, null_cond, scale, embedded = guidance
     shape = adapter.input_shape(model)
     gens = [torch.Generator().manual_seed(s) for s in chunk]
     x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
     for t in sched.timesteps:
-        pred = guided_prediction(adapter, model, x, t.to(device).expand(len(chunk)), cond, scale, null_cond)
+        pred = guided_prediction(adapter, model, x, t.to(device).expand(len(chunk)), cond, scale, null_cond, embedded)
         noise = None
         if eta > 0:
             noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)

@@ -175,6 +175,23 @@ class ModelAdapter:
         return {self.sample_arg: x, "timestep": t,
                 **self.model_kwargs(model, self.example_cond(model, batch_size, device))}
 
+    # --- how the stock pipeline samples (read by diffprune.sampling) -------------------------------------------------
+    def embedded_guidance(self, model: nn.Module) -> float | None:
+        """The default guidance of a guidance-distilled model, which takes it as an input (:meth:`forward`'s
+        ``guidance``) instead of classifier-free guidance; None for every other model."""
+        return None
+
+    def image_tokens(self, model: nn.Module) -> int:
+        """How many image tokens the denoiser sees (``x_t``'s positions per patch): the sequence length from which a
+        flow-matching pipeline's resolution-dependent shift is computed."""
+        _, h, w = self.input_shape(model)
+        p = int(model.config.get("patch_size", None) or 1)
+        return (h // p) * (w // p)
+
+    def sampling_sigmas(self, model: nn.Module, num_inference_steps: int):
+        """The flow-matching sigmas the family's stock pipeline passes its scheduler (None: the scheduler's own)."""
+        return None
+
     def layer_order(self, name: str) -> tuple:
         """A sort key putting layer ``name`` in input-to-output order, for per-layer plots: its top-level module's
         place in :attr:`flow`, then its block number (``down_blocks.2...`` -> 2); a stable sort keeps the recorded

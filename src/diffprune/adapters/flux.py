@@ -22,8 +22,10 @@ Which widths a Flux transformer loses, and why:
   (``_pack_latents``, ``_prepare_latent_image_ids``, ``_unpack_latents``). The model is called with ``timestep /
   1000`` (the objective's ``σ·T``, divided as ``FluxPipeline`` divides its scheduler's timesteps) and, for a
   guidance-distilled model (``guidance_embeds``, FLUX.1-dev), ``guidance`` = :attr:`FluxAdapter.guidance_scale`
-  (3.5, ``FluxPipeline``'s default) for every call; a model without it gets None. Flux's config has no sample
-  size: MACs and tracing use ``FluxPipeline``'s default 1024x1024 image (128x128 latents) unless the config holds a
+  (3.5, ``FluxPipeline``'s default) for every training and calibration call (sampling sets it with
+  :func:`diffprune.sampling.sample`'s ``guidance_scale``, as ``FluxPipeline``'s); a model without it gets None.
+  Flux's config has no sample size: MACs and tracing use ``FluxPipeline``'s default 1024x1024 image (128x128
+  latents) unless the config holds a
   ``sample_size`` (the latent side, e.g. ``model.register_to_config(sample_size=64)`` for 512x512; it is saved with
   the config and read back).
 * Conditioning: ``{"context": [N, 512, joint_attention_dim], "pooled": [N, pooled_projection_dim]}``, the T5
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -77,26 +80,40 @@ class FluxAdapter(ModelAdapter):
         return Conditioning("text", context_dim=int(cfg.joint_attention_dim), context_length=CONTEXT_LENGTH,
                             pooled_dim=int(cfg.pooled_projection_dim))
 
-    def packed_inputs(self, model, x: torch.Tensor, t: torch.Tensor, cond) -> dict:
+    def embedded_guidance(self, model):
+        return self.guidance_scale if model.config.guidance_embeds else None
+
+    def image_tokens(self, model):
+        _, h, w = self.input_shape(model)
+        return (h // 2) * (w // 2)  # packed 2x2: FluxPipeline's image_seq_len
+
+    def sampling_sigmas(self, model, num_inference_steps):
+        return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)  # FluxPipeline's default sigmas
+
+    def packed_inputs(self, model, x: torch.Tensor, t: torch.Tensor, cond, guidance: float | None = None) -> dict:
         """The keyword inputs of one model call for unpacked latents ``x`` ``[N, C, H, W]``, as FluxPipeline makes
-        them: packed latents, ``timestep / 1000``, the position ids, the guidance scale when the model takes one."""
+        them: packed latents, ``timestep / 1000``, the position ids, the guidance scale when the model takes one
+        (``guidance``, default :attr:`guidance_scale`)."""
         context, pooled = _joint.text_inputs(self.conditioning(model), cond)
         n, c, h, w = x.shape
         packed = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
         img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
         img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
         img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
-        guidance = (torch.full([n], self.guidance_scale, device=x.device, dtype=torch.float32)
-                    if model.config.guidance_embeds else None)
+        scale = self.guidance_scale if guidance is None else float(guidance)
+        guidance = (torch.full([n], scale, device=x.device, dtype=torch.float32) if model.config.guidance_embeds
+                    else None)
         return {"hidden_states": packed, "timestep": torch.as_tensor(t, device=x.device).to(x.dtype).expand(n) / 1000,
                 "encoder_hidden_states": context, "pooled_projections": pooled, "guidance": guidance,
                 "img_ids": img_ids.reshape(-1, 3), "txt_ids": torch.zeros(context.shape[1], 3, device=x.device,
                                                                           dtype=x.dtype)}
 
-    def forward(self, model, x, t, cond=None):
+    def forward(self, model, x, t, cond=None, guidance: float | None = None):
+        """As :meth:`ModelAdapter.forward`; ``guidance``: a guidance-distilled model's guidance (default
+        :attr:`guidance_scale`, what training and calibration use)."""
         if cond is None:
             raise DiffPruneError("this model is conditional: pass text embeddings (a prompt)")
-        out = model(**self.packed_inputs(unwrap(model), x, t, cond)).sample
+        out = model(**self.packed_inputs(unwrap(model), x, t, cond, guidance)).sample
         n, c, h, w = x.shape
         out = out.view(n, h // 2, w // 2, out.shape[-1] // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(n, out.shape[1], h, w)[:, :c]
