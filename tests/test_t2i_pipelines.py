@@ -225,7 +225,7 @@ def test_info_names_the_family_and_the_conditioning_keys(family, capsys):
 
 def test_a_too_long_prompt_is_truncated_and_said(family, capsys):
     text = family["loaded"].text_encoder
-    long = " ".join(["red"] * 200)  # past CLIP's 16 tokens and T5's 120 (PixArt-α); past none of 300/256/512 for T5
+    long = " ".join(["red"] * 200)  # 3 T5 tokens a word: past CLIP's 16 and every T5 limit (120, 256, 300, 512)
     before = text.truncated
     capsys.readouterr()
     out = text.encode([long, "a red square"])
@@ -260,3 +260,28 @@ def test_unsupported_variants_are_refused_naming_the_supported(variant, tmp_path
     assert "\n" not in msg and f"is a {variant!r}, which diffprune cannot prune; supported pipelines:" in msg
     for supported in FAMILIES:
         assert repr(supported) in msg
+
+
+def test_sharded_text_encoder_and_transformer_load(tmp_path):
+    """Large T5 encoders and transformers come in shards (model-0000x-of-0000n.safetensors + an index): they load,
+    encode and predict as the unsharded pipeline, and a pruned copy keeps the shards byte for byte."""
+    pipe = sd3(tmp_path)
+    pipe.save_pretrained(tmp_path / "whole", safe_serialization=True)
+    pipe.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="40KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded" / "text_encoder_3").glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "sharded" / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    whole, sharded = load_model(tmp_path / "whole"), load_model(tmp_path / "sharded")
+    a, b = whole.text_encoder.encode(PROMPTS), sharded.text_encoder.encode(PROMPTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x, t, cond = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 40, 700]), a
+    with torch.no_grad():
+        assert torch.equal(whole.adapter.forward(whole.denoiser, x, t, cond),
+                           sharded.adapter.forward(sharded.denoiser, x, t, cond))
+    from diffprune.prune import prune_
+
+    report = prune_(sharded.denoiser, PruneConfig(method="magnitude", ratio=0.3), progress=False)
+    save_pruned(sharded.denoiser, tmp_path / "pruned", report.to_dict(), pipeline=sharded.pipeline)
+    for name in shards:
+        assert (tmp_path / "pruned" / "text_encoder_3" / name).read_bytes() == \
+            (tmp_path / "sharded" / "text_encoder_3" / name).read_bytes()
+    assert load_model(tmp_path / "pruned").text_encoder.encode(PROMPTS)["context"].equal(a["context"])

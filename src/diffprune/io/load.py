@@ -146,7 +146,7 @@ def _load_denoiser(folder: Path, device, dtype) -> tuple[nn.Module, dict | None,
     if (folder / PRUNING_NAME).is_file():
         model, adapter = _load_pruned(folder, device, dtype)
         return model, read_json(folder / PRUNING_NAME), adapter
-    check_weights(folder)
+    check_weights(folder, sharded=True)
     cls, adapter = _model_class(_read_config(folder / CONFIG_NAME).get("_class_name"), str(folder / CONFIG_NAME))
     model = _from_pretrained(cls, folder).eval()
     if device is not None or dtype is not None:
@@ -185,7 +185,7 @@ def load_codec(folder) -> LatentCodec:
     name = _read_config(folder / CONFIG_NAME).get("_class_name")
     require(name in AUTOENCODER_CLASSES, f"{str(folder)!r} holds a {name!r}; supported autoencoders: "
                                          f"{list(AUTOENCODER_CLASSES)}")
-    check_weights(folder)
+    check_weights(folder, sharded=True)
     return LatentCodec(_from_pretrained(getattr(diffusers, name), folder))
 
 
@@ -209,8 +209,7 @@ def load_text_encoder(folder, family: PipelineFamily, index: dict) -> TextEncode
                                          "the whole pipeline (save_pretrained writes every component)")
         cls = getattr(transformers, name)
         if allowed is TEXT_ENCODER_CLASSES:
-            if not (folder / key / "model.safetensors.index.json").is_file():  # else sharded (T5-XXL)
-                check_weights(folder / key, "model.safetensors")
+            check_weights(folder / key, "model.safetensors", sharded=True)  # T5-XXL comes sharded
             modules[key] = cls.from_pretrained(folder / key, use_safetensors=True)
         else:
             modules[key] = cls.from_pretrained(folder / key)
