@@ -221,7 +221,10 @@ def test_unsupported_pipeline_and_mismatched_sizes_are_clear_errors(tmp_path):
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
     with pytest.raises(DiffPruneError, match=r"'KandinskyPipeline', which diffprune cannot prune; supported "
-                                             r"pipelines: \[.DDIMPipeline., .DDPMPipeline., .DiTPipeline., .LDMPipeline., .StableDiffusionPipeline.\]"):
+                                             r"pipelines: \[.DDIMPipeline., .DDPMPipeline., .DiTPipeline., .FluxPipeline., "
+                                             r".LDMPipeline., .PixArtAlphaPipeline., .PixArtSigmaPipeline., "
+                                             r".StableDiffusion3Pipeline., .StableDiffusionPipeline., "
+                                             r".StableDiffusionXLPipeline.\]"):
         load_model(tmp_path / "sd")
     from diffprune.prune import PruneConfig, prune_
 

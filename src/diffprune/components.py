@@ -4,7 +4,9 @@ text encoder (tokenizer + encoder). Neither is ever pruned; both are part of eve
 :class:`LatentCodec` wraps the autoencoder: images in ``[-1, 1]`` -> latents ``encode(x) * scaling_factor`` and
 back, as the stock pipelines do (``LDMPipeline`` with a ``VQModel``, ``DiTPipeline`` with an ``AutoencoderKL``,
 whose deterministic latent, the posterior mean, is used). :class:`TextEncoder` encodes prompts exactly as
-``StableDiffusionPipeline.encode_prompt`` does. Loading them from a pipeline folder is :mod:`diffprune.io`'s job.
+``StableDiffusionPipeline.encode_prompt`` does (the pipelines with several text encoders, SDXL, PixArt, SD3 and Flux,
+encode through their stock ``encode_prompt``: :mod:`diffprune.text_encoders`). Loading them from a pipeline folder is
+:mod:`diffprune.io`'s job.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from ._hashing import Hasher, json_sha256
 from .errors import DiffPruneError, require
 
 AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
-TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
-TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 TEXT_FORMAT = 2  # bump when the way prompt embeddings are computed or cached changes
 
 
@@ -173,8 +175,8 @@ class TextEncoder:
         index = {p: i for i, p in enumerate(unique)}
         return tensors["context"][torch.tensor([index[p] for p in prompts], dtype=torch.long)], key
 
-    def to(self, device) -> "TextEncoder":
-        self.text_encoder.to(device)
+    def to(self, device, dtype=None) -> "TextEncoder":
+        self.text_encoder.to(device=device, dtype=dtype)
         return self
 
 

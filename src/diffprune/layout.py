@@ -31,7 +31,9 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
 # a run's stage hashes fingerprint
 MODEL_FILE_PATTERNS = [CONFIG_NAME, PRUNING_NAME, WEIGHTS_NAME, INDEX_NAME, SCHEDULER_CONFIG,
                        f"*/{CONFIG_NAME}", f"*/{PRUNING_NAME}", f"*/{WEIGHTS_NAME}", f"*/{SCHEDULER_CONFIG}",
-                       "*/model.safetensors", "tokenizer/*", "feature_extractor/*"]  # text encoders (transformers)
+                       "*/model.safetensors", "tokenizer/*", "feature_extractor/*",  # text encoders (transformers)
+                       "tokenizer_2/*", "tokenizer_3/*", "*/*.safetensors.index.json",  # and several of them, sharded
+                       "*/model-*-of-*.safetensors", "*/diffusion_pytorch_model-*-of-*.safetensors"]
 
 
 def model_files(folder: str | os.PathLike) -> list[Path]:
@@ -58,11 +60,15 @@ def refuse_pickles(folder: Path) -> None:
         raise pickle_refusal(f"{str(folder)!r} holds only {pickles}, which")
 
 
-def check_weights(folder: Path, name: str = WEIGHTS_NAME) -> Path:
-    """The safetensors weights file of a model folder; a pickle-only folder is refused with the reason."""
+def check_weights(folder: Path, name: str = WEIGHTS_NAME, sharded: bool = False) -> Path:
+    """The safetensors weights file of a model folder (with ``sharded``, its shards' index ``<name>.index.json``
+    where the weights are split, as large text encoders and transformers are); a pickle-only folder is refused with
+    the reason."""
     weights = folder / name
     if weights.is_file():
         return weights
+    if sharded and (folder / f"{name}.index.json").is_file():
+        return folder / f"{name}.index.json"
     refuse_pickles(folder)
     raise DiffPruneError(f"{str(folder)!r} has no {name}; save the model with safe_serialization=True")
 

@@ -33,7 +33,8 @@ def summarize(name_or_path: str) -> dict:
         "latent": loaded.codec is not None,
         "conditioning": None if spec is None else {"kind": spec.kind, "num_classes": spec.num_classes,
                                                    "null_label": spec.null_label, "class_names": loaded.class_names,
-                                                   "context_dim": spec.context_dim},
+                                                   "context_dim": spec.context_dim,
+                                                   "keys": list(spec.keys) if spec.keys else None},
         "pruned": loaded.pruning is not None,
         "method": rec.get("method"),
         "params": macs.params,
@@ -70,8 +71,10 @@ def run(args) -> int:
     space = "latents" if info["latent"] else "pixels"
     print(f"{info['source']}: {info['model_class']} (family {info['family']}){where}, input {c}x{h}x{w} {space}")
     if info["conditioning"] and info["conditioning"]["kind"] == "text":
-        print(f"conditioning: text, {info['conditioning']['context_dim']}-wide text-encoder context through "
-              "cross-attention (prompts: --prompt / --prompt-file)")
+        keys = info["conditioning"]["keys"]
+        form = f"attention, a dict with keys {', '.join(keys)}" if keys else "cross-attention"
+        print(f"conditioning: text, {info['conditioning']['context_dim']}-wide text-encoder context through {form} "
+              "(prompts: --prompt / --prompt-file)")
     elif info["conditioning"]:
         cond = info["conditioning"]
         null = f", null class {cond['null_label']} (guidance)" if cond["null_label"] is not None else ""

@@ -26,6 +26,7 @@ from ..errors import DiffPruneError, require
 from ..layout import (CONFIG_NAME, INDEX_NAME, MODEL_FILE_PATTERNS, PICKLE_SUFFIXES, PRUNING_NAME, SCHEDULER_CONFIG,
                       check_weights, components, pickle_refusal, read_index, refuse_pickles)
 from ..structure import replay_structure_
+from ..text_encoders import ENCODINGS, StockTextEncoder
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def _load_denoiser(folder: Path, device, dtype) -> tuple[nn.Module, dict | None,
     if (folder / PRUNING_NAME).is_file():
         model, adapter = _load_pruned(folder, device, dtype)
         return model, read_json(folder / PRUNING_NAME), adapter
-    check_weights(folder)
+    check_weights(folder, sharded=True)
     cls, adapter = _model_class(_read_config(folder / CONFIG_NAME).get("_class_name"), str(folder / CONFIG_NAME))
     model = _from_pretrained(cls, folder).eval()
     if device is not None or dtype is not None:
@@ -184,27 +185,37 @@ def load_codec(folder) -> LatentCodec:
     name = _read_config(folder / CONFIG_NAME).get("_class_name")
     require(name in AUTOENCODER_CLASSES, f"{str(folder)!r} holds a {name!r}; supported autoencoders: "
                                          f"{list(AUTOENCODER_CLASSES)}")
-    check_weights(folder)
+    check_weights(folder, sharded=True)
     return LatentCodec(_from_pretrained(getattr(diffusers, name), folder))
 
 
-def load_text_encoder(folder, family: PipelineFamily, index: dict) -> TextEncoder:
-    """The :class:`~diffprune.components.TextEncoder` of a text-to-image pipeline folder (safetensors only; classes
-    checked against ``index``, the folder's ``model_index.json``)."""
+def load_text_encoder(folder, family: PipelineFamily, index: dict) -> TextEncoder | StockTextEncoder:
+    """The text encoder of a text-to-image pipeline folder (safetensors only; classes checked against ``index``, the
+    folder's ``model_index.json``): Stable Diffusion's :class:`~diffprune.components.TextEncoder`, or for SDXL,
+    PixArt, SD3 and Flux a :class:`~diffprune.text_encoders.StockTextEncoder` over all of the family's text
+    encoders and tokenizers (SDXL's still needs :meth:`~diffprune.text_encoders.StockTextEncoder.fit`)."""
     folder = Path(folder)
     transformers = require_transformers()
-    classes = {}
-    for key, allowed in ((family.text_encoder, TEXT_ENCODER_CLASSES), (family.tokenizer, TOKENIZER_CLASSES)):
+    modules = {}
+    slots = [(k, TEXT_ENCODER_CLASSES) for k in family.text_encoders]
+    slots += [(k, TOKENIZER_CLASSES) for k in family.tokenizers]
+    for key, allowed in slots:
         entry = index.get(key)
         name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-        require(name in allowed, f"pipeline {str(folder)!r} has {key}={entry!r}; supported: {list(allowed)}")
+        require(name in allowed, f"pipeline {str(folder)!r} has {key}={entry!r}; a {family.pipeline_class} is pruned "
+                                 f"with all of its text encoders {list(family.text_encoders)}; supported: "
+                                 f"{list(allowed)}")
         require((folder / key).is_dir(), f"pipeline {str(folder)!r} names a {key} but has no {key}/ folder; copy "
                                          "the whole pipeline (save_pretrained writes every component)")
-        classes[key] = getattr(transformers, name)
-    check_weights(folder / family.text_encoder, "model.safetensors")
-    encoder = classes[family.text_encoder].from_pretrained(folder / family.text_encoder, use_safetensors=True)
-    tokenizer = classes[family.tokenizer].from_pretrained(folder / family.tokenizer)
-    return TextEncoder(tokenizer, encoder)
+        cls = getattr(transformers, name)
+        if allowed is TEXT_ENCODER_CLASSES:
+            check_weights(folder / key, "model.safetensors", sharded=True)  # T5-XXL comes sharded
+            modules[key] = cls.from_pretrained(folder / key, use_safetensors=True)
+        else:
+            modules[key] = cls.from_pretrained(folder / key)
+    if family.pipeline_class in ENCODINGS:
+        return StockTextEncoder(family.pipeline_class, modules, index)
+    return TextEncoder(modules[family.tokenizer], modules[family.text_encoder])
 
 
 def _load_pipeline_folder(folder: Path, device, dtype) -> LoadedModel:
@@ -229,10 +240,12 @@ def _load_pipeline_folder(folder: Path, device, dtype) -> LoadedModel:
         if device is not None or dtype is not None:
             codec.autoencoder.to(device=device, dtype=dtype)
         codec.image_shape(adapter.input_shape(denoiser))  # the components fit each other
-    if family.text_encoder is not None:
+    if family.text_encoders:
         text = load_text_encoder(folder, family, index)
         if device is not None or dtype is not None:
-            text.text_encoder.to(device=device, dtype=dtype)
+            text.to(device, dtype)
+        if isinstance(text, StockTextEncoder):  # SDXL's time ids: the model's image size, as the pipeline makes them
+            text.fit(denoiser, codec.image_shape(adapter.input_shape(denoiser))[1:])
         text.check_fits(adapter.conditioning(denoiser))
     return LoadedModel(denoiser, scheduler, pruning, str(folder), codec=codec,
                        pipeline=PipelineSource(folder, family, index), text_encoder=text, adapter=adapter)
