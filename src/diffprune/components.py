@@ -1,7 +1,8 @@
 """A pipeline's components other than the denoiser, as maps the verbs call: the latent codec (autoencoder) and the
 text encoder (tokenizer + encoder). Neither is ever pruned; both are part of every cache key that depends on them.
 
-:class:`LatentCodec` wraps the autoencoder: images in ``[-1, 1]`` -> latents ``encode(x) * scaling_factor`` and
+:class:`LatentCodec` wraps the autoencoder: images in ``[-1, 1]`` -> latents ``(encode(x) - shift_factor) *
+scaling_factor`` (the shift is SD3's and Flux's, 0 elsewhere) and
 back, as the stock pipelines do (``LDMPipeline`` with a ``VQModel``, ``DiTPipeline`` with an ``AutoencoderKL``,
 whose deterministic latent, the posterior mean, is used). :class:`TextEncoder` encodes prompts exactly as
 ``StableDiffusionPipeline.encode_prompt`` does (the pipelines with several text encoders, SDXL, PixArt, SD3 and Flux,
@@ -42,6 +43,7 @@ class LatentCodec:
                                              f"{list(AUTOENCODER_CLASSES)}")
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.scale = float(getattr(autoencoder.config, "scaling_factor", 1.0) or 1.0)
+        self.shift = float(getattr(autoencoder.config, "shift_factor", None) or 0.0)  # SD3's and Flux's VAEs
 
     @property
     def channels(self) -> int:
@@ -68,13 +70,13 @@ class LatentCodec:
         p = next(self.autoencoder.parameters())
         out = self.autoencoder.encode(x.to(p.device, p.dtype))
         z = out.latents if hasattr(out, "latents") else out.latent_dist.mean
-        return (z * self.scale).float()
+        return ((z - self.shift) * self.scale).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (float32, clamped)."""
         p = next(self.autoencoder.parameters())
-        return self.autoencoder.decode(z.to(p.device, p.dtype) / self.scale).sample.float().clamp(-1, 1)
+        return self.autoencoder.decode(z.to(p.device, p.dtype) / self.scale + self.shift).sample.float().clamp(-1, 1)
 
     def identity(self) -> str:
         """sha256 of the autoencoder's class, config and weights: part of every latent cache key."""

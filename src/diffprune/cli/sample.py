@@ -27,10 +27,11 @@ def add_parser(sub) -> None:
     p.add_argument("--class-labels", type=_labels, default=None,
                    help="class-conditional models: one class id for all images, or one per image (comma-separated); "
                         "default: image i gets class (SEED+i) mod num_classes")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
+    p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale (class-conditional models with a null label, e.g. DiT, and "
-                        "text-to-image models, against the empty prompt; 1 = none, DiT's pipeline uses 4, Stable "
-                        "Diffusion's 7.5)")
+                        "text-to-image models, against the empty prompt; DiT's pipeline uses 4, Stable Diffusion's "
+                        "7.5); for FLUX.1-dev the guidance it takes as an input, as FluxPipeline's guidance_scale "
+                        "(default: 3.5 for FLUX.1-dev, as FluxPipeline; 1 = no guidance for every other model)")
     add_prompt_flags(p, "to generate from")
     add_prediction_type_flag(p)
     add_device_flag(p)
@@ -75,7 +76,8 @@ def _sample(args) -> int:
         require(text is not None, f"{args.model!r} is not a text-to-image pipeline: it takes no prompt (drop "
                                   "--prompt/--prompt-file)")
         per_seed = prompts_for(seeds, prompts)
-        context, negative = text.to(device).sampling_inputs(per_seed, args.guidance_scale)
+        context, negative = text.to(device).sampling_inputs(per_seed, 1.0 if args.guidance_scale is None
+                                                            else args.guidance_scale)
     else:
         require(text is None, f"{args.model!r} is a text-to-image pipeline: pass --prompt TEXT or --prompt-file FILE")
         labels = conditioning_for(model, seeds, args.class_labels, None, len(names) if names else None,
@@ -85,7 +87,8 @@ def _sample(args) -> int:
                     num_inference_steps=args.steps, sampler=args.sampler, skip=args.skip,
                     batch_size=args.batch_size, device=device, adapter=adapter)
     meta = {"model": str(args.model), "steps": args.steps, "sampler": args.sampler, "skip": args.skip,
-            "guidance_scale": args.guidance_scale, "class_labels": None if labels is None else labels.tolist(),
+            "guidance_scale": args.guidance_scale if args.guidance_scale is not None
+            else (adapter.embedded_guidance(model) or 1.0), "class_labels": None if labels is None else labels.tolist(),
             "class_names": names, "prompts": per_seed}
     with atomic_dir(args.out, overwrite=args.overwrite, kind="samples", inputs=(args.model,)) as tmp:
         save_samples(to_uint8(images), seeds, tmp, meta)

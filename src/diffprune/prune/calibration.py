@@ -141,12 +141,9 @@ def _data_free_batch(model, adapter, scheduler, *, seeds: list[int], codec, step
                      text_encoder, prompts, progress: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Data-free calibration: inputs sampled from the model itself, one per seed (see :func:`calibration_batch`)."""
     require(scheduler is not None, "data-free calibration samples from the model and needs its noise scheduler")
-    require(not is_flow_matching(scheduler),
-            f"data-free calibration samples with DDIM, which cannot sample a flow-matching model (its scheduler is a "
-            f"{type(scheduler).__name__}: SD3, Flux) yet; calibrate it from captioned images instead (--data FOLDER "
-            "with metadata.jsonl)")
     from ..sampling import labels_for, prompts_for, sample
 
+    # ddim_steps: the sampler's steps (Euler steps for a flow-matching model; the key keeps its name for old records)
     desc = {"source": DATA_FREE, "ddim_steps": steps, "sample_seeds": [seeds[0], seeds[-1]]}
     spec = adapter.conditioning(model)
     labels = context = None
