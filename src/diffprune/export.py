@@ -24,7 +24,7 @@ from torch import nn
 from .errors import DiffPruneError, require
 
 FORMATS = ("onnx",)
-EXPORTERS = ("dynamo", "torchscript")
+EXPORTERS = ("auto", "dynamo", "torchscript")  # auto: dynamo, then the TorchScript exporter if dynamo fails
 EXPORT_BATCH = 3  # the example batch the graph is traced at (odd, so no other first dimension is mistaken for it)
 ONNX_NAME = "model.onnx"
 
@@ -93,6 +93,30 @@ def _export(graph: _Graph, flat: dict, path: Path, exporter: str, opset: int | N
                           dynamic_axes=axes, dynamo=False, opset_version=opset or 17)
 
 
+def _export_checked(graph: _Graph, flat: dict, path: Path, exporter: str, opset: int | None, adapter, model,
+                    atol: float) -> tuple[str, dict]:
+    """Export with ``exporter`` and check the graph with ONNX Runtime; ``auto`` tries torch.export (dynamo) first and
+    the TorchScript exporter when dynamo cannot trace the model with a dynamic batch or its graph fails the check.
+    Returns ``(the exporter that wrote the graph, the check)``."""
+    import logging
+    import warnings
+
+    order = ("dynamo", "torchscript") if exporter == "auto" else (exporter,)
+    errors = []
+    for name in order:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                logging.getLogger("torch.export").setLevel(logging.CRITICAL)
+                _export(graph, flat, path, name, opset)
+            return name, check_onnx(path, graph, adapter, model, atol=atol)
+        except Exception as e:  # torch.export, the ONNX exporters and ONNX Runtime raise many kinds
+            cause = e.__cause__ or e  # torch.export wraps the error that says what failed
+            errors.append(f"{name}: {type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:160]}")
+    raise DiffPruneError(f"ONNX export of this {adapter.name} model failed, nothing was written ({'; '.join(errors)}); "
+                         "try another --opset or --exporter, or report it with the model's config")
+
+
 def check_onnx(path: Path, graph: _Graph, adapter, model, *, batch_size: int = 5, atol: float = 1e-4) -> dict:
     """ONNX Runtime vs PyTorch on a fresh random input of another batch size: ``{max_abs_diff, atol, batch}``."""
     ort = require_onnx()
@@ -108,7 +132,7 @@ def check_onnx(path: Path, graph: _Graph, adapter, model, *, batch_size: int = 5
     return {"max_abs_diff": diff, "atol": atol, "batch": batch_size}
 
 
-def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "onnx", exporter: str = "dynamo",
+def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "onnx", exporter: str = "auto",
                  opset: int | None = None, atol: float = 1e-4, overwrite: bool = False) -> dict:
     """Export the denoiser of ``model`` (any folder, name or hub id diffprune loads) to ``out/model.onnx`` with
     ``export.json``; returns the record. Runs on the CPU, in the model's dtype."""
@@ -126,8 +150,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     batched = _batched(flat, EXPORT_BATCH)
     with atomic_dir(out, overwrite=overwrite, kind="export", inputs=(model,)) as tmp:
         net.requires_grad_(False)
-        _export(graph, flat, tmp / ONNX_NAME, exporter, opset)
-        check = check_onnx(tmp / ONNX_NAME, graph, adapter, net, atol=atol)
+        exporter, check = _export_checked(graph, flat, tmp / ONNX_NAME, exporter, opset, adapter, net, atol)
         shapes = {k: ["batch", *v.shape[1:]] if k in batched else list(v.shape) for k, v in flat.items()}
         record = {"format": fmt, "exporter": exporter, "opset": opset, "source": str(model), "family": adapter.name,
                   "inputs": {k: {"shape": shapes[k], "dtype": str(v.dtype).replace("torch.", "")}

@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["prune", "info", "train", "finetune", "sample", "eval", "run", "demo", "config", "cache", "push"]
+SUBCOMMANDS = ["prune", "info", "train", "finetune", "sample", "eval", "run", "demo", "config", "cache", "push",
+               "export"]
 
 
 class _Formatter(argparse.HelpFormatter):
