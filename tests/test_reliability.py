@@ -390,8 +390,8 @@ if where == "step":  # inside the n-th training step, before its loss
         return real_loss(*a, **k)
     O.loss_at = loss
 elif where == "torn-file":  # half-way through writing the n-th tensor file of a checkpoint
-    import safetensors.torch as st
-    real_save = C.save_file
+    import safetensors.torch as st  # _fs.write_safetensors calls st.save_file into its temporary
+    real_save = st.save_file
     def save(tensors, path, metadata=None):
         if hit():
             data = st.save(tensors, metadata)
@@ -399,7 +399,7 @@ elif where == "torn-file":  # half-way through writing the n-th tensor file of a
                 f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
             die()
         return real_save(tensors, path, metadata)
-    C.save_file = save
+    st.save_file = save
 elif where == "final":  # between writing the raw and the EMA final model
     real_copy = F.ema_copy
     def ema_copy(*a, **k):
