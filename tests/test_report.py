@@ -46,7 +46,9 @@ def test_full_report_files_and_self_contained_html(tmp_path):
     written = write_report(tmp_path, METRICS, student_images=_images(16, 1), teacher_images=_images(16, 2),
                            seeds=list(range(16)), pruning=PRUNING, train_log=log)
     pngs = ["samples.png", "channel_widths.png", "timestep_loss.png", "finetune_loss.png"]
-    assert sorted(written.values()) == sorted(pngs + ["report.html", "report.md"])
+    assert sorted(written.values()) == sorted(pngs + ["report.html", "report.md", "README.md"])
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n") and "samples.png" in card  # the evaluated model's card shows its grid
     for name in pngs:
         with Image.open(tmp_path / name) as im:
             assert im.format == "PNG" and im.width >= 400 and im.height >= 150
