@@ -7,7 +7,7 @@
     python benchmarks/seeds.py --config demo --arms diff-pruning magnitude --budgets 0 300 1500 3000 6000 \
         --name budget --runs unet-methods
 
-An arm is a method name (``magnitude``) or ``key=value`` overrides of the prune section (``thr=0.02``; several joined
+An arm is ``default`` (the shipped config as it is), a method name (``magnitude``) or ``key=value`` overrides of the prune section (``thr=0.02``; several joined
 by ``,``). Every (arm, seed) runs the demo pipeline of ``--config`` (a shipped demo config: same MAC target,
 fine-tuning budget and evaluation for every arm; the seed sets the calibration subset and noise, the data order and
 the evaluation seeds) in its own run folder under ``--work``: a killed benchmark resumes, and finished stages are
@@ -41,12 +41,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from scipy import stats
 
-from diffprune.cli.demo import DEMOS, config_path
-from diffprune.importance import METHODS, setting_owners
-from diffprune.timesteps import STRATEGY_FIELDS, TIMESTEP_STRATEGIES
+from _arms import arm_config as _arm_config, demo_config
+from diffprune.cli.demo import DEMOS
 from diffprune._fs import atomic_write_bytes, read_json
 from diffprune.pipeline import STAGES, load_run_config, run_pipeline, stage_complete, stage_hashes
 from diffprune.records import read_metrics
@@ -79,32 +77,13 @@ if args.budgets and args.steps is not None:
 if args.budgets and any(b < 0 for b in args.budgets):
     p.error(f"--budgets {args.budgets}: every budget must be >= 0 fine-tuning steps")
 name = args.name or f"{args.config}-arms"
-base = yaml.safe_load(Path(config_path(False, next(k for k, v in DEMOS.items() if v == args.config))).read_text())
+base = demo_config(args.config)
 default_steps = args.steps if args.steps is not None else base["finetune"]["steps"]
 budgets = sorted(set(args.budgets)) if args.budgets else [default_steps]
 
 
 def arm_config(arm: str, seed: int, steps: int) -> dict:
-    raw = json.loads(json.dumps(base))
-    if "=" in arm:
-        for item in arm.split(","):
-            key, value = item.split("=", 1)
-            raw["prune"][key] = yaml.safe_load(value)
-    else:
-        raw["prune"]["method"] = arm
-    method = METHODS.get(raw["prune"]["method"])
-    for key in [k for k in raw["prune"] if k in setting_owners() and k not in method.settings]:
-        raw["prune"].pop(key)  # a setting this method does not take (thr, calib_batch, ...)
-    strategy = raw["prune"].get("timesteps") or method.default_timesteps
-    if strategy is not None:  # e.g. taylor walks all timesteps: the config's thr is not its setting
-        taken = set(TIMESTEP_STRATEGIES.get(strategy).__dataclass_fields__)
-        for key in [k for k in raw["prune"] if k in STRATEGY_FIELDS and k not in taken]:
-            raw["prune"].pop(key)
-    raw["finetune"]["steps"] = steps
-    if args.n is not None:
-        raw["eval"]["n"] = args.n
-    raw["seed"] = seed
-    return raw
+    return _arm_config(base, arm, seed, steps, args.n)
 
 
 def pruned_eval(run: Path, cfg) -> dict:

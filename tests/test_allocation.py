@@ -1,6 +1,8 @@
 """Allocation across layers under global ranking: the MAC cost of a position, cost-aware ranking, score
 normalisation, the per-layer maximum and the conditioning floor."""
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,11 +10,13 @@ import yaml
 
 from diffprune.adapters import adapter_for
 from diffprune.errors import DiffPruneError
-from diffprune.importance import METHODS
+from diffprune.importance import DIFF_PRUNING_FLOOR, METHODS
 from diffprune.macs import count_macs
 from diffprune.prune import PruneConfig, prune_
 from diffprune.prune.selection import GlobalPruner
 from diffprune.presets import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -122,17 +126,49 @@ def test_allocation_settings_are_checked(kwargs, message):
         PruneConfig(**{"method": "magnitude", "target_macs": 0.5, **kwargs})
 
 
-def test_default_allocation_keeps_the_committed_benchmark_hashes():
-    """The allocation settings at their defaults leave the stage hashes as they were before they existed: the demo
-    config at seed 0 and 3,000 steps gives the eval hash recorded in benchmarks/results/unet-methods.json."""
+def test_paper_ranking_keeps_the_committed_benchmark_hashes():
+    """Settings added later, at the value earlier runs used, leave the stage hashes as they were: the demo config at
+    seed 0 and 3,000 steps with the paper's ranking (no conditioning floor) gives the eval hash recorded in
+    benchmarks/results/unet-methods.json; the default (floor 0.5) and cost allocation give others."""
     from diffprune.cli.demo import config_path
     from diffprune.pipeline import load_run_config, stage_hashes
 
     raw = yaml.safe_load(config_path(False).read_text())
     raw["seed"], raw["finetune"]["steps"] = 0, 3000
+    assert stage_hashes(load_run_config(raw))["eval"] != "1fcdffa21a608e9c"
+    raw["prune"]["conditioning_floor"] = 0
     assert stage_hashes(load_run_config(raw))["eval"] == "1fcdffa21a608e9c"
     raw["prune"]["allocation"] = "cost"
     assert stage_hashes(load_run_config(raw))["eval"] != "1fcdffa21a608e9c"
+
+
+def test_the_default_keeps_half_of_the_conditioning_paths_under_global_ranking_only():
+    assert PruneConfig(target_macs=0.5).conditioning_floor == DIFF_PRUNING_FLOOR == 0.5
+    assert PruneConfig(target_macs=0.5, conditioning_floor=0).conditioning_floor == 0  # the paper
+    assert PruneConfig(method="magnitude", target_macs=0.5).conditioning_floor == 0  # baselines as published
+    assert PruneConfig(method="taylor", target_macs=0.5).conditioning_floor == 0
+    assert PruneConfig(ratio=0.3).conditioning_floor == 0  # the paper's per-layer ratio: no layers compete
+    assert PruneConfig(target_macs=0.5, ratio_mode="uniform", global_ranking=False).conditioning_floor == 0
+    with pytest.raises(DiffPruneError, match=r"conditioning_floor=-0.1 must be in \[0, 1\)"):
+        PruneConfig(target_macs=0.5, conditioning_floor=-0.1)
+    with pytest.raises(DiffPruneError, match="needs global ranking"):
+        PruneConfig(ratio=0.3, conditioning_floor=0.5)
+
+
+@pytest.mark.parametrize("family, config", [("unet", "demo"), ("dit", "demo-dit")])
+def test_the_default_arm_of_the_committed_benchmark_is_what_prune_does_today(family, config):
+    """Each 'default' row of benchmarks/results/default-vs-baselines.json carries the eval hash that the shipped demo
+    config without any prune override gives now (the hash covers every stage's settings and the inputs)."""
+    from diffprune.cli.demo import DEMOS, config_path
+    from diffprune.pipeline import load_run_config, stage_hashes
+
+    rows = json.loads((ROOT / "benchmarks/results/default-vs-baselines.json").read_text())
+    mine = [r for r in rows if r["family"] == family and r["arm"] == "default"]
+    assert len(mine) >= 4 and len({r["seed"] for r in mine}) == len(mine)
+    raw = yaml.safe_load(config_path(False, next(k for k, v in DEMOS.items() if v == config)).read_text())
+    for r in mine[:2]:
+        raw["seed"], raw["finetune"]["steps"] = r["seed"], r["steps"]
+        assert stage_hashes(load_run_config(raw))["eval"] == r["hash"]
 
 
 def test_noise_draws_sum_the_walks_of_successive_draws_and_one_draw_is_the_paper():

@@ -75,7 +75,8 @@ def add_parser(sub) -> None:
                    help="global ranking: no layer group loses more than this share of its channels, in (0, 1)")
     p.add_argument("--conditioning-floor", type=float, default=d.conditioning_floor,
                    help="global ranking: the conditioning pathways (timestep/class embedders, adaLN inputs) keep at "
-                        "least this share of their channels, in (0, 1)")
+                        "least this share of their channels, in [0, 1); default: the method's (diff-pruning 0.5, "
+                        "measured best; others 0); 0 = no floor (the paper's ranking)")
     p.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads instead of shrinking head dims (needs --ratio-mode uniform)")
     p.add_argument("--thr", type=float, default=None,

@@ -17,7 +17,7 @@ RATIO_MODES = ("paper", "uniform")
 ALLOCATIONS = ("score", "cost")
 NORMALIZERS = ("none", "mean")
 # the allocation settings at their defaults (the paper's global ranking); runs made before they existed used these
-ALLOCATION_DEFAULTS = {"allocation": "score", "normalize": "none", "max_layer_ratio": None, "conditioning_floor": None}
+ALLOCATION_DEFAULTS = {"allocation": "score", "normalize": "none", "max_layer_ratio": None, "conditioning_floor": 0.0}
 # settings added after runs were recorded, at the value those runs used (None: a method that does not own it)
 LATER_DEFAULTS = {**ALLOCATION_DEFAULTS, "noise_draws": 1}
 LATENCY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,7 +52,9 @@ class PruneConfig:
     latency), so that parameter-heavy, MAC-cheap layers (timestep and class embedders, adaLN inputs) are not
     removed first for nothing. ``normalize="mean"`` divides each group's scores by their mean (groups of different
     kinds and sizes compete on their relative scores). ``max_layer_ratio``: no group loses more than this share of
-    its positions. ``conditioning_floor``: the conditioning pathways the adapter names keep at least this share.
+    its positions. ``conditioning_floor``: the conditioning pathways the adapter names keep at least this share, in
+    [0, 1); None takes the method's default under global ranking (diff-pruning: 0.5, diffprune's measured default;
+    the baselines: 0) and 0 elsewhere; 0 is the paper's unconstrained ranking.
     """
 
     method: str = "diff-pruning"
@@ -139,15 +141,20 @@ class PruneConfig:
                 f"round_to={self.round_to} needs diffprune's channel selection: ratio_mode 'paper' or global ranking "
                 "(the default with a target), without prune_heads")
         require(0.0 < self.macs_tolerance < 1.0, f"macs_tolerance={self.macs_tolerance!r} must be in (0, 1)")
-        self._check_allocation()
+        self._check_allocation(method)
 
-    def _check_allocation(self) -> None:
+    def _check_allocation(self, method) -> None:
+        if self.conditioning_floor is None:  # the method's default where layers compete (global ranking), else none
+            ranked = self.global_ranking and not self.prune_heads and method.removes == "channels"
+            object.__setattr__(self, "conditioning_floor", method.conditioning_floor if ranked else 0.0)
         require(self.allocation in ALLOCATIONS, f"unknown allocation {self.allocation!r}; choose from {list(ALLOCATIONS)}")
         require(self.normalize in NORMALIZERS, f"unknown normalize {self.normalize!r}; choose from {list(NORMALIZERS)}")
-        for name in ("max_layer_ratio", "conditioning_floor"):
-            value = getattr(self, name)
-            require(value is None or (isinstance(value, (int, float)) and 0.0 < value < 1.0),
-                    f"{name}={value!r} must be in (0, 1) or None, e.g. 0.75")
+        value = self.max_layer_ratio
+        require(value is None or (isinstance(value, (int, float)) and 0.0 < value < 1.0),
+                f"max_layer_ratio={value!r} must be in (0, 1) or None, e.g. 0.75")
+        value = self.conditioning_floor
+        require(isinstance(value, (int, float)) and 0.0 <= value < 1.0,
+                f"conditioning_floor={value!r} must be in [0, 1), e.g. 0.5 (0: no floor, the paper's ranking)")
         custom = [k for k, v in ALLOCATION_DEFAULTS.items() if getattr(self, k) != v]
         require(not custom or (self.global_ranking and not self.prune_heads),
                 f"{custom} choose between layers, which needs global ranking (the default with --target-macs, or "

@@ -209,7 +209,7 @@ class GlobalPruner(_SelectingPruner):
         a = self.allocation
         if a.max_layer_ratio is not None:
             floor = max(floor, math.ceil(size * (1 - a.max_layer_ratio) - 1e-9))
-        if a.conditioning_floor is not None and any(name == p or name.startswith(p + ".") for p in self.conditioning):
+        if a.conditioning_floor and any(name == p or name.startswith(p + ".") for p in self.conditioning):
             floor = max(floor, math.ceil(size * a.conditioning_floor - 1e-9))
         return min(floor, size)
 
