@@ -336,3 +336,32 @@ def test_latency_target_search_with_a_fake_timer(tmp_path, capsys):
         PruneConfig(method="magnitude", target_macs=0.5, target_latency=0.5)
     with pytest.raises(DiffPruneError, match="latency_repeats=3 must be an integer >= 10"):
         PruneConfig(method="magnitude", target_latency=0.5, latency_repeats=3)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "diff-pruning"])
+def test_a_macs_target_scores_in_place_and_never_copies_the_weights(method, monkeypatch):
+    """A MACs target under diffprune's selection scores the model itself and probes shapes-only copies: no copy of
+    the weights (or gradients) is made, and the result is what scoring on a copy gave (widths, probes, scores)."""
+    from diffprune.prune import search
+
+    torch.manual_seed(0)
+    base = build_model("tiny")
+    kwargs = dict(calib_batch=3, max_timesteps=3) if method == "diff-pruning" else {}
+    config = PruneConfig(method=method, target_macs=0.5, **kwargs)
+    data = torch.rand(4, 1, 8, 8) * 2 - 1 if method == "diff-pruning" else None
+    sched = DDPMScheduler(num_train_timesteps=20) if method == "diff-pruning" else None
+
+    def run():
+        unet = copy.deepcopy(base)
+        return prune_(unet, config, data, scheduler=sched, progress=False), unet
+
+    monkeypatch.setattr(search, "_copy_with_grads", lambda m: pytest.fail("the weights were copied"))
+    lean, lean_model = run()
+    monkeypatch.undo()
+    monkeypatch.setattr(search, "scores_in_place", lambda *a: None)  # the former way: score a copy's first probe
+    copied, copied_model = run()
+    assert lean.widths == copied.widths and lean.search == copied.search
+    assert lean.scores.keys() == copied.scores.keys() and len(lean.scores) >= 10
+    assert all(torch.equal(lean.scores[k], copied.scores[k]) for k in lean.scores)
+    for p, q in zip(lean_model.parameters(), copied_model.parameters()):
+        assert torch.equal(p, q)

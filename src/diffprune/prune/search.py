@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..errors import DiffPruneError, require
 from ..macs import count_macs
 from .config import LATENCY_DTYPES, PruneConfig
-from .selection import _copy_with_grads, _meta_copy, _prune_once
+from .selection import _copy_with_grads, _meta_copy, _prune_once, scores_in_place
 
 _MAX_SEARCH_RATIO = 0.9
 _MIN_RATIO_STEP = 2e-3  # the search stops once its bracket is narrower (ratios a few channels per thousand apart)
@@ -83,9 +83,11 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     """Bisection on the ratio so that ``target.measure`` lands within the tolerance; returns ``(ratio, trials,
     skip)``.
 
-    The channel scores are computed once (on a copy holding the calibration gradients) and replayed by every probe,
-    so a probe is a copy, a prune and a measurement; after the first, a MAC probe works on a meta-device copy
-    (shapes only: no weights copied, no arithmetic in its traces and counts). The deepest ratio is probed first: a
+    The channel scores are computed once, on the model itself with nothing pruned (:func:`scores_in_place`; for
+    Torch-Pruning's own pruner, which scores on a pruned model, on a copy holding the calibration gradients), and
+    replayed by every probe, so a probe is a copy, a prune and a measurement; a MAC probe works on a meta-device
+    copy (shapes only: no weights copied, no arithmetic in its traces and counts), so a MACs target costs no copy
+    of the weights. The deepest ratio is probed first: a
     target beyond it fails at once. Every probe also records its MAC fraction.
 
     The fill (global ranking): when one more pruned position moves the cost past the whole tolerance band (a
@@ -125,6 +127,8 @@ class _Search:
         if (len(skip), n) in self.picks:  # probed already (a ratio rounding to the same positions)
             return next(t[key] for t in reversed(self.trials) if t.get("positions") == n
                         and len(t.get("kept_out_of_order", ())) == len(skip))
+        if not self.cache:  # score once, on the model itself (no copy of weights and gradients) where possible
+            self.cache = scores_in_place(self.unet, self.adapter, self.config, self.importance) or {}
         twin = (_copy_with_grads(self.unet) if not self.cache else _meta_copy(self.unet) if target.name == "macs" else
                 copy.deepcopy(self.unet))
         with self.adapter.tracing(twin):

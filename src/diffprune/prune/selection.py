@@ -235,6 +235,31 @@ def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, 
     """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores, the
     pruner). ``cached``: scores recorded by an earlier call on the same unpruned model, used instead of
     ``importance``. ``skip``: positions global ranking keeps whatever their rank (:class:`GlobalPruner`)."""
+    pruner, recorder = _pruner(unet, adapter, config, ratio, importance, cached, skip)
+    pruner.step()
+    heads = {}
+    for name, m in unet.named_modules():
+        q = getattr(m, "to_q", None)
+        if q is not None and q in pruner.num_heads:
+            heads[name] = int(pruner.num_heads[q])
+    history = [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in pruner.pruning_history()]
+    return history, heads, recorder.scores, pruner
+
+
+def scores_in_place(unet, adapter: ModelAdapter, config: PruneConfig, importance) -> dict[str, torch.Tensor] | None:
+    """Every group's scores, computed on ``unet`` itself with nothing pruned (no copy of its weights or gradients:
+    the target search replays them on shapes-only copies); None where the selection scores a group only after
+    pruning the ones before it (Torch-Pruning's own pruner, ``prune_heads``), whose scores need a pruned copy."""
+    pruner, recorder = _pruner(unet, adapter, config, 0.5, importance, None, ())
+    if not isinstance(pruner, _SelectingPruner):
+        return None
+    for _ in pruner.step(interactive=True):  # every group is scored before the first is yielded; none is pruned
+        pass
+    return recorder.scores
+
+
+def _pruner(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance, cached, skip):
+    """The pruner of one pass at ``ratio`` over ``unet``, and the importance recorder it scores through."""
     seed_everything(config.seed)  # random scores are reproducible
     names = {id(m): n for n, m in unet.named_modules()}
     recorder = _RecordingImportance(importance, names, cached)
@@ -254,14 +279,7 @@ def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, 
     pruner.layer_macs = count_macs(unet, adapter=adapter).per_layer if config.allocation == "cost" else None
     pruner.module_names, pruner.skip, pruner.picks, pruner.total_positions = names, frozenset(skip), [], None
     pruner.whole_heads = {id(m) for m in adapter.whole_heads(unet)}
-    pruner.step()
-    heads = {}
-    for name, m in unet.named_modules():
-        q = getattr(m, "to_q", None)
-        if q is not None and q in pruner.num_heads:
-            heads[name] = int(pruner.num_heads[q])
-    history = [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in pruner.pruning_history()]
-    return history, heads, recorder.scores, pruner
+    return pruner, recorder
 
 
 def _copy_with_grads(unet: nn.Module) -> nn.Module:
