@@ -1,0 +1,81 @@
+"""Peak memory of the `diffprune prune` command itself on full-size denoisers (random weights, public configs).
+
+    python benchmarks/prune_memory.py --models dit-xl-2-256 [--src OTHER_CHECKOUT/src --label before]
+
+Each model is saved once as a diffusers folder under ``--work`` (float32 safetensors, from its public configuration,
+nothing downloaded), then pruned by the CLI exactly as a user runs it (``diffprune prune --method magnitude
+--target-macs 0.5``) under ``/usr/bin/time -v``: the peak resident memory of that process against the size of the
+weights file. ``--src`` runs another checkout's code (to measure before a change). Appends to
+benchmarks/results/prune_memory.json and rewrites .md.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _models import benchmark_model
+from diffprune._fs import atomic_write_bytes
+
+RESULTS = Path("benchmarks/results")
+
+
+def model_folder(name: str, work: Path) -> Path:
+    folder = work / name
+    if not (folder / "config.json").is_file():
+        benchmark_model(name).denoiser.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def measure(name: str, work: Path, src: str | None, threads: int) -> dict:
+    folder = model_folder(name, work)
+    out = work / f"{name}-pruned-{os.getpid()}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if src:
+        env["PYTHONPATH"] = src
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "diffprune", "prune", "--model", str(folder), "--method",
+           "magnitude", "--target-macs", "0.5", "--out", str(out), "--device", "cpu"]
+    t0 = time.time()
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"{name}: prune failed:\n{run.stderr[-2000:]}")
+    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    pruned = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    return {"model": name, "weights_gib": round(weights / 2**30, 2), "pruned_weights_gib": round(pruned / 2**30, 2),
+            "peak_rss_gib": round(peak_kib / 2**20, 2), "peak_over_weights": round(peak_kib * 1024 / weights, 2),
+            "seconds": round(time.time() - t0, 1), "threads": threads, "command": " ".join(cmd[2:])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["dit-xl-2-256"])
+    p.add_argument("--work", default="benchmarks/runs/prune-memory")
+    p.add_argument("--src", default=None, help="run this checkout's src/ instead of the installed diffprune")
+    p.add_argument("--label", default="this commit")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    path = RESULTS / "prune_memory.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    commit = subprocess.run(["git", "-C", args.src or ".", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    for name in args.models:
+        rows.append({"label": args.label, "commit": commit, **measure(name, Path(args.work), args.src, args.threads)})
+        atomic_write_bytes(path, (json.dumps(rows, indent=1) + "\n").encode())
+    lines = ["# Peak memory of `diffprune prune` (magnitude, 0.5x MACs, random full-size weights)", "",
+             "`python benchmarks/prune_memory.py --models ...` (`--src` for an older checkout). Peak resident memory "
+             "of the prune process (`/usr/bin/time -v`) against the float32 weights file.", "",
+             "| code | model | weights GiB | peak GiB | peak / weights | pruned GiB | seconds |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['label']} ({r['commit']}) | {r['model']} | {r['weights_gib']} | {r['peak_rss_gib']} | "
+              f"{r['peak_over_weights']}× | {r['pruned_weights_gib']} | {r['seconds']} |" for r in rows]
+    atomic_write_bytes(RESULTS / "prune_memory.md", ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
