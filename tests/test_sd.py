@@ -387,3 +387,22 @@ def test_text_embedding_cache_damaged_is_recomputed_equal(sd, tmp_path, how, cap
         entry.write_bytes(b"not safetensors")
     again, key2 = text.encode_cached(prompts, cache_dir=tmp_path)
     assert key2 == key and torch.equal(again, cold) and "recomputing it" in capsys.readouterr().err
+
+
+def test_the_readme_example_pipeline_builds_prunes_and_samples(tmp_path, monkeypatch):
+    """examples/tiny_sd.py (the README's text-to-image starting point) writes a pipeline that the README's commands
+    prune to half the MACs and sample from."""
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "tiny_sd.py"))
+    assert json.loads((tmp_path / "tiny-sd" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\n")
+    assert main(["prune", "--model", "tiny-sd", "--data", "data-free", "--prompt-file", "prompts.txt",
+                 "--target-macs", "0.5", "--calib-batch", "4", "--max-timesteps", "10", "--out", "my-sd-pruned"]) == 0
+    pruning = json.loads((tmp_path / "my-sd-pruned" / "unet" / "pruning.json").read_text())
+    assert abs(pruning["macs"] / pruning["base_macs"] - 0.5) <= 0.02 * 0.5
+    assert main(["sample", "my-sd-pruned", "--n", "2", "--prompt-file", "prompts.txt", "--steps", "4",
+                 "--out", "sd-samples"]) == 0
+    assert len(list((tmp_path / "sd-samples").glob("[0-9]*.png"))) == 2
