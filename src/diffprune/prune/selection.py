@@ -250,9 +250,9 @@ def scores_in_place(unet, adapter: ModelAdapter, config: PruneConfig, importance
     """Every group's scores, computed on ``unet`` itself with nothing pruned (no copy of its weights or gradients:
     the target search replays them on shapes-only copies); None where the selection scores a group only after
     pruning the ones before it (Torch-Pruning's own pruner, ``prune_heads``), whose scores need a pruned copy."""
-    pruner, recorder = _pruner(unet, adapter, config, 0.5, importance, None, ())
-    if not isinstance(pruner, _SelectingPruner):
+    if not issubclass(_pruner_class(config), _SelectingPruner):
         return None
+    pruner, recorder = _pruner(unet, adapter, config, 0.5, importance, None, ())
     for _ in pruner.step(interactive=True):  # every group is scored before the first is yielded; none is pruned
         pass
     return recorder.scores
@@ -271,15 +271,18 @@ def _pruner(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, impo
     )
     if config.prune_heads:
         kwargs.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=float(ratio))
-    cls = (PaperPruner if config.ratio_mode == "paper" else
-           GlobalPruner if config.global_ranking and not config.prune_heads else tp.pruner.BasePruner)
-    pruner = cls(unet, adapter.example_inputs(unet), **kwargs)
+    pruner = _pruner_class(config)(unet, adapter.example_inputs(unet), **kwargs)
     pruner.round_to = config.round_to  # read by diffprune's own selection (_SelectingPruner._kept)
     pruner.allocation, pruner.conditioning = config, adapter.conditioning_paths(unet)
     pruner.layer_macs = count_macs(unet, adapter=adapter).per_layer if config.allocation == "cost" else None
     pruner.module_names, pruner.skip, pruner.picks, pruner.total_positions = names, frozenset(skip), [], None
     pruner.whole_heads = {id(m) for m in adapter.whole_heads(unet)}
     return pruner, recorder
+
+
+def _pruner_class(config: PruneConfig) -> type:
+    return (PaperPruner if config.ratio_mode == "paper" else
+            GlobalPruner if config.global_ranking and not config.prune_heads else tp.pruner.BasePruner)
 
 
 def _copy_with_grads(unet: nn.Module) -> nn.Module:
