@@ -7,8 +7,8 @@
     python benchmarks/seeds.py --config demo --arms diff-pruning magnitude --budgets 0 300 1500 3000 6000 \
         --name budget --runs unet-methods
 
-An arm is ``default`` (the shipped config as it is), a method name (``magnitude``) or ``key=value`` overrides of the prune section (``thr=0.02``; several joined
-by ``,``). Every (arm, seed) runs the demo pipeline of ``--config`` (a shipped demo config: same MAC target,
+An arm is ``default`` (the shipped config as it is), a method name (``magnitude``) or ``key=value`` overrides of
+the prune section (``thr=0.02``; several joined by ``,``); see benchmarks/_arms.py. Every (arm, seed) runs the demo pipeline of ``--config`` (a shipped demo config: same MAC target,
 fine-tuning budget and evaluation for every arm; the seed sets the calibration subset and noise, the data order and
 the evaluation seeds) in its own run folder under ``--work``: a killed benchmark resumes, and finished stages are
 skipped by their hashes. With ``--pruned-ssim`` each pruned model is also compared with the teacher before any
