@@ -48,3 +48,15 @@ def test_device_mismatch_is_an_error():
 def test_peak_memory_says_what_it_measured():
     rec = peak_memory("cpu")
     assert rec["peak_memory_bytes"] > 0 and "whole process" in rec["peak_memory_kind"]
+
+
+def test_latency_timing_shows_one_bar_per_batch_size_counting_every_call(capsys):
+    unet = build_model("tiny").eval()
+    denoiser_latency(unet, device="cpu", batch_sizes=(1, 2), repeats=10, warmup=2, progress=True)
+    err = capsys.readouterr().err
+    assert "latency (batch 1)" in err and "latency (batch 2)" in err and err.count("12/12") >= 2
+    denoiser_latency(unet, device="cpu", batch_sizes=(1,), repeats=10, warmup=2)  # silent by default
+    assert capsys.readouterr().err == ""
+    sampler_latency(unet, default_scheduler(), device="cpu", steps=2, batch_size=2, repeats=10, warmup=1,
+                    progress=True)
+    assert "sampler latency (batch 2, 2 steps)" in capsys.readouterr().err

@@ -342,12 +342,12 @@ def _cost(model, run: _Sampling) -> dict:
     if config.latency_batches:
         out["latency_unet"] = denoiser_latency(model, device=run.device, batch_sizes=config.latency_batches,
                                                repeats=config.latency_repeats, warmup=config.latency_warmup,
-                                               adapter=run.adapter)
+                                               adapter=run.adapter, progress=run.progress)
         out["latency_sampler"] = sampler_latency(model, run.scheduler, device=run.device, steps=config.steps,
                                                  batch_size=config.sampler_latency_batch,
                                                  repeats=config.latency_repeats, warmup=1, skip=config.skip,
                                                  codec=run.codec, guidance_scale=config.guidance_scale,
-                                                 adapter=run.adapter)
+                                                 adapter=run.adapter, progress=run.progress)
     return out
 
 
@@ -379,7 +379,7 @@ def _cost_figures(models: dict[str, _Model], run: _Sampling) -> dict:
 
 def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.PathLike, scheduler=None,
              student_samples=None, teacher_samples=None, pruning: dict | None = None,
-             train_log: dict | None = None, device=None, overwrite: bool = False, progress: bool = False,
+             train_log: dict | None = None, device=None, overwrite: bool = False, progress: bool = True,
              names: dict | None = None, inputs=(), codec=None, class_names: list[str] | None = None,
              text_encoder=None, adapter=None) -> dict:
     """Evaluate ``student`` (a denoiser, or ``None`` with ``student_samples``) against ``teacher``.
@@ -396,6 +396,7 @@ def evaluate(student, teacher=None, *, config: EvalConfig, out_dir: str | os.Pat
     ``config.resolved_classifier``. A text-to-image model samples seed ``s`` from ``config.prompts[s mod P]``,
     encoded with ``text_encoder`` (the pipeline's; guidance against the empty prompt). ``adapter``: the models'
     :class:`~diffprune.adapters.ModelAdapter` when the caller has it (default: the student's own, looked up once).
+    ``progress``: bars for sampling, features and latency timing (on stderr; ``False`` for none).
     Returns the metrics dict also written to ``out_dir/metrics.json``.
     """
     from ._fs import check_output_dir

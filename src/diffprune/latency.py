@@ -15,6 +15,7 @@ import time
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ._torch import eval_mode
 from .errors import require
@@ -57,15 +58,20 @@ def peak_memory(device) -> dict:
             "peak_memory_kind": "process peak RSS (getrusage ru_maxrss), whole process since start"}
 
 
-def measure(fn: Callable[[], object], *, device, repeats: int = MIN_REPEATS, warmup: int = 2) -> dict:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` (>= 10) timed ones; returns the median and more."""
+def measure(fn: Callable[[], object], *, device, repeats: int = MIN_REPEATS, warmup: int = 2,
+            progress: str | None = None) -> dict:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` (>= 10) timed ones; returns the median and more.
+    ``progress``: a progress bar with this description, one tick per call (warm-up included)."""
+
     require(isinstance(repeats, int) and repeats >= MIN_REPEATS,
             f"repeats={repeats!r} must be an integer >= {MIN_REPEATS} (a median needs enough runs)")
     require(isinstance(warmup, int) and warmup >= 0, f"warmup={warmup!r} must be an integer >= 0")
     device = torch.device(device)
     _reset_peak(device)
+    bar = tqdm(total=warmup + repeats, desc=progress, disable=progress is None, unit="call")
     for _ in range(warmup):
         fn()
+        bar.update()
     _sync(device)
     times = []
     for _ in range(repeats):
@@ -74,6 +80,8 @@ def measure(fn: Callable[[], object], *, device, repeats: int = MIN_REPEATS, war
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        bar.update()  # after the clock stopped: the bar is not timed
+    bar.close()
     return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "min_s": min(times),
             "max_s": max(times), "repeats": repeats, "warmup": warmup, "device": str(device),
             "threads": torch.get_num_threads(), **peak_memory(device)}
@@ -81,8 +89,9 @@ def measure(fn: Callable[[], object], *, device, repeats: int = MIN_REPEATS, war
 
 @torch.no_grad()
 def denoiser_latency(model, *, device, batch_sizes: Sequence[int] = (1, 16, 64), repeats: int = MIN_REPEATS,
-                     warmup: int = 2, timestep: int = 500, adapter=None) -> dict[str, dict]:
-    """Latency of one denoiser call (conditioning included) per batch size: ``{"1": {median_s, per_image_s, ...}}``.
+                     warmup: int = 2, timestep: int = 500, adapter=None, progress: bool = False) -> dict[str, dict]:
+    """Latency of one denoiser call (conditioning included) per batch size: ``{"1": {median_s, per_image_s, ...}}``;
+    ``progress``: a bar per batch size.
 
     The model runs where its parameters are; ``device`` must be that device (checked).
     """
@@ -100,7 +109,8 @@ def denoiser_latency(model, *, device, batch_sizes: Sequence[int] = (1, 16, 64),
             x = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0)).to(device, p.dtype)
             t = torch.full((b,), timestep, dtype=torch.long, device=device)
             cond = adapter.example_cond(model, b, device)
-            rec = measure(lambda: adapter.forward(model, x, t, cond), device=device, repeats=repeats, warmup=warmup)
+            rec = measure(lambda: adapter.forward(model, x, t, cond), device=device, repeats=repeats, warmup=warmup,
+                          progress=f"latency (batch {b})" if progress else None)
             rec["batch_size"] = b
             rec["per_image_s"] = rec["median_s"] / b
             out[str(b)] = rec
@@ -109,7 +119,7 @@ def denoiser_latency(model, *, device, batch_sizes: Sequence[int] = (1, 16, 64),
 
 def sampler_latency(model, scheduler, *, device, steps: int, batch_size: int = 16, repeats: int = MIN_REPEATS,
                     warmup: int = 1, skip: str = "uniform", codec=None, guidance_scale: float = 1.0,
-                    adapter=None) -> dict:
+                    adapter=None, progress: bool = False) -> dict:
     """Latency of the full DDIM sampler (``steps`` steps, η = 0, decoding included) on a batch; ``per_image_s`` =
     median / batch. A text model runs on an all-zero context of its ``context_length`` (the text encoder, called
     once per prompt, is not the denoiser's cost)."""
@@ -124,6 +134,7 @@ def sampler_latency(model, scheduler, *, device, steps: int, batch_size: int = 1
                                  skip=skip, batch_size=batch_size, device=device, progress=False, codec=codec,
                                  guidance_scale=guidance_scale, prompt_embeds=context,
                                  negative_prompt_embeds=context, adapter=adapter),
-                  device=device, repeats=repeats, warmup=warmup)
+                  device=device, repeats=repeats, warmup=warmup,
+                  progress=f"sampler latency (batch {batch_size}, {steps} steps)" if progress else None)
     rec.update(batch_size=batch_size, steps=steps, per_image_s=rec["median_s"] / batch_size)
     return rec
