@@ -38,6 +38,17 @@ CONFIGS = {
         num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=64,
         patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
         activation_fn="gelu-approximate", num_embeds_ada_norm=1000)),
+    # PixArt-Sigma-XL-2-1024-MS's transformer config: 1024 px (128x128 latents), 300 T5 tokens
+    "pixart-sigma-1024": ("PixArtTransformer2DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=128,
+        patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, interpolation_scale=2,
+        use_additional_conditions=False, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True)),
+    # stable-diffusion-3.5-medium's transformer config: MMDiT-X, QK-norm, dual attention in blocks 0-12
+    "sd35-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))),
     "sd3-medium": ("SD3Transformer2DModel", dict(
         sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,

@@ -1,11 +1,12 @@
 """Peak memory of the `diffprune prune` command itself on full-size denoisers (random weights, public configs).
 
-    python benchmarks/prune_memory.py --models dit-xl-2-256 [--src OTHER_CHECKOUT/src --label before]
+    python benchmarks/prune_memory.py --models dit-xl-2-256 [--dtype bfloat16] [--src OTHER_CHECKOUT/src --label before]
 
-Each model is saved once as a diffusers folder under ``--work`` (float32 safetensors, from its public configuration,
-nothing downloaded), then pruned by the CLI exactly as a user runs it (``diffprune prune --method magnitude
---target-macs 0.5``) under ``/usr/bin/time -v``: the peak resident memory of that process against the size of the
-weights file. ``--src`` runs another checkout's code (to measure before a change). Appends to
+Each model is saved once as a diffusers folder under ``--work`` (safetensors in ``--dtype``, default float32, from its
+public configuration, nothing downloaded), then pruned by the CLI exactly as a user runs it (``diffprune prune
+--method magnitude --target-macs 0.5``, which keeps the stored dtype) under ``/usr/bin/time -v``: the peak resident
+memory of that process against the size of the weights file, and the params and MACs before -> after from the
+output's pruning.json. ``--src`` runs another checkout's code (to measure before a change). Appends to
 benchmarks/results/prune_memory.json and rewrites .md.
 """
 import argparse
@@ -23,15 +24,18 @@ from diffprune._fs import atomic_write_bytes
 RESULTS = Path("benchmarks/results")
 
 
-def model_folder(name: str, work: Path) -> Path:
-    folder = work / name
+def model_folder(name: str, work: Path, dtype: str) -> Path:
+    import torch
+
+    folder = work / (name if dtype == "float32" else f"{name}-{dtype}")
     if not (folder / "config.json").is_file():
-        benchmark_model(name).denoiser.save_pretrained(folder, safe_serialization=True)
+        model = benchmark_model(name).denoiser.to(getattr(torch, dtype))
+        model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
-def measure(name: str, work: Path, src: str | None, threads: int) -> dict:
-    folder = model_folder(name, work)
+def measure(name: str, work: Path, src: str | None, threads: int, dtype: str) -> dict:
+    folder = model_folder(name, work, dtype)
     out = work / f"{name}-pruned-{os.getpid()}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if src:
@@ -45,8 +49,11 @@ def measure(name: str, work: Path, src: str | None, threads: int) -> dict:
     peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     pruned = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    rec = json.loads((out / "pruning.json").read_text())
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    return {"model": name, "weights_gib": round(weights / 2**30, 2), "pruned_weights_gib": round(pruned / 2**30, 2),
+    return {"model": name, "dtype": rec.get("dtype", "float32"), "params_before": rec["base_params"],
+            "params_after": rec["params"], "macs_before": rec["base_macs"], "macs_after": rec["macs"],
+            "weights_gib": round(weights / 2**30, 2), "pruned_weights_gib": round(pruned / 2**30, 2),
             "peak_rss_gib": round(peak_kib / 2**20, 2), "peak_over_weights": round(peak_kib * 1024 / weights, 2),
             "seconds": round(time.time() - t0, 1), "threads": threads, "command": " ".join(cmd[2:])}
 
@@ -58,23 +65,35 @@ def main() -> None:
     p.add_argument("--src", default=None, help="run this checkout's src/ instead of the installed diffprune")
     p.add_argument("--label", default="this commit")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model folder is saved in (the CLI prunes and saves it in the same)")
     args = p.parse_args()
     path = RESULTS / "prune_memory.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     commit = subprocess.run(["git", "-C", args.src or ".", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     for name in args.models:
-        rows.append({"label": args.label, "commit": commit, **measure(name, Path(args.work), args.src, args.threads)})
+        rows.append({"label": args.label, "commit": commit,
+                     **measure(name, Path(args.work), args.src, args.threads, args.dtype)})
         atomic_write_bytes(path, (json.dumps(rows, indent=1) + "\n").encode())
     lines = ["# Peak memory of `diffprune prune` (magnitude, 0.5x MACs, random full-size weights)", "",
              "`python benchmarks/prune_memory.py --models ...` (`--src` for an older checkout). Peak resident memory "
-             "of the prune process (`/usr/bin/time -v`) against the float32 weights file.", "",
-             "| code | model | weights GiB | peak GiB | peak / weights | pruned GiB | seconds |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['label']} ({r['commit']}) | {r['model']} | {r['weights_gib']} | {r['peak_rss_gib']} | "
-              f"{r['peak_over_weights']}× | {r['pruned_weights_gib']} | {r['seconds']} |" for r in rows]
+             "of the prune process (`/usr/bin/time -v`) against the weights file, in the dtype it is stored and "
+             "pruned in; params and MACs (one call at batch 1) before -> after from the output's pruning.json.", "",
+             "| code | model | dtype | params | MACs/call | weights GiB | peak GiB | peak / weights | pruned GiB "
+             "| seconds | threads |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['label']} ({r['commit']}) | {r['model']} | {r.get('dtype', 'float32')} | {_pair(r, 'params', 1e6, 'M')} "
+              f"| {_pair(r, 'macs', 1e9, 'G')} | {r['weights_gib']} | {r['peak_rss_gib']} | "
+              f"{r['peak_over_weights']}× | {r['pruned_weights_gib']} | {r['seconds']} | {r['threads']} |" for r in rows]
     atomic_write_bytes(RESULTS / "prune_memory.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
+
+
+def _pair(row: dict, key: str, scale: float, unit: str) -> str:
+    if f"{key}_before" not in row:
+        return "—"
+    return f"{row[key + '_before'] / scale:.1f}{unit} -> {row[key + '_after'] / scale:.1f}{unit}"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,75 @@ from torch import nn
 from .errors import DiffPruneError
 
 
+# the floating dtypes diffprune loads, prunes, saves and times models in, by their names
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def weights_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype that most of ``model``'s parameter elements are in (float32 for a model without any)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def param_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """``{name: dtype}`` of ``model``'s floating parameters and buffers (to restore after a float32 pass)."""
+    return {n: t.dtype for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_floating_point()}
+
+
+def restore_dtypes_(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Cast each floating parameter and buffer of ``model`` back to its dtype in ``dtypes`` (names ``dtypes`` lacks,
+    and names gone from the model, are left alone); gradients are dropped."""
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name in dtypes and t.dtype != dtypes[name]:
+                t.grad = None
+                t.data = t.data.to(dtypes[name])
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block, new floating tensors default to ``dtype`` (None: unchanged); restored after."""
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+@contextlib.contextmanager
+def float32_params(modules) -> Iterator[None]:
+    """Inside the block the low-precision (bfloat16/float16) parameters of ``modules`` (not their submodules') are
+    float32, and so are their gradients, so that scores computed from them are summed in float32; the original
+    tensors are put back after, even on error."""
+    saved = []
+    for module in {id(m): m for m in modules if isinstance(m, nn.Module)}.values():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                saved.append((p, p.data, p.grad))
+                p.grad = None
+                p.data = p.data.float()
+                if saved[-1][2] is not None:
+                    p.grad = saved[-1][2].float()
+    try:
+        yield
+    finally:
+        for p, data, grad in saved:
+            p.grad = None
+            p.data = data
+            p.grad = grad
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode inside the block; its train/eval mode is restored after, even on error."""

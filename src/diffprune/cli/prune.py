@@ -20,6 +20,7 @@ def _config_defaults():
 
 
 def add_parser(sub) -> None:
+    from .._torch import DTYPES
     from ..prune import LATENCY_DTYPES
 
     d = _config_defaults()
@@ -113,6 +114,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="also print the pruning record (pruning.json) to stdout")
     p.add_argument("--cache-dir", default=None,
                    help="cache of encoded latents for latent pipelines (default: $DIFFPRUNE_CACHE or ~/.cache/diffprune)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="dtype the denoiser is loaded, pruned and saved in (default auto: the dtype its weights are "
+                        "stored in, so bfloat16 weights stay bfloat16); scores are computed in float32 either way")
     add_prediction_type_flag(p)
     add_device_flag(p)
     p.set_defaults(func=run)
@@ -174,12 +178,14 @@ def run(args) -> int:
 def _prune(args, config, inputs) -> int:
     import json
 
+    from .._torch import DTYPES
     from ..io import save_pruned
     from ..prune import prune_model
 
     loaded, report = prune_model(args.model, config, args.data, device=device_of(args), split=args.split,
                                  cache_dir=args.cache_dir, prediction_type=args.prediction_type,
-                                 prompts=read_prompts(args))
+                                 prompts=read_prompts(args),
+                                 dtype=args.dtype if args.dtype == "auto" else DTYPES[args.dtype])
     record = loaded.pruning
 
     print(width_table(report.base_widths, report.widths))
@@ -197,6 +203,7 @@ def _prune(args, config, inputs) -> int:
               f"{lat['dtype']}, {lat['device']}, {lat['threads']} threads)")
     for line in summary_lines(record):
         print(line)
+    print(f"dtype:  {report.dtype} (scores computed in float32)")
     if args.json:
         print(json.dumps(record, sort_keys=True, default=str))
     if args.dry_run:

@@ -9,6 +9,7 @@ model that was saved. :func:`load_model` returns a :class:`LoadedModel` whose ad
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .._fs import is_hub_id, missing_path_message, read_json
-from .._torch import shape_mismatch, state_shapes
+from .._torch import default_dtype, shape_mismatch, state_shapes
 from ..adapters import ModelAdapter, adapter_for_class_name
 from ..adapters.pipelines import PipelineFamily, pipeline_family
 from ..components import AUTOENCODER_CLASSES, TEXT_ENCODER_CLASSES, TOKENIZER_CLASSES, LatentCodec, TextEncoder, \
@@ -27,6 +28,9 @@ from ..layout import (CONFIG_NAME, INDEX_NAME, MODEL_FILE_PATTERNS, PICKLE_SUFFI
                       check_weights, components, pickle_refusal, read_index, refuse_pickles)
 from ..structure import replay_structure_
 from ..text_encoders import ENCODINGS, StockTextEncoder
+
+# safetensors' names of the floating dtypes diffprune loads
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,8 @@ def _load_pruned(folder: Path, device, dtype) -> tuple[nn.Module, ModelAdapter]:
     config = _read_config(folder / CONFIG_NAME)
     pruning = read_json(folder / PRUNING_NAME)
     cls, adapter = _model_class(config.get("_class_name"), str(folder / CONFIG_NAME))
-    model = cls.from_config(config)
+    with default_dtype(dtype):  # built in the dtype it is loaded in: no float32 copy of a half-precision model
+        model = cls.from_config(config)
     require(isinstance(pruning, dict) and isinstance(pruning.get("structure"), dict),
             f"{str(folder / PRUNING_NAME)!r} has no 'structure'")
     replay_structure_(model, pruning["structure"], adapter=adapter)
@@ -141,23 +146,45 @@ def load_scheduler(folder: str | os.PathLike):
     return cls.from_pretrained(folder)
 
 
+def stored_dtype(weights: Path) -> torch.dtype:
+    """The floating dtype that most elements of a safetensors file (or of the first shard of a sharded index) are
+    stored in; read from the header, no weights loaded."""
+    from safetensors import safe_open
+
+    if weights.name.endswith(".index.json"):
+        weight_map = read_json(weights).get("weight_map") or {}
+        require(isinstance(weight_map, dict) and weight_map, f"{str(weights)!r} has no weight_map; restore the folder")
+        weights = weights.parent / sorted(set(weight_map.values()))[0]
+    counts: dict[str, int] = {}
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            piece = f.get_slice(key)
+            counts[piece.get_dtype()] = counts.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
+    floating = {k: v for k, v in counts.items() if k in SAFETENSORS_DTYPES}
+    return SAFETENSORS_DTYPES[max(floating, key=floating.get)] if floating else torch.float32
+
+
 def _load_denoiser(folder: Path, device, dtype) -> tuple[nn.Module, dict | None, ModelAdapter]:
-    """A (pruned or plain) denoiser from its own folder, its pruning record and its adapter."""
+    """A (pruned or plain) denoiser from its own folder, its pruning record and its adapter. ``dtype="auto"``: the
+    dtype its weights are stored in."""
+    if dtype == "auto":
+        dtype = stored_dtype(check_weights(folder, sharded=True))
     if (folder / PRUNING_NAME).is_file():
         model, adapter = _load_pruned(folder, device, dtype)
         return model, read_json(folder / PRUNING_NAME), adapter
     check_weights(folder, sharded=True)
     cls, adapter = _model_class(_read_config(folder / CONFIG_NAME).get("_class_name"), str(folder / CONFIG_NAME))
-    model = _from_pretrained(cls, folder).eval()
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
+    model = _from_pretrained(cls, folder, dtype).eval()
+    if device is not None:
+        model.to(device=device)
     return model, None, adapter
 
 
-def _from_pretrained(cls, folder: Path):
-    """``cls.from_pretrained`` (safetensors only) with damaged or incomplete weights as one-line errors."""
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype | None = None):
+    """``cls.from_pretrained`` (safetensors only; in ``dtype``, default float32) with damaged or incomplete weights
+    as one-line errors."""
     try:
-        model = cls.from_pretrained(folder, use_safetensors=True)
+        model = cls.from_pretrained(folder, use_safetensors=True, **({"torch_dtype": dtype} if dtype else {}))
     except (OSError, ValueError, RuntimeError) as e:
         if isinstance(e, OSError) and e.errno is not None:
             raise  # the system's own error (disk, permissions): the CLI says it in one line
@@ -235,6 +262,7 @@ def _load_pipeline_folder(folder: Path, device, dtype) -> LoadedModel:
     sched_dir = folder / "scheduler"
     scheduler = load_scheduler(sched_dir) if (sched_dir / SCHEDULER_CONFIG).is_file() else None
     codec = text = None
+    dtype = None if dtype == "auto" else dtype  # the other components in float32
     if family.autoencoder is not None:
         codec = load_codec(folder / family.autoencoder)
         if device is not None or dtype is not None:
@@ -320,11 +348,12 @@ def stock_pipeline(loaded: LoadedModel):
     return diffusers.DDPMPipeline(unet=loaded.denoiser, scheduler=loaded.scheduler or default_scheduler())
 
 
-def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
+def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dtype | str | None = None,
                allow_hub: bool = True) -> LoadedModel:
     """Load a denoiser (and its scheduler, and a pipeline's autoencoder) from a shipped name, a folder (pruned,
     diffusers model or pipeline) or a hub id (``owner/name``, online, safetensors only). Pickle checkpoints are
-    refused with the reason."""
+    refused with the reason. ``dtype``: of every component (default float32, as diffusers); ``"auto"``: the
+    denoiser in the dtype its weights are stored in (a pipeline's other components in float32)."""
     from ..assets import SHIPPED_MODELS, shipped_model_path
 
     name = str(name_or_path)

@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from .._torch import state_shapes
+from .._torch import dtype_name, param_dtypes, restore_dtypes_, state_shapes, weights_dtype
 from ..adapters import resolve_adapter
 from ..errors import require
 from ..importance import METHODS
@@ -16,7 +16,7 @@ from ..structure import STRUCTURE_FORMAT, TORCH_PRUNING_VERSION, chain_records, 
 from .calibration import accumulate_gradients, calibration_batch, calibration_noise
 from .config import DATA_FREE, PruneConfig, PruneReport
 from .search import _latency_target, _macs_target, _prune_blocks, _prune_channels, _Pruned, latency_timer
-from .selection import check_round_to
+from .selection import _meta_copy, check_round_to
 
 def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
            split: str = "train", cache_dir=None, num_classes: int | None = None, text_encoder=None, prompts=None,
@@ -48,8 +48,11 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         unet.to(device)
     device = next(unet.parameters()).device
     calibration_record = latency = None
+    dtypes, dtype = param_dtypes(unet), weights_dtype(unet)
+    if method.needs_gradients and dtype != torch.float32:
+        unet.float()  # calibrated and scored in float32; the kept weights go back to their dtype exactly below
     with adapter.tracing(unet):
-        before, widths_before, snapshot = count_macs(unet, adapter=adapter), layer_widths(unet), adapter.snapshot(unet)
+        before, widths_before, snapshot = _macs(unet, adapter), layer_widths(unet), adapter.snapshot(unet)
         if method.needs_gradients:
             calibration_record = _calibrate(unet, adapter, config, calibration, scheduler, device, progress,
                                             codec=codec, split=split, cache_dir=cache_dir, num_classes=num_classes,
@@ -65,17 +68,23 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
                       _latency_target(config, timer, base_s) if config.target_latency is not None else None)
             pruned = _prune_channels(unet, adapter, config, importance, snapshot, before.macs, progress, target)
         unet.zero_grad(set_to_none=True)
+        restore_dtypes_(unet, dtypes)
         if method.after_pruning is not None:
             method.after_pruning(unet, config.seed)
             adapter.check(unet)
-        after = count_macs(unet, adapter=adapter)
+        after = _macs(unet, adapter)
         if config.target_latency is not None:  # the pruned model itself, timed as the probes were
             achieved = timer(unet)
             latency = {"base_s": base_s, "s": achieved, "fraction": achieved / base_s, "batch": config.latency_batch,
                        "dtype": config.latency_dtype, "device": str(device), "threads": torch.get_num_threads(),
                        "repeats": config.latency_repeats}
     return _report(unet, config, adapter, pruned, before, after, widths_before, calibration_record, latency,
-                   seconds=round(time.time() - t0, 3))
+                   seconds=round(time.time() - t0, 3), dtype=dtype_name(dtype))
+
+
+def _macs(unet, adapter):
+    """The MAC count of ``unet``, on a shapes-only (meta-device) copy: no weight is read, whatever the dtype."""
+    return count_macs(_meta_copy(unet), adapter=adapter)
 
 
 def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, device, progress: bool, **sources) -> dict:
@@ -103,7 +112,7 @@ def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, devic
 
 
 def _report(unet, config: PruneConfig, adapter, pruned: _Pruned, before, after, widths_before, calibration_record,
-            latency, seconds: float) -> PruneReport:
+            latency, seconds: float, dtype: str) -> PruneReport:
     """The :class:`PruneReport` of a pruned model: the figures before and after, and the replayable structure."""
     structure = {
         "format": STRUCTURE_FORMAT, "adapter": adapter.name, "torch_pruning": TORCH_PRUNING_VERSION,
@@ -117,18 +126,20 @@ def _report(unet, config: PruneConfig, adapter, pruned: _Pruned, before, after, 
         base_widths=widths_before, widths=layer_widths(unet),
         base_macs_per_layer=before.per_layer, macs_per_layer=after.per_layer,
         seconds=seconds, scores=pruned.scores, latency=latency,
-        kept_out_of_order=[list(x) for x in pruned.skip],
+        kept_out_of_order=[list(x) for x in pruned.skip], dtype=dtype,
     )
 
 
 def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None, *, device=None,
                 split: str = "train", cache_dir=None, prediction_type: str | None = None, prompts=None,
-                progress: bool = True):
+                progress: bool = True, dtype: torch.dtype | str = "auto"):
     """Load ``model`` (a shipped name, a folder — bare model or pipeline, pruned or not — or a hub id) and prune its
     denoiser in place; returns ``(loaded, report)`` with ``loaded.pruning`` set to the record to save (chained
     onto the previous one for a model pruned again) and ``loaded.scheduler`` to the scheduler used.
     ``prediction_type``: what the model predicts, for a model without a scheduler (checked against one it has).
     ``prompts``: for a text-to-image pipeline calibrated ``"data-free"``, the prompts its inputs are generated from.
+    ``dtype``: the dtype the denoiser is loaded, pruned and saved in (``"auto"``: the one its weights are stored in,
+    so a bfloat16 model stays bfloat16; scores are computed in float32 whatever it is).
 
     Save it with ``save_pruned(loaded.denoiser, out, loaded.pruning, scheduler=loaded.scheduler,
     pipeline=loaded.pipeline)``.
@@ -136,7 +147,7 @@ def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None,
     from ..io import load_model
     from ..objective import resolve_scheduler
 
-    loaded = load_model(model)
+    loaded = load_model(model, dtype=dtype)
     require(not (loaded.pruning or {}).get("structure", {}).get("meta", {}).get("removed_blocks"),
             f"{str(model)!r} was depth-pruned (whole blocks removed); prune the original model instead")
     scheduler = resolve_scheduler(loaded.scheduler, prediction_type)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
+from .._torch import DTYPES
 from ..errors import require, require_int, require_seed
 from ..importance import METHODS, TAYLOR_FORMS, setting_owners
 from ..structure import TORCH_PRUNING_VERSION
@@ -20,7 +21,7 @@ NORMALIZERS = ("none", "mean")
 ALLOCATION_DEFAULTS = {"allocation": "score", "normalize": "none", "max_layer_ratio": None, "conditioning_floor": 0.0}
 # settings added after runs were recorded, at the value those runs used (None: a method that does not own it)
 LATER_DEFAULTS = {**ALLOCATION_DEFAULTS, "noise_draws": 1}
-LATENCY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LATENCY_DTYPES = DTYPES
 DATA_FREE = "data-free"
 
 
@@ -229,6 +230,7 @@ class PruneReport:
     plain name is after: ``params``/``base_params``, ``macs``/``base_macs`` (one call at batch 1),
     ``widths``/``base_widths`` (``{layer: [in, out]}`` of every Conv/Linear/GroupNorm layer),
     ``macs_per_layer``/``base_macs_per_layer``. ``calibration`` holds the per-timestep losses and the cutoff.
+    ``dtype``: the dtype the weights were pruned and are saved in (scores are always computed in float32).
     ``kept_out_of_order``: ``[group root layer, position]`` pairs that global ranking kept although they rank among
     the pruned ones, so that a target could land past a step in the cost (see ``search``).
     """
@@ -251,6 +253,7 @@ class PruneReport:
     seconds: float = 0.0
     latency: dict | None = None
     kept_out_of_order: list[list] = field(default_factory=list)
+    dtype: str = "float32"
     scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property

@@ -9,6 +9,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .._torch import float32_params
 from ..adapters import ModelAdapter
 from ..errors import require
 from ..macs import count_macs
@@ -224,7 +225,11 @@ class _RecordingImportance:
 
     def __call__(self, group):
         key = self.names.get(id(group[0].dep.target.module), "?")
-        imp = self.cached[key].clone() if self.cached is not None and key in self.cached else self.importance(group)
+        if self.cached is not None and key in self.cached:
+            imp = self.cached[key].clone()
+        else:  # a bfloat16/float16 model's scores are computed and summed in float32
+            with float32_params(dep.target.module for dep, _ in group):
+                imp = self.importance(group)
         if imp is not None:
             self.scores[key] = imp.detach().cpu().clone()
         return imp
