@@ -87,8 +87,27 @@ def model_card(record: dict, *, stage: str, base: str | None = None, metrics: di
     ]
     if grid:
         lines += [f"![samples]({grid})", ""]
-    lines += [
-        "## How to load", "",
+    lines += ["## How to load", "", *(_stock_load(record, name) if record.get("layout") == "stock" else
+                                       _diffprune_load(record, name))]
+    return "\n".join(lines)
+
+
+def _stock_load(record: dict, name: str) -> list[str]:
+    cls = (record.get("base_config") or {}).get("_class_name", "DiffusionPipeline")
+    return [
+        "```python",
+        f"from diffusers import {cls}   # or DiffusionPipeline for a pipeline folder",
+        f'model = {cls}.from_pretrained("{name}")',
+        "```", "",
+        "**Stock layout: plain diffusers loads this folder.** Pruning removed whole blocks, and `config.json` is the "
+        "stock config of the pruned model (the unpruned one is `base_config` in `pruning.json`), so no diffprune is "
+        "needed to load or run it.", "",
+        "Weights are safetensors and everything else JSON: nothing here is a pickle.", "",
+    ]
+
+
+def _diffprune_load(record: dict, name: str) -> list[str]:
+    return [
         "```python",
         "from diffprune import load_pipeline   # pip install diffprune",
         f'pipe = load_pipeline("{name}")        # the stock diffusers pipeline with the pruned denoiser',
@@ -100,7 +119,6 @@ def model_card(record: dict, *, stage: str, base: str | None = None, metrics: di
         f"{record.get('torch_pruning_version', '?')}) and loads the safetensors weights, bitwise as saved.", "",
         "Weights are safetensors and everything else JSON: nothing here is a pickle.", "",
     ]
-    return "\n".join(lines)
 
 
 def write_eval_card(folder, metrics: dict, pruning: dict, *, grid: str | None, labelled: bool) -> str:

@@ -9,6 +9,11 @@ A pruned bare model folder::
     diffusion_pytorch_model.safetensors  the pruned weights
     scheduler/                           the noise scheduler, when known
 
+In the *stock layout* (``prune --layout stock``; ``"layout": "stock"`` in pruning.json) config.json is instead the
+stock diffusers config that builds the pruned model as it is (e.g. a DiT's ``num_layers`` after whole blocks went),
+so plain ``from_pretrained`` loads it without diffprune; pruning.json keeps the record (``base_config``: the
+unpruned config) and diffprune loads the folder with ``from_pretrained`` too.
+
 A pipeline folder holds ``model_index.json`` and one folder per component; :func:`read_index` is the one reader of
 ``model_index.json`` and refuses component names that are not plain folder names of the pipeline.
 """
@@ -22,6 +27,8 @@ from ._fs import read_json
 from .errors import DiffPruneError, require
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+STOCK, FREE = "stock", "free"  # pruning.json's "layout": config.json builds the pruned model, or the unpruned base
+LAYOUTS = (FREE, STOCK)
 PRUNING_NAME = "pruning.json"
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model_index.json"

@@ -237,6 +237,17 @@ class ModelAdapter:
         """Remove the blocks ``indices`` (into :meth:`blocks`) from ``model`` in place."""
         raise NotImplementedError
 
+    # the block lists depth pruning shortens, each with the config key that counts it (the stock layout)
+    block_counts: dict[str, str] = {}
+
+    def stock_config(self, model: nn.Module, config: dict) -> dict | None:
+        """The stock diffusers config that builds ``model`` as it is now (pruned from ``config``), or None where this
+        family's stock config cannot express what pruning did. What it can: removed whole blocks (the counts in
+        :attr:`block_counts`). The caller checks the result builds ``model``'s exact shapes."""
+        if not self.block_counts:
+            return None
+        return {**config, **{key: len(getattr(model, attr)) for attr, key in self.block_counts.items()}}
+
     # --- consistency after pruning and at load ------------------------------------------------------------------
     def snapshot(self, model: nn.Module) -> dict:
         """State needed by :meth:`finalize_`, taken before pruning."""

@@ -67,6 +67,8 @@ class DiTAdapter(ModelAdapter):
     def fixed_blocks(self, model):
         return {0}  # the final layer's adaLN reads block 0's timestep/label embedder
 
+    block_counts = {"transformer_blocks": "num_layers"}
+
     def remove_blocks_(self, model, indices):
         gone = set(int(i) for i in indices)
         model.transformer_blocks = nn.ModuleList(b for i, b in enumerate(model.transformer_blocks) if i not in gone)

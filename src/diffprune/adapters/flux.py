@@ -164,6 +164,8 @@ class FluxAdapter(ModelAdapter):
     def blocks(self, model):
         return list(model.transformer_blocks) + list(model.single_transformer_blocks)
 
+    block_counts = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
+
     def remove_blocks_(self, model, indices):
         gone, n = set(int(i) for i in indices), len(model.transformer_blocks)
         model.transformer_blocks = nn.ModuleList(b for i, b in enumerate(model.transformer_blocks) if i not in gone)

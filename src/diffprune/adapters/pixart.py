@@ -109,6 +109,8 @@ class PixArtAdapter(ModelAdapter):
     def blocks(self, model):
         return list(model.transformer_blocks)
 
+    block_counts = {"transformer_blocks": "num_layers"}
+
     def remove_blocks_(self, model, indices):
         gone = set(int(i) for i in indices)
         model.transformer_blocks = nn.ModuleList(b for i, b in enumerate(model.transformer_blocks) if i not in gone)

@@ -72,9 +72,15 @@ class SD3Adapter(ModelAdapter):
     def fixed_blocks(self, model):
         return {len(model.transformer_blocks) - 1}  # context_pre_only: the text stream ends there
 
+    block_counts = {"transformer_blocks": "num_layers"}
+
     def remove_blocks_(self, model, indices):
         gone = set(int(i) for i in indices)
         model.transformer_blocks = nn.ModuleList(b for i, b in enumerate(model.transformer_blocks) if i not in gone)
+
+    def stock_config(self, model, config):  # SD3.5's dual-attention blocks, renumbered among the kept ones
+        dual = [i for i, b in enumerate(model.transformer_blocks) if getattr(b, "use_dual_attention", False)]
+        return {**super().stock_config(model, config), "dual_attention_layers": dual}
 
     def snapshot(self, model):
         return {"attention": _attention.snapshot(model)}

@@ -117,6 +117,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="dtype the denoiser is loaded, pruned and saved in (default auto: the dtype its weights are "
                         "stored in, so bfloat16 weights stay bfloat16); scores are computed in float32 either way")
+    p.add_argument("--layout", default="free", choices=["free", "stock"],
+                   help="free (default: any widths; the folder loads with diffprune) or stock (loads with plain "
+                        "diffusers from_pretrained: transformer families with --method depth, whole blocks removed)")
     add_prediction_type_flag(p)
     add_device_flag(p)
     p.set_defaults(func=run)
@@ -185,7 +188,8 @@ def _prune(args, config, inputs) -> int:
     loaded, report = prune_model(args.model, config, args.data, device=device_of(args), split=args.split,
                                  cache_dir=args.cache_dir, prediction_type=args.prediction_type,
                                  prompts=read_prompts(args),
-                                 dtype=args.dtype if args.dtype == "auto" else DTYPES[args.dtype])
+                                 dtype=args.dtype if args.dtype == "auto" else DTYPES[args.dtype],
+                                 layout=args.layout)
     record = loaded.pruning
 
     print(width_table(report.base_widths, report.widths))

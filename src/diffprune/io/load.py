@@ -25,7 +25,7 @@ from ..components import AUTOENCODER_CLASSES, TEXT_ENCODER_CLASSES, TOKENIZER_CL
     require_transformers
 from ..errors import DiffPruneError, require
 from ..layout import (CONFIG_NAME, INDEX_NAME, MODEL_FILE_PATTERNS, PICKLE_SUFFIXES, PRUNING_NAME, SCHEDULER_CONFIG,
-                      check_weights, components, pickle_refusal, read_index, refuse_pickles)
+                      STOCK, check_weights, components, pickle_refusal, read_index, refuse_pickles)
 from ..structure import replay_structure_
 from ..text_encoders import ENCODINGS, StockTextEncoder
 
@@ -114,6 +114,9 @@ def _load_pruned(folder: Path, device, dtype) -> tuple[nn.Module, ModelAdapter]:
     config = _read_config(folder / CONFIG_NAME)
     pruning = read_json(folder / PRUNING_NAME)
     cls, adapter = _model_class(config.get("_class_name"), str(folder / CONFIG_NAME))
+    if isinstance(pruning, dict) and pruning.get("layout") == STOCK:  # config.json builds it as it is
+        model = _from_pretrained(cls, folder, dtype).eval()
+        return (model.to(device=device) if device is not None else model), adapter
     with default_dtype(dtype):  # built in the dtype it is loaded in: no float32 copy of a half-precision model
         model = cls.from_config(config)
     require(isinstance(pruning, dict) and isinstance(pruning.get("structure"), dict),

@@ -19,7 +19,7 @@ from .._fs import atomic_dir, atomic_write_json, write_safetensors
 from .._torch import shape_mismatch, state_shapes
 from ..adapters.pipelines import latent_family
 from ..errors import DiffPruneError, require
-from ..layout import CONFIG_NAME, INDEX_NAME, PRUNING_NAME, WEIGHTS_NAME
+from ..layout import CONFIG_NAME, FREE, INDEX_NAME, LAYOUTS, PRUNING_NAME, STOCK, WEIGHTS_NAME
 from .load import PipelineSource, load_codec
 
 # what a pipeline component may hold, by suffix or by name: weights and configs, and the tokenizers' own files
@@ -90,11 +90,48 @@ def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | 
         return
     _check_record(model, pruning)
     target.mkdir(parents=True, exist_ok=True)
-    model.save_config(target)
+    (stock_twin(model) if pruning.get("layout") == STOCK else model).save_config(target)
     write_safetensors(target / WEIGHTS_NAME, _state_dict_for_saving(model), metadata={"format": "pt"})
     atomic_write_json(target / PRUNING_NAME, pruning)
     if card is not None:
         _write_card(folder, model, pruning, pipeline, card)
+
+
+def check_layout(layout: str, adapter, method: str) -> None:
+    """Refuse, before any work, a ``layout`` this family or ``method`` cannot give (see :func:`stock_twin`)."""
+    from ..importance import METHODS
+
+    require(layout in LAYOUTS, f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
+    if layout == FREE:
+        return
+    require(bool(adapter.block_counts),
+            f"--layout stock is not available for {adapter.name} models yet: their stock config has one width per "
+            "block, which the channel selection does not keep; prune in the free layout (the default; load it with "
+            "diffprune.load_pipeline) or export it to ONNX (diffprune export)")
+    require(METHODS.get(method).removes == "blocks",
+            f"--layout stock needs --method depth for {adapter.name} models: their stock config fixes every width "
+            f"(heads x head dim is the residual stream, the MLP a multiple of it), so only removed whole blocks fit "
+            f"it; method {method!r} prunes widths: drop --layout stock to keep them (free layout)")
+
+
+def stock_twin(model: nn.Module) -> nn.Module:
+    """A shapes-only (meta-device) model built from the stock diffusers config that describes the pruned ``model``
+    (:meth:`~diffprune.adapters.ModelAdapter.stock_config`), checked to have exactly ``model``'s shapes: its
+    ``save_config`` writes the ``config.json`` with which plain ``from_pretrained`` loads the pruned weights."""
+    from ..adapters import resolve_adapter
+
+    adapter, name = resolve_adapter(model), type(model).__name__
+    config = adapter.stock_config(model, dict(model.config))
+    fix = ("save it in the free layout (the default; load it with diffprune.load_pipeline) or export it to ONNX "
+           "(diffprune export)")
+    require(config is not None, f"a pruned {name} cannot be saved in the stock layout: its diffusers config cannot "
+                                f"express pruned widths, and the {adapter.name} family has no blocks to remove; {fix}")
+    with torch.device("meta"):
+        twin = type(model).from_config(config)
+    bad = shape_mismatch(state_shapes(twin), state_shapes(model))
+    require(not bad, f"this pruned {name} cannot be saved in the stock layout: its diffusers config builds other "
+                     f"shapes (e.g. {bad}), as only removed whole blocks fit it; prune with --method depth, or {fix}")
+    return twin
 
 
 def _write_card(folder: Path, model: nn.Module, pruning: dict, pipeline: PipelineSource | None, card: dict) -> None:
@@ -108,15 +145,31 @@ def _write_card(folder: Path, model: nn.Module, pruning: dict, pipeline: Pipelin
     license = input_license(source) if source and Path(source).is_dir() else None
     write_card(folder, pruning, **{"conditioning": spec.kind if spec else None, "license": license, **card})
 
+def with_layout(record: dict, model: nn.Module, layout: str | None) -> dict:
+    """The pruning record of ``model`` saved in ``layout`` (None: as the record says, default free); the stock
+    layout keeps the unpruned config as ``base_config`` (config.json will build the pruned model)."""
+    if layout is None or layout == record.get("layout", FREE):
+        return record
+    require(layout in LAYOUTS, f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
+    require(layout == STOCK, f"a record in the {record.get('layout')} layout cannot be saved in the {layout} one")
+    return {**record, "layout": STOCK, "base_config": {"_class_name": type(model).__name__, **dict(model.config)}}
+
+
 def save_pruned(model: nn.Module, out_dir: str | os.PathLike, pruning: dict, scheduler=None,
-                overwrite: bool = False, inputs=(), pipeline: PipelineSource | None = None) -> Path:
+                overwrite: bool = False, inputs=(), pipeline: PipelineSource | None = None,
+                layout: str | None = None) -> Path:
     """Write a pruned model folder atomically (``pruning``: ``PruneReport.to_dict()`` or a loaded record); with
-    ``pipeline`` (``LoadedModel.pipeline``), a pipeline folder.
+    ``pipeline`` (``LoadedModel.pipeline``), a pipeline folder. ``layout``: "stock" writes the config.json that
+    builds the pruned model, so plain diffusers ``from_pretrained`` loads the folder (whole blocks removed only;
+    anything else is refused, see :func:`stock_twin`); default: the record's (free unless it says stock).
 
     Refuses an existing non-empty ``out_dir`` unless ``overwrite`` (and then only a folder diffprune wrote, never
     one that is or contains one of ``inputs``). The record's structure must match the model's parameter shapes.
     """
     _check_record(model, pruning)
+    pruning = with_layout(pruning, model, layout)
+    if pruning.get("layout") == STOCK:
+        stock_twin(model)  # refused before anything is written
     with atomic_dir(out_dir, overwrite=overwrite, kind="pruned-model", inputs=inputs) as tmp:
         write_model(tmp, model, pruning=pruning, scheduler=scheduler, pipeline=pipeline,
                     card={"stage": "pruned", "name": str(out_dir)})
@@ -150,4 +203,5 @@ def assemble_pipeline(folder, denoiser: nn.Module, autoencoder_dir, scheduler, c
     return PipelineSource(folder, family, index)
 
 
-__all__ = ["assemble_pipeline", "copy_component", "save_pruned", "write_model"]
+__all__ = ["assemble_pipeline", "check_layout", "copy_component", "save_pruned", "stock_twin", "with_layout",
+           "write_model"]

@@ -132,14 +132,16 @@ def _report(unet, config: PruneConfig, adapter, pruned: _Pruned, before, after, 
 
 def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None, *, device=None,
                 split: str = "train", cache_dir=None, prediction_type: str | None = None, prompts=None,
-                progress: bool = True, dtype: torch.dtype | str = "auto"):
+                progress: bool = True, dtype: torch.dtype | str = "auto", layout: str = "free"):
     """Load ``model`` (a shipped name, a folder — bare model or pipeline, pruned or not — or a hub id) and prune its
     denoiser in place; returns ``(loaded, report)`` with ``loaded.pruning`` set to the record to save (chained
     onto the previous one for a model pruned again) and ``loaded.scheduler`` to the scheduler used.
     ``prediction_type``: what the model predicts, for a model without a scheduler (checked against one it has).
     ``prompts``: for a text-to-image pipeline calibrated ``"data-free"``, the prompts its inputs are generated from.
     ``dtype``: the dtype the denoiser is loaded, pruned and saved in (``"auto"``: the one its weights are stored in,
-    so a bfloat16 model stays bfloat16; scores are computed in float32 whatever it is).
+    so a bfloat16 model stays bfloat16; scores are computed in float32 whatever it is). ``layout``: "free" (any
+    widths; diffprune loads the folder) or "stock" (saved so that plain diffusers ``from_pretrained`` loads it:
+    whole blocks removed by ``method="depth"``, for the transformer families), recorded in the pruning record.
 
     Save it with ``save_pruned(loaded.denoiser, out, loaded.pruning, scheduler=loaded.scheduler,
     pipeline=loaded.pipeline)``.
@@ -147,7 +149,10 @@ def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None,
     from ..io import load_model
     from ..objective import resolve_scheduler
 
+    from ..io.save import check_layout, with_layout
+
     loaded = load_model(model, dtype=dtype)
+    check_layout(layout, loaded.adapter, config.method)
     require(not (loaded.pruning or {}).get("structure", {}).get("meta", {}).get("removed_blocks"),
             f"{str(model)!r} was depth-pruned (whole blocks removed); prune the original model instead")
     scheduler = resolve_scheduler(loaded.scheduler, prediction_type)
@@ -161,6 +166,7 @@ def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None,
     record = {**report.to_dict(), "model_source": str(model), "model_revision": loaded.revision,
               "scheduler_source": "model" if loaded.scheduler is not None else
               f"default (DDPM, 1000 steps, linear, {scheduler.config.prediction_type})"}
+    record = with_layout(record, loaded.denoiser, layout)
     if loaded.pruning is not None:
         record = chain_records(loaded.pruning, record)
     loaded.pruning, loaded.scheduler = record, scheduler

@@ -1,0 +1,180 @@
+"""The stock layout: a depth-pruned transformer saved so that plain diffusers loads it, bitwise as diffprune does."""
+import json
+import subprocess
+import sys
+
+import pytest
+import test_family_pixart
+import test_family_sdxl
+import torch
+from diffusers import (DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
+                       SD3Transformer2DModel)
+from safetensors.torch import load_file, save_file
+from test_family_flux import HEAD_DIM as FLUX_HEAD_DIM, cond as flux_cond
+from test_family_sd3 import calibration as sd3_calibration
+from text_family_suite import CALIB
+
+from diffprune.adapters import adapter_for
+from diffprune.cli import main
+from diffprune.errors import DiffPruneError
+from diffprune.io import load_model, save_pruned
+from diffprune.presets import build_model
+from diffprune.prune import PruneConfig, prune_
+
+# Loads every folder with plain diffusers (the class its config.json names), runs the saved inputs and saves the
+# outputs; fails if anything imported diffprune.
+PLAIN = r"""
+import json, sys
+import diffusers, torch
+from safetensors.torch import load_file, save_file
+torch.set_num_threads(1)  # as the tests run: the same kernels and summation order
+outs = {}
+for name, spec in json.load(open(sys.argv[1])).items():
+    cls = getattr(diffusers, json.load(open(spec["folder"] + "/config.json"))["_class_name"])
+    model = cls.from_pretrained(spec["folder"]).eval()
+    # fresh memory as in the test: mmap-loaded inputs can take other kernels (Flux rounded differently)
+    flat = {k: v.clone() for k, v in load_file(spec["inputs"]).items()}
+    kwargs = {}
+    for key in spec["keys"]:
+        outer, _, inner = key.partition(".")
+        value = flat.get(key)
+        if inner:
+            kwargs.setdefault(outer, {})[inner] = value
+        else:
+            kwargs[outer] = value
+    with torch.no_grad():
+        outs[name] = model(**kwargs).sample.contiguous()
+save_file(outs, sys.argv[2])
+assert not any(m.split(".")[0] == "diffprune" for m in sys.modules), "diffprune was imported"
+"""
+
+
+def _dit():
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                 num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+
+
+def _dit_calibration(model):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 4, 8, 8, generator=g).clamp(-1, 1), torch.tensor([1, 2, 3, 4])
+
+
+def _sd3():
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(num_layers=4, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                 caption_projection_dim=32, pooled_projection_dim=16, sample_size=8, patch_size=2,
+                                 in_channels=4, out_channels=4, qk_norm="rms_norm", dual_attention_layers=(0, 2),
+                                 pos_embed_max_size=8)
+
+
+def _flux():
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=FLUX_HEAD_DIM, num_attention_heads=4, joint_attention_dim=32,
+                                   pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    model.register_to_config(sample_size=8)
+    return model
+
+
+PIXART = test_family_pixart.TestPixArt()
+FLOW = FlowMatchEulerDiscreteScheduler(num_train_timesteps=50, shift=3.0)
+FAMILIES = {  # name: (build, calibration, scheduler)
+    "dit": (_dit, _dit_calibration, DDPMScheduler(num_train_timesteps=50)),
+    "pixart": (lambda: test_family_pixart.build_pixart(layers=4), PIXART.calibration,
+               DDPMScheduler(num_train_timesteps=50)),
+    "sd3": (_sd3, lambda m: sd3_calibration(), FLOW),
+    "flux": (_flux, lambda m: (torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2)), flux_cond(4)),
+             FLOW),
+}
+
+
+def _inputs(model) -> dict:
+    """The stock forward's keyword inputs at batch 2, random where they are floating point, flattened one level."""
+    g = torch.Generator().manual_seed(3)
+    flat, keys = {}, []
+    for key, value in adapter_for(model).example_inputs(model, 2).items():
+        for sub, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            name = key if sub is None else f"{key}.{sub}"
+            keys.append(name)
+            if isinstance(v, torch.Tensor):
+                flat[name] = (torch.randn(v.shape, generator=g) if v.is_floating_point() and "ids" not in name
+                              else v).contiguous()
+    return {"flat": flat, "keys": keys}
+
+
+def _call(model, inputs) -> torch.Tensor:
+    kwargs = {}
+    for key in inputs["keys"]:
+        outer, _, inner = key.partition(".")
+        if inner:
+            kwargs.setdefault(outer, {})[inner] = inputs["flat"].get(key)
+        else:
+            kwargs[outer] = inputs["flat"].get(key)
+    with torch.no_grad():
+        return model.eval()(**kwargs).sample
+
+
+def test_depth_pruned_transformers_load_in_plain_diffusers_bitwise(tmp_path):
+    """DiT, PixArt, SD3.5 (dual attention in kept and removed blocks) and Flux (double and single blocks): depth
+    pruning to half the blocks, saved in the stock layout; a process that never imports diffprune loads each folder
+    with the stock class's from_pretrained and gives bitwise the outputs of diffprune.load_model."""
+    spec, expected = {}, {}
+    for name, (build, calibration, scheduler) in FAMILIES.items():
+        model = build()
+        blocks = len(adapter_for(model).blocks(model))
+        report = prune_(model, PruneConfig(method="depth", ratio=0.5, **CALIB), calibration(model),
+                        scheduler=scheduler, progress=False)
+        assert len(adapter_for(model).blocks(model)) == blocks - blocks // 2
+        save_pruned(model, tmp_path / name, report.to_dict(), layout="stock")
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        record = json.loads((tmp_path / name / "pruning.json").read_text())
+        counts = adapter_for(model).block_counts.values()  # num_layers (and Flux's num_single_layers)
+        assert record["layout"] == "stock" and sum(record["base_config"][k] for k in counts) == blocks
+        assert sum(config[k] for k in counts) == len(adapter_for(model).blocks(model)) < blocks
+        assert config["num_layers"] == len(model.transformer_blocks)
+        if name == "sd3":  # the dual-attention blocks renumbered among the kept ones
+            assert config["dual_attention_layers"] == [i for i, b in enumerate(model.transformer_blocks)
+                                                       if b.attn2 is not None]
+        if name == "flux":
+            assert config["num_single_layers"] == len(model.single_transformer_blocks)
+        card = (tmp_path / name / "README.md").read_text()
+        assert f"{type(model).__name__}.from_pretrained(" in card and "needs diffprune" not in card
+        again = load_model(tmp_path / name)
+        assert again.pruning["layout"] == "stock"
+        inputs = _inputs(model)
+        save_file(inputs["flat"], str(tmp_path / f"{name}-in.safetensors"))
+        expected[name] = _call(again.denoiser, inputs)
+        assert torch.equal(expected[name], _call(model, inputs))
+        spec[name] = {"folder": str(tmp_path / name), "inputs": str(tmp_path / f"{name}-in.safetensors"),
+                      "keys": inputs["keys"]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run = subprocess.run([sys.executable, "-c", PLAIN, str(tmp_path / "spec.json"), str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].shape == expected[name].shape and torch.equal(got[name], expected[name]), name
+
+
+def test_what_the_stock_layout_cannot_express_is_refused_before_anything_is_written(tmp_path, capsys):
+    unet = build_model("tiny")
+    torch.save  # noqa: B018 (nothing pickled here: the folders below are safetensors)
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=10).save_pretrained(tmp_path / "unet" / "scheduler")
+    code = main(["prune", "--model", str(tmp_path / "unet"), "--method", "magnitude", "--ratio", "0.3",
+                 "--layout", "stock", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--layout stock is not available for unet2d models yet" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+    sdxl = test_family_sdxl.TestSDXL().build()
+    report = prune_(sdxl, PruneConfig(method="magnitude", target_macs=0.6), progress=False)
+    with pytest.raises(DiffPruneError, match="unet2d-cond family has no blocks to remove"):
+        save_pruned(sdxl, tmp_path / "sdxl", report.to_dict(), layout="stock")
+    dit = _dit()
+    report = prune_(dit, PruneConfig(method="magnitude", target_macs=0.6), progress=False)
+    with pytest.raises(DiffPruneError, match=r"its diffusers config builds other shapes \(e.g. .*prune with "
+                                             r"--method depth"):
+        save_pruned(dit, tmp_path / "dit", report.to_dict(), layout="stock")
+    assert not (tmp_path / "sdxl").exists() and not (tmp_path / "dit").exists()
