@@ -365,3 +365,28 @@ def test_a_macs_target_scores_in_place_and_never_copies_the_weights(method, monk
     assert all(torch.equal(lean.scores[k], copied.scores[k]) for k in lean.scores)
     for p, q in zip(lean_model.parameters(), copied_model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("preset", ["mnist-16", "mnist-dit"])
+def test_the_small_tracing_input_gives_the_graph_of_the_full_size_one(preset, monkeypatch):
+    """The dependency graph is traced on the smallest input the family takes (a fraction of the memory at 1024 px);
+    pruning gives the same history, widths and weights as tracing at the model's own size."""
+    from diffprune.adapters import adapter_for
+
+    adapter = adapter_for(build_model(preset))
+    small = adapter.trace_inputs(build_model(preset))
+    full = adapter.example_inputs(build_model(preset))
+    key = adapter.sample_arg
+    assert small[key].shape[-1] * 2 == full[key].shape[-1]  # 8 of 16 pixels (UNet), 4 of 8 latents (DiT: 2x2 tokens)
+    results = []
+    for trace_full in (False, True):
+        if trace_full:
+            monkeypatch.setattr(type(adapter), "trace_inputs", lambda self, model, device=None:
+                                self.example_inputs(model, 1, device))
+        torch.manual_seed(0)
+        model = build_model(preset)
+        report = prune_(model, PruneConfig(method="magnitude", target_macs=0.5), progress=False)
+        results.append((report, model.state_dict()))
+    (a, sa), (b, sb) = results
+    assert a.structure["history"] == b.structure["history"] and a.widths == b.widths and a.macs == b.macs
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -57,6 +57,22 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def float32_while(model: nn.Module, needed: bool) -> Iterator[torch.dtype]:
+    """With ``needed``, ``model`` is float32 inside the block (a gradient pass in float32) and each parameter and
+    buffer goes back to its own dtype after (exactly: a kept value was one of that dtype); yields the dtype most of
+    the weights are in."""
+    dtypes, dtype = param_dtypes(model), weights_dtype(model)
+    upcast = needed and dtype != torch.float32
+    if upcast:
+        model.float()
+    try:
+        yield dtype
+    finally:
+        if upcast:
+            restore_dtypes_(model, dtypes)
+
+
+@contextlib.contextmanager
 def float32_params(modules) -> Iterator[None]:
     """Inside the block the low-precision (bfloat16/float16) parameters of ``modules`` (not their submodules') are
     float32, and so are their gradients, so that scores computed from them are summed in float32; the original

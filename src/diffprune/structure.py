@@ -48,7 +48,7 @@ def replay_structure_(unet: nn.Module, structure: dict, *, adapter: ModelAdapter
     adapter = resolve_adapter(unet, adapter)
     with adapter.tracing(unet):
         frozen = [p for p in adapter.ignored_layers(unet) if isinstance(p, nn.Parameter)]  # e.g. QK-norm weights
-        dg = tp.DependencyGraph().build_dependency(unet, example_inputs=adapter.example_inputs(unet), verbose=False,
+        dg = tp.DependencyGraph().build_dependency(unet, example_inputs=adapter.trace_inputs(unet), verbose=False,
                                                    ignored_params=frozen)
         try:
             dg.load_pruning_history([tuple(h) for h in structure["history"]])

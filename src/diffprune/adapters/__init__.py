@@ -32,6 +32,7 @@ from ..registry import Registry
 
 # imported on first use; each registers its adapter
 FAMILY_MODULES = ("unet2d", "unet2d_condition", "dit", "pixart", "sd3", "flux")
+TRACE_TOKENS = 8  # the context length of tracing inputs (ModelAdapter.trace_inputs)
 
 
 @dataclass(frozen=True)
@@ -101,19 +102,21 @@ class Conditioning:
                                      "; use the text encoders its pipeline was trained with")
         return {k: v if k == "mask" else v.float() for k, v in out.items()}
 
-    def example(self, batch_size: int, device=None, dtype=torch.float32):
-        """A valid conditioning for ``batch_size`` inputs: labels 0, 1, 2, ... or an all-zero context (a dict with an
-        all-zero pooled embedding and an all-ones mask for the families that take them)."""
+    def example(self, batch_size: int, device=None, dtype=torch.float32, length: int | None = None):
+        """A valid conditioning for ``batch_size`` inputs: labels 0, 1, 2, ... or an all-zero context of ``length``
+        tokens (default :attr:`context_length`; a dict with an all-zero pooled embedding and an all-ones mask for the
+        families that take them)."""
         if self.kind != "text":
             return (torch.arange(batch_size) % self.num_classes).to(device)
-        context = torch.zeros(batch_size, self.context_length, self.context_dim, device=device, dtype=dtype)
+        length = self.context_length if length is None else length
+        context = torch.zeros(batch_size, length, self.context_dim, device=device, dtype=dtype)
         if self.keys is None:
             return context
         out = {"context": context}
         if self.pooled_dim is not None:
             out["pooled"] = torch.zeros(batch_size, self.pooled_dim, device=device, dtype=dtype)
         if self.masked:
-            out["mask"] = torch.ones(batch_size, self.context_length, device=device, dtype=torch.long)
+            out["mask"] = torch.ones(batch_size, length, device=device, dtype=torch.long)
         if self.time_ids:
             out["time_ids"] = torch.zeros(batch_size, self.time_ids, device=device, dtype=dtype)
         return out
@@ -161,19 +164,43 @@ class ModelAdapter:
         out = model(**{self.sample_arg: x, "timestep": t}, **self.model_kwargs(model, cond)).sample
         return out[:, : x.shape[1]]  # a learned-variance head (e.g. DiT's) outputs 2C channels: the prediction is C
 
-    def example_cond(self, model: nn.Module, batch_size: int = 1, device=None):
-        """A valid conditioning tensor for ``batch_size`` inputs (:meth:`Conditioning.example`), or None."""
+    def example_cond(self, model: nn.Module, batch_size: int = 1, device=None, trace: bool = False):
+        """A valid conditioning tensor for ``batch_size`` inputs (:meth:`Conditioning.example`; ``trace``: a context
+        of :data:`TRACE_TOKENS` tokens at most), or None."""
         spec = self.conditioning(model)
-        return None if spec is None else spec.example(batch_size, device, next(model.parameters()).dtype)
+        if spec is None:
+            return None
+        length = min(spec.context_length, TRACE_TOKENS) if trace and spec.context_length else None
+        return spec.example(batch_size, device, next(model.parameters()).dtype, length)
 
-    def example_inputs(self, model: nn.Module, batch_size: int = 1, device=None) -> dict:
-        """Keyword inputs of one forward call, conditioning included (shapes from the model config)."""
+    def example_inputs(self, model: nn.Module, batch_size: int = 1, device=None, trace: bool = False) -> dict:
+        """Keyword inputs of one forward call, conditioning included (shapes from the model config); ``trace``:
+        the small inputs of :meth:`trace_inputs`."""
         p = next(model.parameters())
         device = p.device if device is None else device
-        x = torch.zeros(batch_size, *self.input_shape(model), device=device, dtype=p.dtype)
+        shape = self.trace_shape(model) if trace else self.input_shape(model)
+        x = torch.zeros(batch_size, *shape, device=device, dtype=p.dtype)
         t = torch.ones(batch_size, dtype=torch.long, device=device)
         return {self.sample_arg: x, "timestep": t,
-                **self.model_kwargs(model, self.example_cond(model, batch_size, device))}
+                **self.model_kwargs(model, self.example_cond(model, batch_size, device, trace))}
+
+    def trace_inputs(self, model: nn.Module, device=None) -> dict:
+        """Inputs of the one call Torch-Pruning traces (with autograd on) to build the dependency graph, and of the
+        shape checks after pruning: the smallest image the family takes and a short context. The graph does not
+        depend on the number of pixels or tokens, but the traced call's memory does: at 1024 px (4,096 tokens)
+        PixArt-Σ's trace held 7× its bfloat16 weights."""
+        return self.example_inputs(model, 1, device, trace=True)
+
+    def trace_side(self, model: nn.Module) -> int:
+        """The side of :meth:`trace_shape`: twice the model's total downsampling (a UNet's resamplers)."""
+        return 2 * 2 ** (len(model.config.block_out_channels) - 1)
+
+    def trace_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of the tracing input: :meth:`input_shape` with each side at most
+        :meth:`trace_side`."""
+        c, h, w = self.input_shape(model)
+        side = self.trace_side(model)
+        return c, min(h, side), min(w, side)
 
     # --- how the stock pipeline samples (read by diffprune.sampling) -------------------------------------------------
     def embedded_guidance(self, model: nn.Module) -> float | None:
@@ -264,7 +291,7 @@ class ModelAdapter:
     def check(self, model: nn.Module, device=None) -> None:
         """Run one forward pass on a random input; raise DiffPruneError if its shape is wrong or it is not finite
         (a model on the meta device, a MAC probe's shapes-only copy, is checked for shapes only)."""
-        inputs = self.example_inputs(model, 1, device)
+        inputs = self.trace_inputs(model, device)
         x = inputs[self.sample_arg]
         if not x.is_meta:
             x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))

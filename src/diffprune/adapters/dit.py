@@ -61,6 +61,9 @@ class DiTAdapter(ModelAdapter):
     def num_heads(self, model):
         return _attention.num_heads(model)
 
+    def trace_side(self, model):
+        return 2 * int(model.config.patch_size)  # 2x2 tokens
+
     def blocks(self, model):
         return list(model.transformer_blocks)
 

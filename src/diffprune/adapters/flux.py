@@ -118,15 +118,19 @@ class FluxAdapter(ModelAdapter):
         out = out.view(n, h // 2, w // 2, out.shape[-1] // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(n, out.shape[1], h, w)[:, :c]
 
-    def example_inputs(self, model, batch_size=1, device=None):
+    def example_inputs(self, model, batch_size=1, device=None, trace=False):
         p = next(model.parameters())
         device = p.device if device is None else device
-        x = torch.zeros(batch_size, *self.input_shape(model), device=device, dtype=p.dtype)
+        shape = self.trace_shape(model) if trace else self.input_shape(model)
+        x = torch.zeros(batch_size, *shape, device=device, dtype=p.dtype)
         return self.packed_inputs(model, x, torch.ones(batch_size, device=device),
-                                  self.example_cond(model, batch_size, device))
+                                  self.example_cond(model, batch_size, device, trace))
+
+    def trace_side(self, model):
+        return 4  # 2x2 packed tokens
 
     def check(self, model, device=None):
-        inputs = self.example_inputs(model, 1, device)
+        inputs = self.trace_inputs(model, device)
         x = inputs["hidden_states"]
         if not x.is_meta:
             x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))

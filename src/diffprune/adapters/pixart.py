@@ -66,8 +66,8 @@ class PixArtAdapter(ModelAdapter):
                     added_cond_kwargs=self._size_conditions(model, x)).sample
         return out[:, : x.shape[1]]  # learned sigma: the first C channels are the prediction
 
-    def example_inputs(self, model, batch_size=1, device=None):
-        inputs = super().example_inputs(model, batch_size, device)
+    def example_inputs(self, model, batch_size=1, device=None, trace=False):
+        inputs = super().example_inputs(model, batch_size, device, trace)
         return {**inputs, "added_cond_kwargs": self._size_conditions(model, inputs[self.sample_arg])}
 
     def _size_conditions(self, model, x: torch.Tensor) -> dict:
@@ -105,6 +105,9 @@ class PixArtAdapter(ModelAdapter):
 
     def num_heads(self, model):
         return _attention.num_heads(model)
+
+    def trace_side(self, model):
+        return 2 * int(model.config.patch_size)  # 2x2 tokens
 
     def blocks(self, model):
         return list(model.transformer_blocks)

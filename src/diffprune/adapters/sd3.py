@@ -66,6 +66,9 @@ class SD3Adapter(ModelAdapter):
     def whole_heads(self, model):
         return list(self.num_heads(model))
 
+    def trace_side(self, model):
+        return 2 * int(model.config.patch_size)  # 2x2 tokens
+
     def blocks(self, model):
         return list(model.transformer_blocks)
 

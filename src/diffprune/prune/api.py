@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from .._torch import dtype_name, param_dtypes, restore_dtypes_, state_shapes, weights_dtype
+from .._torch import dtype_name, float32_while, state_shapes
 from ..adapters import resolve_adapter
 from ..errors import require
 from ..importance import METHODS
@@ -48,10 +48,8 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         unet.to(device)
     device = next(unet.parameters()).device
     calibration_record = latency = None
-    dtypes, dtype = param_dtypes(unet), weights_dtype(unet)
-    if method.needs_gradients and dtype != torch.float32:
-        unet.float()  # calibrated and scored in float32; the kept weights go back to their dtype exactly below
-    with adapter.tracing(unet):
+    # a half-precision model is calibrated and scored in float32 (gradient methods), its kept weights cast back
+    with adapter.tracing(unet), float32_while(unet, method.needs_gradients) as dtype:
         before, widths_before, snapshot = _macs(unet, adapter), layer_widths(unet), adapter.snapshot(unet)
         if method.needs_gradients:
             calibration_record = _calibrate(unet, adapter, config, calibration, scheduler, device, progress,
@@ -68,7 +66,6 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
                       _latency_target(config, timer, base_s) if config.target_latency is not None else None)
             pruned = _prune_channels(unet, adapter, config, importance, snapshot, before.macs, progress, target)
         unet.zero_grad(set_to_none=True)
-        restore_dtypes_(unet, dtypes)
         if method.after_pruning is not None:
             method.after_pruning(unet, config.seed)
             adapter.check(unet)

@@ -276,7 +276,7 @@ def _pruner(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, impo
     )
     if config.prune_heads:
         kwargs.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=float(ratio))
-    pruner = _pruner_class(config)(unet, adapter.example_inputs(unet), **kwargs)
+    pruner = _pruner_class(config)(unet, adapter.trace_inputs(unet), **kwargs)
     pruner.round_to = config.round_to  # read by diffprune's own selection (_SelectingPruner._kept)
     pruner.allocation, pruner.conditioning = config, adapter.conditioning_paths(unet)
     pruner.layer_macs = count_macs(unet, adapter=adapter).per_layer if config.allocation == "cost" else None
