@@ -72,6 +72,9 @@ def test_the_cli_keeps_the_stored_dtype_unless_told(bf16_folder, flag, stored, l
     assert f"dtype:  {loaded}".replace("torch.", "") in capsys.readouterr().out
     assert _stored(out / WEIGHTS_NAME) == {stored}
     assert json.loads((out / "pruning.json").read_text())["dtype"] == str(loaded).replace("torch.", "")
+    assert main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"weights: {str(loaded).replace('torch.', '')}" in shown and "layout: free" in shown
     auto, default = load_model(out, dtype="auto").denoiser, load_model(out).denoiser
     assert {p.dtype for p in auto.parameters()} == {loaded}
     assert {p.dtype for p in default.parameters()} == {torch.float32}  # load_model's default: float32, as diffusers

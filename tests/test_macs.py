@@ -31,7 +31,8 @@ def test_macs_are_batch_one_and_ignore_training_mode():
 def test_a_meta_device_copy_counts_the_same_macs():
     """Target-MACs probes prune and count a shapes-only copy: it must count what the real model counts, attention
     included (the SDPA kernel differs between devices)."""
-    from diffprune.prune import PruneConfig, _meta_copy, prune_
+    from diffprune._torch import meta_copy as _meta_copy
+    from diffprune.prune import PruneConfig, prune_
 
     for name in ("tiny", "mnist-dit"):
         torch.manual_seed(0)

@@ -115,7 +115,7 @@ def _call(model, inputs) -> torch.Tensor:
         return model.eval()(**kwargs).sample
 
 
-def test_depth_pruned_transformers_load_in_plain_diffusers_bitwise(tmp_path):
+def test_depth_pruned_transformers_load_in_plain_diffusers_bitwise(tmp_path, capsys):
     """DiT, PixArt, SD3.5 (dual attention in kept and removed blocks) and Flux (double and single blocks): depth
     pruning to half the blocks, saved in the stock layout; a process that never imports diffprune loads each folder
     with the stock class's from_pretrained and gives bitwise the outputs of diffprune.load_model."""
@@ -148,6 +148,8 @@ def test_depth_pruned_transformers_load_in_plain_diffusers_bitwise(tmp_path):
         assert torch.equal(expected[name], _call(model, inputs))
         spec[name] = {"folder": str(tmp_path / name), "inputs": str(tmp_path / f"{name}-in.safetensors"),
                       "keys": inputs["keys"]}
+    assert main(["info", str(tmp_path / "dit")]) == 0
+    assert "layout: stock (plain diffusers from_pretrained loads it)" in capsys.readouterr().out
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     run = subprocess.run([sys.executable, "-c", PLAIN, str(tmp_path / "spec.json"), str(tmp_path / "out.safetensors")],
                          capture_output=True, text=True)

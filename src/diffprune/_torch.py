@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import copy
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -123,3 +124,14 @@ def require_finite_weights(model: nn.Module, what: str) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise DiffPruneError(f"the {what} has non-finite values (NaN/inf) in {name!r}; it diverged or its file is "
                                  "damaged: fine-tune it again with a lower learning rate, or load another checkpoint")
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (shapes only, nothing copied): a
+    probe that only counts MACs prunes and traces it without touching the weights."""
+    memo: dict[int, Any] = {}
+    for t in model.parameters():
+        memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+    for t in model.buffers():
+        memo[id(t)] = torch.empty_like(t, device="meta")
+    return copy.deepcopy(model, memo)

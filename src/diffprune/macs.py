@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ._torch import eval_mode
+from ._torch import eval_mode, meta_copy
 
 __all__ = ["MacsReport", "count_params", "count_macs"]
 
@@ -47,9 +47,13 @@ def _custom_mapping() -> dict:
     return mapping
 
 
-def count_macs(model: nn.Module, example_inputs: dict | None = None, *, device=None, adapter=None) -> MacsReport:
+def count_macs(model: nn.Module, example_inputs: dict | None = None, *, device=None, adapter=None,
+               shapes_only: bool = False) -> MacsReport:
     """Count MACs of one call at batch 1 (``example_inputs`` default: ``adapter``'s, conditioning included; the
-    model's own adapter when none is given)."""
+    model's own adapter when none is given). ``shapes_only``: on a meta-device copy (no weight is read, nothing
+    computed; the count is the same)."""
+    if shapes_only:
+        model = meta_copy(model)
     if example_inputs is None:
         from .adapters import resolve_adapter
 

@@ -13,13 +13,14 @@ def add_parser(sub) -> None:
 
 def summarize(name_or_path: str) -> dict:
     """The info dict of a model: counts from pruning.json when present, else counted on the loaded model."""
+    from .._torch import dtype_name, weights_dtype
     from ..io import load_model
     from ..macs import count_macs
 
-    loaded = load_model(name_or_path)
+    loaded = load_model(name_or_path, dtype="auto")  # as stored: nothing is computed with the weights
     model = loaded.denoiser
     adapter = loaded.adapter  # looked up once, handed down
-    macs = count_macs(model, adapter=adapter)
+    macs = count_macs(model, adapter=adapter, shapes_only=True)
     rec = loaded.pruning or {}
     cfg = rec.get("config", {})
     calibration = rec.get("calibration") or {}
@@ -36,6 +37,8 @@ def summarize(name_or_path: str) -> dict:
                                                    "context_dim": spec.context_dim,
                                                    "keys": list(spec.keys) if spec.keys else None},
         "pruned": loaded.pruning is not None,
+        "dtype": dtype_name(weights_dtype(model)),
+        "layout": rec.get("layout", "free") if loaded.pruning is not None else None,
         "method": rec.get("method"),
         "params": macs.params,
         "macs": macs.macs,
@@ -86,10 +89,13 @@ def run(args) -> int:
         extra = f", thr {info['thr']}, cutoff t={info['cutoff_t']}" if info["thr"] is not None else ""
         how = f"ratio {info['ratio']:.4f} ({info['ratio_mode']})" if info["ratio"] is not None else ""
         print(f"pruned with {info['method']}: {how}{extra}, seed {info['seed']}")
+        print("layout: stock (plain diffusers from_pretrained loads it)" if info["layout"] == "stock" else
+              "layout: free (load it with diffprune.load_model / load_pipeline)")
     else:
         print("not pruned")
     for line in summary_lines(info):
         print(line)
+    print(f"weights: {info['dtype']}")
     if info["kept_out_of_order"]:
         kept = ", ".join(f"{layer} position {pos}" for layer, pos in info["kept_out_of_order"])
         print(f"kept out of rank order to land on the target: {kept}")

@@ -152,17 +152,24 @@ def load_scheduler(folder: str | os.PathLike):
 def stored_dtype(weights: Path) -> torch.dtype:
     """The floating dtype that most elements of a safetensors file (or of the first shard of a sharded index) are
     stored in; read from the header, no weights loaded."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if weights.name.endswith(".index.json"):
         weight_map = read_json(weights).get("weight_map") or {}
         require(isinstance(weight_map, dict) and weight_map, f"{str(weights)!r} has no weight_map; restore the folder")
         weights = weights.parent / sorted(set(weight_map.values()))[0]
     counts: dict[str, int] = {}
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():
-            piece = f.get_slice(key)
-            counts[piece.get_dtype()] = counts.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
+    try:
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                counts[piece.get_dtype()] = counts.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the system's own error (disk, permissions): the CLI says it in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffPruneError(f"cannot load the weights in {str(weights.parent)!r} ({first[:200]}); the file is damaged "
+                             "or incomplete: restore the folder") from None
     floating = {k: v for k, v in counts.items() if k in SAFETENSORS_DTYPES}
     return SAFETENSORS_DTYPES[max(floating, key=floating.get)] if floating else torch.float32
 

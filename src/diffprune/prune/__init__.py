@@ -36,12 +36,12 @@ from .api import prune_, prune_model
 from .calibration import accumulate_gradients, calibration_batch, calibration_noise
 from .config import DATA_FREE, LATENCY_DTYPES, RATIO_MODES, CalibrationResult, PruneConfig, PruneReport
 from .search import latency_timer
-from .selection import GlobalPruner, PaperPruner, _meta_copy, _prune_once
+from .selection import GlobalPruner, PaperPruner, _prune_once
 
 __all__ = [
     "PruneConfig", "PruneReport", "CalibrationResult", "PaperPruner", "GlobalPruner", "prune_", "prune_model",
     "accumulate_gradients", "calibration_batch", "calibration_noise", "latency_timer", "layer_widths",
     "replay_structure_", "chain_records", "STRUCTURE_FORMAT", "TORCH_PRUNING_VERSION", "RATIO_MODES",
     "LATENCY_DTYPES", "DATA_FREE", "METHODS",
-    "_meta_copy", "_prune_once",  # internals the tests reach through the package
+    "_prune_once",  # internals the tests reach through the package
 ]

@@ -16,7 +16,7 @@ from ..structure import STRUCTURE_FORMAT, TORCH_PRUNING_VERSION, chain_records, 
 from .calibration import accumulate_gradients, calibration_batch, calibration_noise
 from .config import DATA_FREE, PruneConfig, PruneReport
 from .search import _latency_target, _macs_target, _prune_blocks, _prune_channels, _Pruned, latency_timer
-from .selection import _meta_copy, check_round_to
+from .selection import check_round_to
 
 def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=None, codec=None, device=None,
            split: str = "train", cache_dir=None, num_classes: int | None = None, text_encoder=None, prompts=None,
@@ -81,7 +81,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
 
 def _macs(unet, adapter):
     """The MAC count of ``unet``, on a shapes-only (meta-device) copy: no weight is read, whatever the dtype."""
-    return count_macs(_meta_copy(unet), adapter=adapter)
+    return count_macs(unet, adapter=adapter, shapes_only=True)
 
 
 def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, device, progress: bool, **sources) -> dict:

@@ -9,7 +9,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .._torch import float32_params
+from .._torch import float32_params, meta_copy as _meta_copy
 from ..adapters import ModelAdapter
 from ..errors import require
 from ..macs import count_macs
@@ -295,14 +295,3 @@ def _copy_with_grads(unet: nn.Module) -> nn.Module:
     for p, q in zip(unet.parameters(), twin.parameters()):
         q.grad = None if p.grad is None else p.grad.detach().clone()
     return twin
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers live on the meta device (shapes only, nothing copied): a
-    probe that only counts MACs prunes and traces it without touching the weights."""
-    memo: dict[int, Any] = {}
-    for t in model.parameters():
-        memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
-    for t in model.buffers():
-        memo[id(t)] = torch.empty_like(t, device="meta")
-    return copy.deepcopy(model, memo)
