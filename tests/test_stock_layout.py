@@ -180,3 +180,25 @@ def test_what_the_stock_layout_cannot_express_is_refused_before_anything_is_writ
                                              r"--method depth"):
         save_pruned(dit, tmp_path / "dit", report.to_dict(), layout="stock")
     assert not (tmp_path / "sdxl").exists() and not (tmp_path / "dit").exists()
+
+
+def test_a_stock_layout_pipeline_folder_loads_as_the_stock_pipeline(tmp_path, capsys):
+    """CLI: `prune --method depth --layout stock` on a DiTPipeline folder; plain DiffusionPipeline.from_pretrained
+    (no diffprune in the process) loads the pipeline with the pruned transformer and samples with it."""
+    from test_families import build_dit
+
+    torch.manual_seed(0)
+    build_dit(tmp_path / "dit")
+    assert main(["prune", "--model", str(tmp_path / "dit"), "--method", "depth", "--ratio", "0.5", "--data", "mnist",
+                 "--calib-batch", "4", "--max-timesteps", "2", "--layout", "stock", "--cache-dir",
+                 str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    script = ("import sys, diffusers, torch\n"
+              "pipe = diffusers.DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+              "image = pipe(class_labels=[3], num_inference_steps=2, output_type='np').images\n"
+              "print(type(pipe).__name__, len(pipe.transformer.transformer_blocks), image.shape)\n"
+              "assert not any(m.split('.')[0] == 'diffprune' for m in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[:2] == ["DiTPipeline", "1"] and "(1, 16, 16, 1)" in run.stdout
+    assert len(load_model(tmp_path / "out").denoiser.transformer_blocks) == 1

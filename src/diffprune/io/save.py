@@ -145,6 +145,7 @@ def _write_card(folder: Path, model: nn.Module, pruning: dict, pipeline: Pipelin
     license = input_license(source) if source and Path(source).is_dir() else None
     write_card(folder, pruning, **{"conditioning": spec.kind if spec else None, "license": license, **card})
 
+
 def with_layout(record: dict, model: nn.Module, layout: str | None) -> dict:
     """The pruning record of ``model`` saved in ``layout`` (None: as the record says, default free); the stock
     layout keeps the unpruned config as ``base_config`` (config.json will build the pruned model)."""
