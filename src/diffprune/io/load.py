@@ -165,13 +165,19 @@ def stored_dtype(weights: Path) -> torch.dtype:
                 piece = f.get_slice(key)
                 counts[piece.get_dtype()] = counts.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        if isinstance(e, OSError) and e.errno is not None:
-            raise  # the system's own error (disk, permissions): the CLI says it in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DiffPruneError(f"cannot load the weights in {str(weights.parent)!r} ({first[:200]}); the file is damaged "
-                             "or incomplete: restore the folder") from None
+        raise _unreadable(weights.parent, e, "is damaged or incomplete") from None
     floating = {k: v for k, v in counts.items() if k in SAFETENSORS_DTYPES}
     return SAFETENSORS_DTYPES[max(floating, key=floating.get)] if floating else torch.float32
+
+
+def _unreadable(folder: Path, e: Exception, what: str) -> Exception:
+    """The one-line error for weights that cannot be read (``what``: why, as "the file ..."), or the system's own
+    error (disk, permissions: the CLI says it in one line) unchanged."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return DiffPruneError(f"cannot load the weights in {str(folder)!r} ({first[:200]}); the file {what}: restore the "
+                          "folder")
 
 
 def _load_denoiser(folder: Path, device, dtype) -> tuple[nn.Module, dict | None, ModelAdapter]:
@@ -196,11 +202,7 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype | None = None):
     try:
         model = cls.from_pretrained(folder, use_safetensors=True, **({"torch_dtype": dtype} if dtype else {}))
     except (OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, OSError) and e.errno is not None:
-            raise  # the system's own error (disk, permissions): the CLI says it in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DiffPruneError(f"cannot load the weights in {str(folder)!r} ({first[:200]}); the file is damaged or does "
-                             "not fit its config.json: restore the folder") from None
+        raise _unreadable(folder, e, "is damaged or does not fit its config.json") from None
     empty = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     require(not empty, f"the weights in {str(folder)!r} lack {len(empty)} tensor(s) that its config.json needs (e.g. "
                        f"{empty[0] if empty else ''!r}); the file is incomplete: restore the folder")
