@@ -24,7 +24,7 @@ def test_a_bfloat16_model_prunes_exactly_as_its_float32_twin_and_stays_bfloat16(
     (summed in bfloat16 they would differ), and the weights are the twin's in bfloat16 (kept ones unchanged, the
     attention queries that keep the softmax scale after head dims shrink rounded once)."""
     extra = dict(calib_batch=3, max_timesteps=3, data_free_steps=2) if method == "diff-pruning" else {}
-    cfg = PruneConfig(method=method, target_macs=0.5, **extra)
+    cfg = PruneConfig(method=method, ratio=0.4, ratio_mode="uniform", global_ranking=True, **extra)
     torch.manual_seed(0)
     half = build_model("mnist-16").to(torch.bfloat16)
     twin = build_model("mnist-16")
@@ -33,8 +33,7 @@ def test_a_bfloat16_model_prunes_exactly_as_its_float32_twin_and_stays_bfloat16(
     kw = dict(scheduler=DDPMScheduler(num_train_timesteps=20), progress=False)
     r_half, r_twin = prune_(half, cfg, calib, **kw), prune_(twin, cfg, calib, **kw)
     assert (r_half.dtype, r_twin.dtype) == ("bfloat16", "float32")
-    assert r_half.widths == r_twin.widths and r_half.macs == r_twin.macs
-    assert abs(r_half.macs / r_half.base_macs - 0.5) <= 0.01
+    assert r_half.widths == r_twin.widths and r_half.macs == r_twin.macs < 0.75 * r_half.base_macs
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     assert all(p.grad is None for p in half.parameters())
     twin_state = twin.state_dict()

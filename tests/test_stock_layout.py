@@ -171,11 +171,11 @@ def test_what_the_stock_layout_cannot_express_is_refused_before_anything_is_writ
     assert code == 2 and "--layout stock is not available for unet2d models yet" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
     sdxl = test_family_sdxl.TestSDXL().build()
-    report = prune_(sdxl, PruneConfig(method="magnitude", target_macs=0.6), progress=False)
+    report = prune_(sdxl, PruneConfig(method="magnitude", ratio=0.3, ratio_mode="uniform"), progress=False)
     with pytest.raises(DiffPruneError, match="unet2d-cond family has no blocks to remove"):
         save_pruned(sdxl, tmp_path / "sdxl", report.to_dict(), layout="stock")
     dit = _dit()
-    report = prune_(dit, PruneConfig(method="magnitude", target_macs=0.6), progress=False)
+    report = prune_(dit, PruneConfig(method="magnitude", ratio=0.3, ratio_mode="uniform"), progress=False)
     with pytest.raises(DiffPruneError, match=r"its diffusers config builds other shapes \(e.g. .*prune with "
                                              r"--method depth"):
         save_pruned(dit, tmp_path / "dit", report.to_dict(), layout="stock")
