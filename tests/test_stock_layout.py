@@ -183,8 +183,9 @@ def test_what_the_stock_layout_cannot_express_is_refused_before_anything_is_writ
 
 
 def test_a_stock_layout_pipeline_folder_loads_as_the_stock_pipeline(tmp_path, capsys):
-    """CLI: `prune --method depth --layout stock` on a DiTPipeline folder; plain DiffusionPipeline.from_pretrained
-    (no diffprune in the process) loads the pipeline with the pruned transformer and samples with it."""
+    """CLI: `prune --method depth --layout stock` on a DiTPipeline folder, then `finetune`; plain
+    DiffusionPipeline.from_pretrained (no diffprune in the process) loads both with the pruned transformer and
+    samples with it."""
     from test_families import build_dit
 
     torch.manual_seed(0)
@@ -198,7 +199,13 @@ def test_a_stock_layout_pipeline_folder_loads_as_the_stock_pipeline(tmp_path, ca
               "image = pipe(class_labels=[3], num_inference_steps=2, output_type='np').images\n"
               "print(type(pipe).__name__, len(pipe.transformer.transformer_blocks), image.shape)\n"
               "assert not any(m.split('.')[0] == 'diffprune' for m in sys.modules)\n")
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split()[:2] == ["DiTPipeline", "1"] and "(1, 16, 16, 1)" in run.stdout
-    assert len(load_model(tmp_path / "out").denoiser.transformer_blocks) == 1
+    assert main(["finetune", str(tmp_path / "out"), "--data", "mnist", "--steps", "2", "--batch-size", "4",
+                 "--checkpoint-every", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "ft"),
+                 "--device", "cpu"]) == 0  # fine-tuning keeps the layout
+    capsys.readouterr()
+    for folder in ("out", "ft"):
+        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / folder)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split()[:2] == ["DiTPipeline", "1"] and "(1, 16, 16, 1)" in run.stdout
+        assert json.loads((tmp_path / folder / "transformer" / "pruning.json").read_text())["layout"] == "stock"
+        assert len(load_model(tmp_path / folder).denoiser.transformer_blocks) == 1
