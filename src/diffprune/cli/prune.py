@@ -21,6 +21,7 @@ def _config_defaults():
 
 def add_parser(sub) -> None:
     from .._torch import DTYPES
+    from ..layout import FREE, LAYOUTS
     from ..prune import LATENCY_DTYPES
 
     d = _config_defaults()
@@ -117,7 +118,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="dtype the denoiser is loaded, pruned and saved in (default auto: the dtype its weights are "
                         "stored in, so bfloat16 weights stay bfloat16); scores are computed in float32 either way")
-    p.add_argument("--layout", default="free", choices=["free", "stock"],
+    p.add_argument("--layout", default=FREE, choices=list(LAYOUTS),
                    help="free (default: any widths; the folder loads with diffprune) or stock (loads with plain "
                         "diffusers from_pretrained: transformer families with --method depth, whole blocks removed)")
     add_prediction_type_flag(p)

@@ -11,6 +11,7 @@ from .._torch import dtype_name, float32_while, state_shapes
 from ..adapters import resolve_adapter
 from ..errors import require
 from ..importance import METHODS
+from ..layout import FREE
 from ..macs import count_macs
 from ..structure import STRUCTURE_FORMAT, TORCH_PRUNING_VERSION, chain_records, layer_widths
 from .calibration import accumulate_gradients, calibration_batch, calibration_noise
@@ -50,7 +51,8 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     calibration_record = latency = None
     # a half-precision model is calibrated and scored in float32 (gradient methods), its kept weights cast back
     with adapter.tracing(unet), float32_while(unet, method.needs_gradients) as dtype:
-        before, widths_before, snapshot = _macs(unet, adapter), layer_widths(unet), adapter.snapshot(unet)
+        before = count_macs(unet, adapter=adapter, shapes_only=True)  # shapes only: no weight is read
+        widths_before, snapshot = layer_widths(unet), adapter.snapshot(unet)
         if method.needs_gradients:
             calibration_record = _calibrate(unet, adapter, config, calibration, scheduler, device, progress,
                                             codec=codec, split=split, cache_dir=cache_dir, num_classes=num_classes,
@@ -69,7 +71,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         if method.after_pruning is not None:
             method.after_pruning(unet, config.seed)
             adapter.check(unet)
-        after = _macs(unet, adapter)
+        after = count_macs(unet, adapter=adapter, shapes_only=True)
         if config.target_latency is not None:  # the pruned model itself, timed as the probes were
             achieved = timer(unet)
             latency = {"base_s": base_s, "s": achieved, "fraction": achieved / base_s, "batch": config.latency_batch,
@@ -77,11 +79,6 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
                        "repeats": config.latency_repeats}
     return _report(unet, config, adapter, pruned, before, after, widths_before, calibration_record, latency,
                    seconds=round(time.time() - t0, 3), dtype=dtype_name(dtype))
-
-
-def _macs(unet, adapter):
-    """The MAC count of ``unet``, on a shapes-only (meta-device) copy: no weight is read, whatever the dtype."""
-    return count_macs(unet, adapter=adapter, shapes_only=True)
 
 
 def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, device, progress: bool, **sources) -> dict:
@@ -129,7 +126,7 @@ def _report(unet, config: PruneConfig, adapter, pruned: _Pruned, before, after, 
 
 def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None, *, device=None,
                 split: str = "train", cache_dir=None, prediction_type: str | None = None, prompts=None,
-                progress: bool = True, dtype: torch.dtype | str = "auto", layout: str = "free"):
+                progress: bool = True, dtype: torch.dtype | str = "auto", layout: str = FREE):
     """Load ``model`` (a shipped name, a folder — bare model or pipeline, pruned or not — or a hub id) and prune its
     denoiser in place; returns ``(loaded, report)`` with ``loaded.pruning`` set to the record to save (chained
     onto the previous one for a model pruned again) and ``loaded.scheduler`` to the scheduler used.
@@ -144,9 +141,8 @@ def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None,
     pipeline=loaded.pipeline)``.
     """
     from ..io import load_model
-    from ..objective import resolve_scheduler
-
     from ..io.save import check_layout, with_layout
+    from ..objective import resolve_scheduler
 
     loaded = load_model(model, dtype=dtype)
     check_layout(layout, loaded.adapter, config.method)
