@@ -21,10 +21,31 @@ def check_training_device(device) -> None:
             "process; pass cpu or cuda and choose GPUs with CUDA_VISIBLE_DEVICES (or accelerate launch --gpu_ids)")
 
 
+def sharding(acc) -> str | None:
+    """"fsdp2" when accelerate shards the model with FSDP2, None when every process holds it whole (one process,
+    DDP). Refused: FSDP1 and DeepSpeed, whose state training cannot checkpoint and resume exactly."""
+    from accelerate.utils import DistributedType
+
+    kind = acc.distributed_type
+    require(kind != DistributedType.DEEPSPEED,
+            "DeepSpeed is not supported by diffprune's training (its checkpoints and EMA are not handled); shard with "
+            "FSDP2 instead: accelerate launch --use_fsdp --fsdp_version 2 ...")
+    if kind != DistributedType.FSDP:
+        return None
+    require(acc.is_fsdp2, "FSDP version 1 is not supported by diffprune's training (only FSDP2 keeps named, "
+                          "per-parameter shards); pass --fsdp_version 2 to accelerate launch (or fsdp_version: 2 "
+                          "in its config)")
+    return "fsdp2"
+
+
 def accelerate_settings(acc) -> dict:
-    """The accelerate settings that change what a step computes (from its launch config or environment)."""
+    """The accelerate settings that change what a step computes (from its launch config or environment); "sharding"
+    only when FSDP shards the model, so that records of unsharded runs keep their form."""
     plugin = getattr(acc.state, "dynamo_plugin", None)
     backend = getattr(plugin, "backend", None)
-    return {"mixed_precision": str(acc.mixed_precision),
-            "gradient_accumulation_steps": int(acc.gradient_accumulation_steps),
-            "dynamo_backend": str(getattr(backend, "value", backend) or "no").lower()}
+    settings = {"mixed_precision": str(acc.mixed_precision),
+                "gradient_accumulation_steps": int(acc.gradient_accumulation_steps),
+                "dynamo_backend": str(getattr(backend, "value", backend) or "no").lower()}
+    if sharding(acc):
+        settings["sharding"] = sharding(acc)
+    return settings

@@ -17,19 +17,23 @@ from safetensors.torch import load_file
 from .._fs import atomic_write_json, read_json, staged_dir, write_safetensors
 from .._hashing import file_sha256
 from ..errors import DiffPruneError
+from .state import (like, load_whole_optimizer_state, load_whole_state, whole_optimizer_state, whole_state,
+                    whole_tensors)
 
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 
 
-def save_checkpoint(folder: Path, step: int, model, ema, optimizer, keep: int) -> None:
-    """Publish the checkpoint of ``step`` in ``folder``, then drop all but the newest ``keep``."""
+def save_checkpoint(folder: Path, step: int, model, ema, optimizer, keep: int, main: bool = True) -> None:
+    """Publish the checkpoint of ``step`` in ``folder``, then drop all but the newest ``keep``. Every process calls
+    it (a sharded model's state is gathered from all of them); the main process writes."""
+    weights, shadow = whole_state(model, main), whole_tensors(ema.shadow_params, main)
+    opt = whole_optimizer_state(model, optimizer, main)
+    if not main:
+        return
     with staged_dir(folder / f"{CHECKPOINT_PREFIX}{step:07d}") as tmp:
-        write_safetensors(tmp / "model.safetensors",
-                          {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-        write_safetensors(tmp / "ema.safetensors",
-                          {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)})
-        opt = optimizer.state_dict()
+        write_safetensors(tmp / "model.safetensors", weights)
+        write_safetensors(tmp / "ema.safetensors", {f"{i}": p for i, p in enumerate(shadow)})
         tensors, scalars = {}, {}
         for i, st in opt["state"].items():
             for k, v in st.items():
@@ -76,19 +80,19 @@ def _load_checkpoint(ckpt: Path, model, ema, optimizer) -> int:
     state = read_json(ckpt / "state.json")
     weights = load_file(ckpt / "model.safetensors")
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
+        load_whole_state(model, weights)
+    except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise DiffPruneError(f"checkpoint {str(ckpt)!r} does not fit this model ({first}); resume with the same model") from None
     shadow = load_file(ckpt / "ema.safetensors")
-    ema.shadow_params = [shadow[f"{i}"].to(p.device) for i, p in enumerate(ema.shadow_params)]
+    ema.shadow_params = [like(shadow[f"{i}"], p) for i, p in enumerate(ema.shadow_params)]
     ema.optimization_step = state["ema"]["optimization_step"]
     tensors = load_file(ckpt / "optimizer.safetensors")
     opt_state: dict = {}
     for key, v in list(tensors.items()) + list(state["optimizer_scalars"].items()):
         i, k = key.split(".", 1)
         opt_state.setdefault(int(i), {})[k] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    load_whole_optimizer_state(model, optimizer, {"state": opt_state, "param_groups": state["param_groups"]})
     return int(state["step"])
 
 

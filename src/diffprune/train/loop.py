@@ -30,10 +30,11 @@ from .._fs import output_lock
 from .._hashing import state_sha256
 from ..errors import DiffPruneError, require
 from ..records import read_log
-from .accel import accelerate_settings, make_accelerator
+from .accel import accelerate_settings, make_accelerator, sharding
 from .checkpoints import CHECKPOINT_PREFIX, restore_newest, save_checkpoint
 from .config import TrainConfig, TrainResult
-from .outputs import save_final, save_sample_grid, tensorboard
+from .outputs import save_final, save_sample_grid, tensorboard, whole_model
+from .state import all_finite, shell
 from .run_folder import (RunFolder, append_log, begin_segment, check_schedule, diverged, end_run, finished_result,
                          follow_run, open_run)
 
@@ -68,7 +69,8 @@ class _DataOrder:
 @dataclass
 class _Run:
     """What every step works on. ``model`` is the denoiser as accelerate prepared it (the forward and backward
-    pass use it), ``raw`` the same module unwrapped (the EMA, checkpoints and final save use it)."""
+    pass use it), ``raw`` the same module unwrapped (the EMA, checkpoints and final save use it); ``shell`` its
+    shapes-only copy when FSDP shards it (:mod:`diffprune.train.state`), else None."""
 
     config: TrainConfig
     acc: Any
@@ -80,6 +82,7 @@ class _Run:
     raw: Any
     optimizer: Any
     ema: Any
+    shell: Any
     teacher: Any
     codec: Any
     order: _DataOrder
@@ -170,8 +173,8 @@ def _train_locked(unet, scheduler, data, config: TrainConfig, out: Path, *, acc,
     acc.wait_for_everyone()
     if not main:  # the others take the folder the main process chose, and the EMA horizon of the record it checked
         folder, config, record = follow_run(out, config, identity, world, resume)
-    model, raw, optimizer, ema, teacher = _prepare(unet, teacher, config, acc, adapter)
-    run = _Run(config, acc, folder, data, scheduler, adapter, model, raw, optimizer, ema, teacher, codec,
+    model, raw, optimizer, ema, whole, teacher = _prepare(unet, teacher, config, acc, adapter)
+    run = _Run(config, acc, folder, data, scheduler, adapter, model, raw, optimizer, ema, whole, teacher, codec,
                order=_DataOrder(len(data), config.seed), command=run_info.get("command"))
 
     start_step, skipped = restore_newest(folder.checkpoints, raw, ema, optimizer, main) if resume else (0, [])
@@ -193,8 +196,8 @@ def _train_locked(unet, scheduler, data, config: TrainConfig, out: Path, *, acc,
 
 
 def _prepare(unet, teacher, config: TrainConfig, acc, adapter):
-    """The model set up for training, Adam and the EMA, placed by accelerate; the teacher frozen beside them.
-    Returns (model as prepared, raw model, optimizer, EMA, teacher)."""
+    """The model set up for training, Adam and the EMA, placed (or sharded) by accelerate; the teacher frozen beside
+    them. Returns (model as prepared, raw model, optimizer, EMA, shell or None, teacher)."""
     from diffusers.training_utils import EMAModel
 
     if config.dropout is not None:
@@ -210,6 +213,7 @@ def _prepare(unet, teacher, config: TrainConfig, acc, adapter):
     # foreach: one fused update over all tensors (PyTorch's default on GPU only; measured on the 2-core CPU: Adam
     # 9.6 -> 5.3 ms and EMA 2.5 -> 1.1 ms per step for the pruned MNIST UNet's 182 tensors)
     optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr, foreach=True)
+    whole = shell(unet) if sharding(acc) else None
     model, optimizer = acc.prepare(unet, optimizer)
     raw = acc.unwrap_model(model)
     decay = config.resolved_ema_decay
@@ -217,7 +221,14 @@ def _prepare(unet, teacher, config: TrainConfig, acc, adapter):
     ema = EMAModel(raw.parameters(), decay=decay, min_decay=decay, foreach=True)
     if teacher is not None:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
-    return model, raw, optimizer, ema, teacher
+        if whole is not None:  # sharded like the student: each process holds 1/N of it, gathered layer by layer
+            teacher = acc.prepare(teacher)
+            teacher.register_forward_hook(_reshard)  # FSDP2 keeps a root gathered after forward, awaiting backward
+    return model, raw, optimizer, ema, whole, teacher
+
+
+def _reshard(module, args, output) -> None:
+    module.reshard()
 
 
 class _Log:
@@ -262,10 +273,8 @@ def _loop(run: _Run, log: _Log, start_step: int, progress: bool, on_step) -> Non
         done = step + 1
         if run.main and (done % cfg.log_every == 0 or done == cfg.steps):
             log.write(done, lr)
-        if run.main and cfg.sample_every and done % cfg.sample_every == 0:
-            save_sample_grid(run.raw, run.ema, run.scheduler, run.folder.path / "samples" /
-                             f"{CHECKPOINT_PREFIX}{done:07d}.png", cfg.sample_steps, adapter=run.adapter,
-                             codec=run.codec, data=run.data)
+        if cfg.sample_every and done % cfg.sample_every == 0:
+            _sample_grid(run, done)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _checkpoint(run, done)
         if on_step is not None:
@@ -315,24 +324,27 @@ def _batch(run: _Run, step: int):
     return x0, noise, t, cond
 
 
+def _sample_grid(run: _Run, done: int) -> None:
+    model = whole_model("ema", run.raw, run.ema, run.shell, run.main)  # every process gathers under FSDP
+    if run.main:
+        save_sample_grid(model, run.scheduler, run.folder.path / "samples" / f"{CHECKPOINT_PREFIX}{done:07d}.png",
+                         run.config.sample_steps, adapter=run.adapter, codec=run.codec, data=run.data)
+
+
 def _checkpoint(run: _Run, done: int) -> None:
     run.acc.wait_for_everyone()
     # never publish diverged weights as a "good" checkpoint (the loss was checked before this step's update)
-    if not _all_finite(list(run.raw.parameters()) + list(run.ema.shadow_params)):
+    if not all_finite(list(run.raw.parameters()) + list(run.ema.shadow_params), run.acc):
         raise diverged("the weights became non-finite", done, run.config, run.folder, run.main, run.command)
-    if run.main:
-        save_checkpoint(run.folder.checkpoints, done, run.raw, run.ema, run.optimizer, run.config.keep_checkpoints)
-
-
-def _all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    save_checkpoint(run.folder.checkpoints, done, run.raw, run.ema, run.optimizer, run.config.keep_checkpoints,
+                    run.main)
 
 
 def _finish(run: _Run, log: _Log, pruning: dict | None, pipeline) -> TrainResult:
     """Save the final models, close the record (train_summary.json last), then publish a staged run."""
     run.acc.wait_for_everyone()
+    save_final(run.raw, run.ema, run.shell, run.scheduler, run.folder.path, pruning, pipeline, run.main)
     if run.main:
-        save_final(run.raw, run.ema, run.scheduler, run.folder.path, pruning, pipeline)
         end_run(run.folder, run.config, log.last_loss, run.acc.num_processes, log.started)
         log.close()
         run.folder.publish()  # an overwrite: the old folder stayed whole until now
