@@ -1,10 +1,12 @@
 """Peak memory of the `diffprune prune` command itself on full-size denoisers (random weights, public configs).
 
     python benchmarks/prune_memory.py --models dit-xl-2-256 [--dtype bfloat16] [--src OTHER_CHECKOUT/src --label before]
+        [--method diff-pruning --prune-args "--data data-free --calib-batch 2 --timesteps strided --stride 250"]
 
 Each model is saved once as a diffusers folder under ``--work`` (safetensors in ``--dtype``, default float32, from its
 public configuration, nothing downloaded), then pruned by the CLI exactly as a user runs it (``diffprune prune
---method magnitude --target-macs 0.5``, which keeps the stored dtype) under ``/usr/bin/time -v``: the peak resident
+--method magnitude --target-macs 0.5``, which keeps the stored dtype; ``--method``/``--prune-args`` for a gradient
+criterion and its calibration) under ``/usr/bin/time -v``: the peak resident
 memory of that process against the size of the weights file, and the params and MACs before -> after from the
 output's pruning.json. ``--src`` runs another checkout's code (to measure before a change). Appends to
 benchmarks/results/prune_memory.json and rewrites .md.
@@ -43,14 +45,14 @@ def model_folder(name: str, work: Path, dtype: str) -> Path:
     return folder
 
 
-def measure(name: str, work: Path, src: str | None, threads: int, dtype: str) -> dict:
+def measure(name: str, work: Path, src: str | None, threads: int, dtype: str, method: str, extra: list) -> dict:
     folder = model_folder(name, work, dtype)
     out = work / f"{name}-pruned-{os.getpid()}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if src:
         env["PYTHONPATH"] = src
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "diffprune", "prune", "--model", str(folder), "--method",
-           "magnitude", "--target-macs", "0.5", "--out", str(out), "--device", "cpu"]
+           method, "--target-macs", "0.5", *extra, "--out", str(out), "--device", "cpu"]
     t0 = time.time()
     with tempfile.TemporaryFile("w+") as err:
         run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
@@ -64,7 +66,7 @@ def measure(name: str, work: Path, src: str | None, threads: int, dtype: str) ->
     pruned = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     rec = json.loads((out / "pruning.json").read_text())
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    return {"model": name, "dtype": rec.get("dtype", "float32"), "params_before": rec["base_params"],
+    return {"model": name, "method": method, "dtype": rec.get("dtype", "float32"), "params_before": rec["base_params"],
             "params_after": rec["params"], "macs_before": rec["base_macs"], "macs_after": rec["macs"],
             "weights_gib": round(weights / 2**30, 2), "pruned_weights_gib": round(pruned / 2**30, 2),
             "peak_rss_gib": round(peak_kib / 2**20, 2), "peak_over_weights": round(peak_kib * 1024 / weights, 2),
@@ -81,6 +83,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model folder is saved in (the CLI prunes and saves it in the same)")
+    p.add_argument("--method", default="magnitude")
+    p.add_argument("--prune-args", default="", help="more `diffprune prune` arguments, e.g. a calibration's")
     args = p.parse_args()
     path = RESULTS / "prune_memory.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
@@ -88,16 +92,17 @@ def main() -> None:
                             text=True).stdout.strip()
     for name in args.models:
         rows.append({"label": args.label, "commit": commit,
-                     **measure(name, Path(args.work), args.src, args.threads, args.dtype)})
+                     **measure(name, Path(args.work), args.src, args.threads, args.dtype, args.method,
+                                  args.prune_args.split())})
         atomic_write_bytes(path, (json.dumps(rows, indent=1) + "\n").encode())
-    lines = ["# Peak memory of `diffprune prune` (magnitude, 0.5x MACs, random full-size weights)", "",
+    lines = ["# Peak memory of `diffprune prune` (0.5x MACs, random full-size weights)", "",
              "`python benchmarks/prune_memory.py --models ...` (`--src` for an older checkout). Peak resident memory "
              "of the prune process (`/usr/bin/time -v`) against the weights file, in the dtype it is stored and "
              "pruned in; params and MACs (one call at batch 1) before -> after from the output's pruning.json.", "",
-             "| code | model | dtype | params | MACs/call | weights GiB | peak RSS GiB | / weights | peak anon GiB "
+             "| code | model | method | dtype | params | MACs/call | weights GiB | peak RSS GiB | / weights | peak anon GiB "
              "| / weights | pruned GiB | seconds | threads |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['label']} ({r['commit']}) | {r['model']} | {r.get('dtype', 'float32')} | {_pair(r, 'params', 1e6, 'M')} "
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['label']} ({r['commit']}) | {r['model']} | {r.get('method', 'magnitude')} | {r.get('dtype', 'float32')} | {_pair(r, 'params', 1e6, 'M')} "
               f"| {_pair(r, 'macs', 1e9, 'G')} | {r['weights_gib']} | {r['peak_rss_gib']} | {r['peak_over_weights']}× "
               f"| {r.get('peak_anon_gib', '—')} | {str(r['anon_over_weights']) + '×' if 'anon_over_weights' in r else '—'} "
               f"| {r['pruned_weights_gib']} | {r['seconds']} | {r['threads']} |" for r in rows]
