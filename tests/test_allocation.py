@@ -2,6 +2,7 @@
 normalisation, the per-layer maximum and the conditioning floor."""
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from diffprune.errors import DiffPruneError
 from diffprune.importance import DIFF_PRUNING_FLOOR, METHODS
 from diffprune.macs import count_macs
 from diffprune.prune import PruneConfig, prune_
+from diffprune.prune.costs import mac_costs
 from diffprune.prune.selection import GlobalPruner
 from diffprune.presets import build_model
 
@@ -25,11 +27,11 @@ def tiny():
     return build_model("tiny")
 
 
-def _pruner(model, adapter, layer_macs):
+def _pruner(model, adapter, costs):
     imp = METHODS.get("magnitude").make(PruneConfig(method="magnitude", target_macs=0.5))
     p = GlobalPruner(model, adapter.example_inputs(model), importance=imp, pruning_ratio=0.01, global_pruning=True,
                      ignored_layers=adapter.ignored_layers(model), num_heads=dict(adapter.num_heads(model)))
-    p.module_names, p.layer_macs = {id(m): n for n, m in model.named_modules()}, layer_macs
+    p.module_names, p.layer_costs = {id(m): n for n, m in model.named_modules()}, costs
     return p
 
 
@@ -37,16 +39,16 @@ def test_position_cost_is_the_mac_drop_of_removing_that_position(tiny):
     """For every group of the tiny UNet: prune one position (one channel per GroupNorm group or head) and count the
     MACs again; the estimate the cost-aware ranking uses equals the drop (conv, linear, attention products)."""
     adapter = adapter_for(tiny)
-    base = count_macs(tiny, adapter=adapter)
+    base, costs = count_macs(tiny, adapter=adapter), mac_costs(tiny, adapter)
     with adapter.tracing(tiny):
-        p0 = _pruner(tiny, adapter, base.per_layer)
+        p0 = _pruner(tiny, adapter, costs)
         roots = [(p0.module_names[id(g[0].dep.target.module)], g[0].dep.handler)
                  for g in p0.DG.get_all_groups(ignored_layers=p0.ignored_layers, root_module_types=p0.root_module_types)]
     ratios = {}
     for name, fn in roots:
         twin = copy.deepcopy(tiny)
         with adapter.tracing(twin):
-            p = _pruner(twin, adapter, base.per_layer)
+            p = _pruner(twin, adapter, costs)
             module = dict(twin.named_modules())[name]
             k = p._get_channel_groups(p.DG.get_pruning_group(module, fn, [0]))
             width = (p.DG.get_out_channels if p.DG.is_out_channel_pruning_fn(fn) else p.DG.get_in_channels)(module)
@@ -83,6 +85,57 @@ def test_cost_allocation_keeps_the_mac_cheap_conditioning_path(tiny):
     assert cost.config["allocation"] == "cost" and score.config["allocation"] == "score"
 
 
+def _mac_timing(job, device, dtype, repeats):
+    """A stand-in for the measured timings: each call's MACs (whole, half the outputs, half the inputs)."""
+    kind, settings = job[0], job[1]
+    if kind == "attn":
+        (heads, dim), (b, lq), (_, lk) = settings, job[2], job[3]
+        return [2.0 * b * heads * lq * lk * d for d in (dim, dim // 2, dim // 2)]
+    out, inp = settings[:2]
+    if kind == "linear":
+        rows = math.prod(job[2][:-1])
+        return [float(rows * o * i) for o, i in ((out, inp), (out // 2, inp), (out, inp // 2))]
+    kh, kw, sh, sw, ph, pw, dh, dw = settings[2:]
+    b, _, h, w = job[2]
+    positions = b * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return [float(positions * o * i * kh * kw) for o, i in ((out, inp), (out // 2, inp), (out, inp // 2))]
+
+
+def test_latency_table_slopes_cache_and_shared_shapes(tiny, tmp_path, monkeypatch):
+    """Per channel: (whole - half) / channels removed, from the timings of the layer alone at the shape it sees at
+    the latency batch; layers of one shape are timed once; a second table reads every timing from the cache."""
+    from diffprune.prune import costs as C
+
+    calls = []
+    monkeypatch.setattr(C, "_time_job", lambda job, *a: calls.append(job) or _mac_timing(job, *a))
+    adapter = adapter_for(tiny)
+    table = C.latency_costs(tiny, adapter, device="cpu", dtype=torch.float32, batch=4, repeats=10, cache_dir=tmp_path)
+    # batch 4 of 8x8 images, 3x3 convolution of 1 input channel (nothing to save: it has one)
+    assert table["conv_in"] == {"out": 4 * 8 * 8 * 1 * 9, "in": 0.0}
+    assert table["time_embedding.linear_1"] == {"out": 4 * 8, "in": 4 * 32}  # 8 -> 32
+    # the 4x4 self-attention: q·kᵀ and the weighted sum, 2 * batch * 16 * 16 per channel of the inner width
+    assert table["down_blocks.1.attentions.0"] == {"attn": 2 * 4 * 16 * 16}
+    assert len(calls) < len(table)  # e.g. the two up-block attentions' projections share their shapes
+    assert len({json.dumps(c) for c in calls}) == len(calls)
+    calls.clear()
+    again = C.latency_costs(tiny, adapter, device="cpu", dtype=torch.float32, batch=4, repeats=10, cache_dir=tmp_path)
+    assert again == table and calls == []
+    C.latency_costs(tiny, adapter, device="cpu", dtype=torch.float32, batch=8, repeats=10, cache_dir=tmp_path)
+    assert len(calls) > 0  # another batch is another table
+
+
+def test_latency_allocation_with_mac_proportional_timings_is_the_mac_allocation(tiny, tmp_path, monkeypatch):
+    """If every layer's time were its MACs, ranking per second saved would rank per MAC saved: the same channels."""
+    from diffprune.prune import costs as C
+
+    monkeypatch.setattr(C, "_time_job", _mac_timing)
+    monkeypatch.setenv("DIFFPRUNE_CACHE", str(tmp_path))
+    by_macs, _ = _kept(tiny, PruneConfig(method="magnitude", target_macs=0.5, allocation="cost"))
+    by_time, _ = _kept(tiny, PruneConfig(method="magnitude", target_macs=0.5, allocation="latency", latency_batch=2))
+    assert by_time.widths == by_macs.widths and by_time.config["allocation"] == "latency"
+    assert by_time.config["latency_batch"] == 2
+
+
 def test_per_layer_maximum_and_conditioning_floor(tiny):
     report, kept = _kept(tiny, PruneConfig(method="magnitude", ratio=0.6, ratio_mode="uniform", global_ranking=True,
                                             max_layer_ratio=0.5))
@@ -116,7 +169,7 @@ def test_rank_keys_and_floors():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(allocation="latency"), "unknown allocation 'latency'; choose from"),
+    (dict(allocation="size"), "unknown allocation 'size'; choose from"),
     (dict(normalize="max"), "unknown normalize 'max'; choose from"),
     (dict(max_layer_ratio=1.5), r"max_layer_ratio=1.5 must be in \(0, 1\)"),
     (dict(ratio=0.3, target_macs=None, allocation="cost"), "needs global ranking"),

@@ -25,7 +25,7 @@ from ._hashing import Hasher
 from .errors import DiffPruneError
 
 FORMAT = "diffprune-cache/1"
-KINDS = ("latents", "text", "fid-stats", "teacher-samples")
+KINDS = ("latents", "text", "fid-stats", "teacher-samples", "latency")
 DEFAULT_MAX_BYTES = 20 * 2**30
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 

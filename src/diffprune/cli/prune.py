@@ -69,8 +69,9 @@ def add_parser(sub) -> None:
     p.add_argument("--round-to", type=int, default=d.round_to,
                    help="keep every pruned width a multiple of N (e.g. 8 for tensor cores); 1 = no rounding")
     p.add_argument("--allocation", default=d.allocation,
-                   help="global ranking: score (rank positions by importance alone, the paper's; default) or cost "
-                        "(importance per MAC its removal saves)")
+                   help="global ranking: score (rank positions by importance alone, the paper's; default), cost "
+                        "(importance per MAC its removal saves) or latency (importance per second it saves, from "
+                        "per-layer latency tables measured on --device at --latency-batch/--latency-dtype, cached)")
     p.add_argument("--normalize", default=d.normalize,
                    help="global ranking: none (default) or mean (each group's scores over their mean)")
     p.add_argument("--max-layer-ratio", type=float, default=d.max_layer_ratio,

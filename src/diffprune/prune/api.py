@@ -16,6 +16,7 @@ from ..macs import count_macs
 from ..structure import STRUCTURE_FORMAT, TORCH_PRUNING_VERSION, chain_records, layer_widths
 from .calibration import accumulate_gradients, calibration_batch, calibration_noise
 from .config import DATA_FREE, PruneConfig, PruneReport
+from .costs import layer_costs
 from .search import _latency_target, _macs_target, _prune_blocks, _prune_channels, _Pruned, latency_timer
 from .selection import check_round_to
 
@@ -64,9 +65,8 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         if method.removes == "blocks":
             pruned = _prune_blocks(unet, adapter, config, importance, before.macs)
         else:
-            target = (_macs_target(config, before.macs, adapter) if config.target_macs is not None else
-                      _latency_target(config, timer, base_s) if config.target_latency is not None else None)
-            pruned = _prune_channels(unet, adapter, config, importance, snapshot, before.macs, progress, target)
+            pruned = _select_channels(unet, adapter, config, importance, snapshot, before.macs, progress,
+                                      (timer, base_s) if config.target_latency is not None else None, device, cache_dir)
         unet.zero_grad(set_to_none=True)
         if method.after_pruning is not None:
             method.after_pruning(unet, config.seed)
@@ -79,6 +79,16 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
                        "repeats": config.latency_repeats}
     return _report(unet, config, adapter, pruned, before, after, widths_before, calibration_record, latency,
                    seconds=round(time.time() - t0, 3), dtype=dtype_name(dtype))
+
+
+def _select_channels(unet, adapter, config: PruneConfig, importance, snapshot, macs_before: int, progress: bool,
+                     timing, device, cache_dir) -> _Pruned:
+    """Channel pruning in place: the target (MACs, or latency with ``timing`` = (timer, seconds before)), the cost
+    table of a cost-aware allocation, then the selection."""
+    target = (_macs_target(config, macs_before, adapter) if config.target_macs is not None else
+              _latency_target(config, *timing) if timing is not None else None)
+    costs = layer_costs(unet, adapter, config, device=device, cache_dir=cache_dir, progress=progress)
+    return _prune_channels(unet, adapter, config, importance, snapshot, macs_before, progress, target, costs)
 
 
 def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, device, progress: bool, **sources) -> dict:

@@ -15,7 +15,7 @@ from ..structure import TORCH_PRUNING_VERSION
 from ..timesteps import STRATEGY_FIELDS, TimestepStrategy, make_strategy
 
 RATIO_MODES = ("paper", "uniform")
-ALLOCATIONS = ("score", "cost")
+ALLOCATIONS = ("score", "cost", "latency")
 NORMALIZERS = ("none", "mean")
 # the allocation settings at their defaults (the paper's global ranking); runs made before they existed used these
 ALLOCATION_DEFAULTS = {"allocation": "score", "normalize": "none", "max_layer_ratio": None, "conditioning_floor": 0.0}
@@ -51,7 +51,9 @@ class PruneConfig:
     Allocation across layers (global ranking only): ``allocation="score"`` ranks positions by importance alone (the
     paper, Torch-Pruning); ``"cost"`` by importance per MAC its removal saves (a greedy knapsack, as HALP does with
     latency), so that parameter-heavy, MAC-cheap layers (timestep and class embedders, adaLN inputs) are not
-    removed first for nothing. ``normalize="mean"`` divides each group's scores by their mean (groups of different
+    removed first for nothing; ``"latency"`` by importance per second its removal saves, from per-layer latency
+    tables measured on the pruning device at ``latency_batch`` and ``latency_dtype`` (HALP's allocation;
+    :mod:`diffprune.prune.costs`). ``normalize="mean"`` divides each group's scores by their mean (groups of different
     kinds and sizes compete on their relative scores). ``max_layer_ratio``: no group loses more than this share of
     its positions. ``conditioning_floor``: the conditioning pathways the adapter names keep at least this share, in
     [0, 1); None takes the method's default under global ranking (diff-pruning: 0.5, diffprune's measured default;

@@ -68,18 +68,21 @@ class _Pruned(NamedTuple):
 
 
 def _prune_channels(unet, adapter, config: PruneConfig, importance, snapshot, macs_before: int, progress: bool,
-                    target: _Target | None) -> _Pruned:
-    """Channel pruning in place: at ``config.ratio``, or at the ratio :func:`_search_ratio` finds for ``target``."""
+                    target: _Target | None, costs: dict | None = None) -> _Pruned:
+    """Channel pruning in place: at ``config.ratio``, or at the ratio :func:`_search_ratio` finds for ``target``.
+    ``costs``: the cost table of a cost-aware allocation."""
     search, skip = [], []
     if target is not None:
-        ratio, search, skip = _search_ratio(unet, adapter, config, importance, snapshot, macs_before, progress, target)
+        ratio, search, skip = _search_ratio(unet, adapter, config, importance, snapshot, macs_before, progress, target,
+                                            costs)
     else:
         ratio = float(config.ratio)
-    history, heads, scores, _ = _prune_once(unet, adapter, config, ratio, importance, skip=skip)
+    history, heads, scores, _ = _prune_once(unet, adapter, config, ratio, importance, skip=skip, costs=costs)
     return _Pruned(ratio, search, history, adapter.finalize_(unet, snapshot, heads), scores, skip)
 
 
-def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int, progress: bool, target: _Target):
+def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int, progress: bool, target: _Target,
+                  costs: dict | None = None):
     """Bisection on the ratio so that ``target.measure`` lands within the tolerance; returns ``(ratio, trials,
     skip)``.
 
@@ -95,7 +98,7 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     pruned positions, keeps it (``skip``) and prunes the next-ranked positions instead, up to ``_MAX_FILL`` times.
     The positions kept out of rank order are recorded with each probe (``kept_out_of_order``).
     """
-    search = _Search(unet, adapter, config, importance, snapshot, macs_before, target, progress)
+    search = _Search(unet, adapter, config, importance, snapshot, macs_before, target, progress, costs)
     search.check_reachable()
     done = search.bisect(0.0, _MAX_SEARCH_RATIO, _MIN_RATIO_STEP)  # the ratios left prune nearly the same channels
     if search.totals:
@@ -108,8 +111,9 @@ class _Search:
     """One target search: its probes (``trials``), the scores they replay, the positions kept out of rank order
     (``skip``) and, under global ranking, each probe's pruned positions (``picks``) and how many there are."""
 
-    def __init__(self, unet, adapter, config, importance, snapshot, macs_before: int, target: _Target, progress):
-        self.unet, self.adapter, self.config, self.importance = unet, adapter, config, importance
+    def __init__(self, unet, adapter, config, importance, snapshot, macs_before: int, target: _Target, progress,
+                 costs: dict | None = None):
+        self.unet, self.adapter, self.config, self.importance, self.costs = unet, adapter, config, importance, costs
         self.snapshot = snapshot
         self.macs_before, self.target, self.tol = macs_before, target, target.tolerance
         self.key = f"{target.name}_fraction"
@@ -128,12 +132,12 @@ class _Search:
             return next(t[key] for t in reversed(self.trials) if t.get("positions") == n
                         and len(t.get("kept_out_of_order", ())) == len(skip))
         if not self.cache:  # score once, on the model itself (no copy of weights and gradients) where possible
-            self.cache = scores_in_place(self.unet, self.adapter, self.config, self.importance) or {}
+            self.cache = scores_in_place(self.unet, self.adapter, self.config, self.importance, self.costs) or {}
         twin = (_copy_with_grads(self.unet) if not self.cache else _meta_copy(self.unet) if target.name == "macs" else
                 copy.deepcopy(self.unet))
         with self.adapter.tracing(twin):
             _, heads, scores, pruner = _prune_once(twin, self.adapter, self.config, ratio, self.importance,
-                                                   cached=self.cache or None, skip=skip)
+                                                   cached=self.cache or None, skip=skip, costs=self.costs)
             self.adapter.finalize_(twin, self.snapshot, heads)
         self.cache.update(scores)
         rel = target.measure(twin)

@@ -12,7 +12,6 @@ from torch import nn
 from .._torch import float32_params, meta_copy as _meta_copy
 from ..adapters import ModelAdapter
 from ..errors import require
-from ..macs import count_macs
 from ..seed import seed_everything
 from .config import PruneConfig
 
@@ -34,7 +33,7 @@ class _SelectingPruner(tp.pruner.BasePruner):
             return
         records = []  # (module, pruning fn, scores, channel groups, current channels, initial channels)
         heads = []  # per record: 1, or the head dim of an attention that loses whole heads (its positions are heads)
-        self.costs = []  # with allocation "cost": the MACs one position of each record's group costs
+        self.costs = []  # with cost-aware allocation: what one position of each record's group costs
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types):
             if not self._check_pruning_ratio(group):
@@ -59,7 +58,7 @@ class _SelectingPruner(tp.pruner.BasePruner):
                            (module, pruning_fn, imp.view(chunks, -1).mean(dim=1), 1, chunks,
                             self.layer_init_out_ch[qkv] // size))
             heads.append(size)
-            if self.layer_macs is not None:
+            if self.layer_costs is not None:
                 self.costs.append(self._position_cost(group, chunks if qkv is None else size))
         for (module, pruning_fn, *_), idxs, size in zip(records, self._select(records), heads):
             idxs = [int(i) * size + d for i in idxs for d in range(size)]  # a head's channels are contiguous
@@ -79,9 +78,9 @@ class _SelectingPruner(tp.pruner.BasePruner):
                      and self.DG.is_out_channel_pruning_fn(item.dep.handler)), None)
 
     def _position_cost(self, group, chunks: int) -> float:
-        """The MACs (one call at batch 1) that removing one position of ``group`` saves: each coupled layer's own
-        MACs per channel, for one channel in each of the ``chunks`` chunks. An attention's q/k/v channels also carry
-        its attention products (q and k a quarter of them per channel of the head width, v half)."""
+        """What removing one position of ``group`` saves (MACs or seconds, :mod:`diffprune.prune.costs`): each
+        coupled layer's cost per channel, in or out, for one channel in each of the ``chunks`` chunks. An
+        attention's q/k/v channels also carry its attention products (q and k a quarter each, v half)."""
         cost, seen = 0.0, set()
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
@@ -90,12 +89,10 @@ class _SelectingPruner(tp.pruner.BasePruner):
                 continue
             seen.add((id(module), is_out))
             name = self.module_names.get(id(module), "")
-            width = (self.DG.get_out_channels if is_out else self.DG.get_in_channels)(module) or 0
-            if width:
-                cost += self.layer_macs.get(name, 0) / width
-                parent, _, leaf = name.rpartition(".")
-                if is_out and leaf in ("to_q", "to_k", "to_v"):
-                    cost += self.layer_macs.get(parent, 0) * (0.5 if leaf == "to_v" else 0.25) / width
+            cost += self.layer_costs.get(name, {}).get("out" if is_out else "in", 0.0)
+            parent, _, leaf = name.rpartition(".")
+            if is_out and leaf in ("to_q", "to_k", "to_v"):
+                cost += self.layer_costs.get(parent, {}).get("attn", 0.0) * (0.5 if leaf == "to_v" else 0.25)
         return cost * chunks
 
     def _kept(self, keep: int, size: int, chunks: int) -> int:
@@ -191,13 +188,14 @@ class GlobalPruner(_SelectingPruner):
 
     def _rank_keys(self, positions: list[torch.Tensor]) -> list[torch.Tensor]:
         """What positions are ranked by, lowest first: the score (``normalize="mean"``: over its group's mean), or
-        with ``allocation="cost"`` the score per MAC saved (a position that saves nothing goes last)."""
+        with ``allocation="cost"``/``"latency"`` the score per MAC/second saved (a position that saves nothing goes
+        last)."""
         keys = []
         for r, pos in enumerate(positions):
             pos = pos.double()
             if self.allocation.normalize == "mean" and float(pos.mean()) > 0:
                 pos = pos / pos.mean()
-            if self.allocation.allocation == "cost":
+            if self.allocation.allocation in ("cost", "latency"):
                 cost = self.costs[r]
                 pos = pos / cost if cost > 0 else torch.full_like(pos, float("inf"))
             keys.append(pos)
@@ -236,11 +234,12 @@ class _RecordingImportance:
 
 
 def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance,
-                cached: dict | None = None, skip=()) -> tuple[list, dict, dict, "_SelectingPruner"]:
+                cached: dict | None = None, skip=(), costs: dict | None = None) -> tuple[list, dict, dict, "_SelectingPruner"]:
     """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores, the
     pruner). ``cached``: scores recorded by an earlier call on the same unpruned model, used instead of
-    ``importance``. ``skip``: positions global ranking keeps whatever their rank (:class:`GlobalPruner`)."""
-    pruner, recorder = _pruner(unet, adapter, config, ratio, importance, cached, skip)
+    ``importance``. ``skip``: positions global ranking keeps whatever their rank (:class:`GlobalPruner`).
+    ``costs``: the cost table of a cost-aware allocation (:func:`diffprune.prune.costs.layer_costs`)."""
+    pruner, recorder = _pruner(unet, adapter, config, ratio, importance, cached, skip, costs)
     pruner.step()
     heads = {}
     for name, m in unet.named_modules():
@@ -251,19 +250,20 @@ def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, 
     return history, heads, recorder.scores, pruner
 
 
-def scores_in_place(unet, adapter: ModelAdapter, config: PruneConfig, importance) -> dict[str, torch.Tensor] | None:
+def scores_in_place(unet, adapter: ModelAdapter, config: PruneConfig, importance,
+                    costs: dict | None = None) -> dict[str, torch.Tensor] | None:
     """Every group's scores, computed on ``unet`` itself with nothing pruned (no copy of its weights or gradients:
     the target search replays them on shapes-only copies); None where the selection scores a group only after
     pruning the ones before it (Torch-Pruning's own pruner, ``prune_heads``), whose scores need a pruned copy."""
     if not issubclass(_pruner_class(config), _SelectingPruner):
         return None
-    pruner, recorder = _pruner(unet, adapter, config, 0.5, importance, None, ())
+    pruner, recorder = _pruner(unet, adapter, config, 0.5, importance, None, (), costs)
     for _ in pruner.step(interactive=True):  # every group is scored before the first is yielded; none is pruned
         pass
     return recorder.scores
 
 
-def _pruner(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance, cached, skip):
+def _pruner(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance, cached, skip, costs):
     """The pruner of one pass at ``ratio`` over ``unet``, and the importance recorder it scores through."""
     seed_everything(config.seed)  # random scores are reproducible
     names = {id(m): n for n, m in unet.named_modules()}
@@ -279,7 +279,9 @@ def _pruner(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, impo
     pruner = _pruner_class(config)(unet, adapter.trace_inputs(unet), **kwargs)
     pruner.round_to = config.round_to  # read by diffprune's own selection (_SelectingPruner._kept)
     pruner.allocation, pruner.conditioning = config, adapter.conditioning_paths(unet)
-    pruner.layer_macs = count_macs(unet, adapter=adapter).per_layer if config.allocation == "cost" else None
+    require(costs is not None or config.allocation == "score",
+            f"allocation {config.allocation!r} needs its cost table (diffprune.prune.costs.layer_costs)")
+    pruner.layer_costs = costs
     pruner.module_names, pruner.skip, pruner.picks, pruner.total_positions = names, frozenset(skip), [], None
     pruner.whole_heads = {id(m) for m in adapter.whole_heads(unet)}
     return pruner, recorder
