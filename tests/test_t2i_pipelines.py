@@ -280,3 +280,15 @@ def test_sharded_text_encoder_and_transformer_load(tmp_path):
         assert (tmp_path / "pruned" / "text_encoder_3" / name).read_bytes() == \
             (tmp_path / "sharded" / "text_encoder_3" / name).read_bytes()
     assert load_model(tmp_path / "pruned").text_encoder.encode(PROMPTS)["context"].equal(a["context"])
+
+
+def test_eval_takes_each_pipelines_own_guidance_by_default(family, tmp_path):
+    """`diffprune eval` without --guidance-scale: FLUX.1-dev samples with the guidance it takes as an input at
+    FluxPipeline's 3.5; every other model with none (1); an explicit value is kept."""
+    common = ["eval", "--model", str(family["root"] / "pruned"), "--data", "none", "--n", "2", "--steps", "1",
+              "--latency-batches", "none", "--prompt", "a red square", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "default")]) == 0
+    config = json.loads((tmp_path / "default" / "metrics.json").read_text())["config"]
+    assert config["guidance_scale"] == (3.5 if family["name"] == "FluxPipeline" else 1.0)
+    assert main([*common, "--guidance-scale", "2", "--out", str(tmp_path / "given")]) == 0
+    assert json.loads((tmp_path / "given" / "metrics.json").read_text())["config"]["guidance_scale"] == 2.0

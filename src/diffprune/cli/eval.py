@@ -6,6 +6,8 @@ report.md with its PNGs, and both sample sets into --out.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from ._common import add_device_flag, add_prompt_flags, device_of, read_prompts
 
 
@@ -57,9 +59,11 @@ def add_parser(sub) -> None:
     p.add_argument("--latency-repeats", type=int, default=d.latency_repeats, help="timed runs per measurement (>= 10)")
     p.add_argument("--sampler-latency-batch", type=int, default=d.sampler_latency_batch,
                    help="batch of the full-sampler timing (per-image latency = median / batch)")
-    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale,
+    p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale for class-conditional models with a null label and for "
-                        "text-to-image models (1 = none)")
+                        "text-to-image models (1 = none); for FLUX.1-dev the guidance it takes as an input, as "
+                        "FluxPipeline's guidance_scale (default: 3.5 for FLUX.1-dev, as FluxPipeline; 1 for every "
+                        "other model)")
     add_prompt_flags(p, "that teacher and student are both sampled from")
     p.add_argument("--clip-model", default=None,
                    help="text-to-image models: a local CLIP model folder (transformers CLIPModel + tokenizer, e.g. a "
@@ -116,7 +120,8 @@ def _eval(args, inputs) -> int:
         ref_split=args.ref_split, ref_count=args.ref_count, extractor=args.extractor,
         extractor_weights=args.inception_weights or args.extractor_weights, cache_dir=args.cache_dir,
         latency_batches=args.latency_batches, latency_repeats=args.latency_repeats,
-        sampler_latency_batch=args.sampler_latency_batch, guidance_scale=args.guidance_scale,
+        sampler_latency_batch=args.sampler_latency_batch,
+        guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
         classifier=args.classifier, prompts=read_prompts(args), clip_model=args.clip_model,
     )
     device = device_of(args)
@@ -142,6 +147,9 @@ def _eval(args, inputs) -> int:
             part.to(device)
     if data is None:
         print("no --data given or recorded: FID is skipped (consistency and cost are still measured)")
+    model = student if student is not None else teacher
+    if args.guidance_scale is None and model is not None:  # the model's own: FluxPipeline's 3.5 for FLUX.1-dev
+        config = dataclasses.replace(config, guidance_scale=float(adapter.embedded_guidance(model) or 1.0))
     m = evaluate(student, teacher, config=config, out_dir=args.out, scheduler=scheduler,
                  student_samples=args.student_samples, teacher_samples=args.teacher_samples, pruning=pruning,
                  train_log=log, device=device, overwrite=args.overwrite, progress=True,
