@@ -58,6 +58,12 @@ CONFIGS = {
     "flux-dev-6-blocks": ("FluxTransformer2DModel", dict(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=24,
         joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+    # FLUX.1-dev's transformer config whole (11.9B parameters): only for benchmarks/prune_memory.py --stream, which
+    # writes its random bfloat16 weights shard by shard (built whole in float32 it would need 48 GB)
+    "flux-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
 }
 
 

@@ -2,14 +2,17 @@
 
     python benchmarks/prune_memory.py --models dit-xl-2-256 [--dtype bfloat16] [--src OTHER_CHECKOUT/src --label before]
         [--method diff-pruning --prune-args "--data data-free --calib-batch 2 --timesteps strided --stride 250"]
+    python benchmarks/prune_memory.py --models flux-dev --dtype bfloat16 --stream
 
 Each model is saved once as a diffusers folder under ``--work`` (safetensors in ``--dtype``, default float32, from its
 public configuration, nothing downloaded), then pruned by the CLI exactly as a user runs it (``diffprune prune
 --method magnitude --target-macs 0.5``, which keeps the stored dtype; ``--method``/``--prune-args`` for a gradient
 criterion and its calibration) under ``/usr/bin/time -v``: the peak resident
 memory of that process against the size of the weights file, and the params and MACs before -> after from the
-output's pruning.json. ``--src`` runs another checkout's code (to measure before a change). Appends to
-benchmarks/results/prune_memory.json and rewrites .md.
+output's pruning.json. ``--src`` runs another checkout's code (to measure before a change). ``--stream`` writes the
+model folder without ever building the model: random weights (normal, std 0.02) in ``--dtype``, tensor by tensor
+into 5 GB shards with their index, as large checkpoints are published (FLUX.1-dev: 11.9B parameters, 24 GB in
+bfloat16, on a 24 GiB machine). Appends to benchmarks/results/prune_memory.json and rewrites .md.
 """
 import argparse
 import json
@@ -21,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _models import benchmark_model
+from _models import CONFIGS, benchmark_model
 from diffprune._fs import atomic_write_bytes
 
 RESULTS = Path("benchmarks/results")
@@ -35,18 +38,56 @@ new one beside the original, so the originals' pages stay mapped until the proce
 count (rows before e831442) the counting forward also touched every weight in memory."""
 
 
-def model_folder(name: str, work: Path, dtype: str) -> Path:
+def model_folder(name: str, work: Path, dtype: str, stream: bool = False) -> Path:
     import torch
 
     folder = work / (name if dtype == "float32" else f"{name}-{dtype}")
     if not (folder / "config.json").is_file():
-        model = benchmark_model(name).denoiser.to(getattr(torch, dtype))
-        model.save_pretrained(folder, safe_serialization=True)
+        if stream:
+            write_streamed(name, folder, getattr(torch, dtype))
+        else:
+            model = benchmark_model(name).denoiser.to(getattr(torch, dtype))
+            model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
-def measure(name: str, work: Path, src: str | None, threads: int, dtype: str, method: str, extra: list) -> dict:
-    folder = model_folder(name, work, dtype)
+def write_streamed(name: str, folder: Path, dtype, shard_bytes: int = 5 * 10**9) -> None:
+    """A diffusers folder of configuration ``name`` with random weights, written one shard at a time."""
+    import diffusers
+    import torch
+    from safetensors.torch import save_file
+
+    cls, kwargs = CONFIGS[name]
+    with torch.device("meta"):
+        model = getattr(diffusers, cls).from_config(kwargs)
+    tmp = folder.with_name(folder.name + ".partial")
+    subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    model.save_config(tmp)
+    gen = torch.Generator().manual_seed(0)
+    shards, shard, size, total = [], {}, 0, 0
+    items = list(model.state_dict().items())
+    for i, (key, meta) in enumerate(items):
+        shard[key] = (torch.randn(meta.shape, generator=gen) * 0.02).to(dtype)
+        size += shard[key].numel() * shard[key].element_size()
+        if size >= shard_bytes or i == len(items) - 1:
+            path = tmp / f"part-{len(shards)}.safetensors"
+            save_file(shard, str(path), metadata={"format": "pt"})
+            shards.append((path, list(shard)))
+            total, shard, size = total + size, {}, 0
+            print(f"{name}: wrote shard {len(shards)} ({total / 2**30:.1f} GiB)", flush=True)
+    weight_map = {}
+    for n, (path, keys) in enumerate(shards, 1):
+        final = f"diffusion_pytorch_model-{n:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(tmp / final)
+        weight_map.update(dict.fromkeys(keys, final))
+    (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    tmp.rename(folder)
+
+
+def measure(name: str, work: Path, src: str | None, threads: int, dtype: str, method: str, extra: list,
+            stream: bool = False) -> dict:
+    folder = model_folder(name, work, dtype, stream)
     out = work / f"{name}-pruned-{os.getpid()}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if src:
@@ -85,6 +126,7 @@ def main() -> None:
                    help="dtype the model folder is saved in (the CLI prunes and saves it in the same)")
     p.add_argument("--method", default="magnitude")
     p.add_argument("--prune-args", default="", help="more `diffprune prune` arguments, e.g. a calibration's")
+    p.add_argument("--stream", action="store_true", help="write the model folder shard by shard (see above)")
     args = p.parse_args()
     path = RESULTS / "prune_memory.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
@@ -93,7 +135,7 @@ def main() -> None:
     for name in args.models:
         rows.append({"label": args.label, "commit": commit,
                      **measure(name, Path(args.work), args.src, args.threads, args.dtype, args.method,
-                                  args.prune_args.split())})
+                                  args.prune_args.split(), args.stream)})
         atomic_write_bytes(path, (json.dumps(rows, indent=1) + "\n").encode())
     lines = ["# Peak memory of `diffprune prune` (0.5x MACs, random full-size weights)", "",
              "`python benchmarks/prune_memory.py --models ...` (`--src` for an older checkout). Peak resident memory "
