@@ -46,6 +46,7 @@ def accelerate_settings(acc) -> dict:
     settings = {"mixed_precision": str(acc.mixed_precision),
                 "gradient_accumulation_steps": int(acc.gradient_accumulation_steps),
                 "dynamo_backend": str(getattr(backend, "value", backend) or "no").lower()}
-    if sharding(acc):
-        settings["sharding"] = sharding(acc)
+    sharded = sharding(acc)
+    if sharded:
+        settings["sharding"] = sharded
     return settings

@@ -173,8 +173,8 @@ def _train_locked(unet, scheduler, data, config: TrainConfig, out: Path, *, acc,
     acc.wait_for_everyone()
     if not main:  # the others take the folder the main process chose, and the EMA horizon of the record it checked
         folder, config, record = follow_run(out, config, identity, world, resume)
-    model, raw, optimizer, ema, whole, teacher = _prepare(unet, teacher, config, acc, adapter)
-    run = _Run(config, acc, folder, data, scheduler, adapter, model, raw, optimizer, ema, whole, teacher, codec,
+    model, raw, optimizer, ema, empty, teacher = _prepare(unet, teacher, config, acc, adapter)
+    run = _Run(config, acc, folder, data, scheduler, adapter, model, raw, optimizer, ema, empty, teacher, codec,
                order=_DataOrder(len(data), config.seed), command=run_info.get("command"))
 
     start_step, skipped = restore_newest(folder.checkpoints, raw, ema, optimizer, main) if resume else (0, [])
@@ -213,7 +213,7 @@ def _prepare(unet, teacher, config: TrainConfig, acc, adapter):
     # foreach: one fused update over all tensors (PyTorch's default on GPU only; measured on the 2-core CPU: Adam
     # 9.6 -> 5.3 ms and EMA 2.5 -> 1.1 ms per step for the pruned MNIST UNet's 182 tensors)
     optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr, foreach=True)
-    whole = shell(unet) if sharding(acc) else None
+    empty = shell(unet) if sharding(acc) else None  # before sharding: the shapes whole
     model, optimizer = acc.prepare(unet, optimizer)
     raw = acc.unwrap_model(model)
     decay = config.resolved_ema_decay
@@ -221,10 +221,10 @@ def _prepare(unet, teacher, config: TrainConfig, acc, adapter):
     ema = EMAModel(raw.parameters(), decay=decay, min_decay=decay, foreach=True)
     if teacher is not None:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
-        if whole is not None:  # sharded like the student: each process holds 1/N of it, gathered layer by layer
+        if empty is not None:  # sharded like the student: each process holds 1/N of it, gathered layer by layer
             teacher = acc.prepare(teacher)
             teacher.register_forward_hook(_reshard)  # FSDP2 keeps a root gathered after forward, awaiting backward
-    return model, raw, optimizer, ema, whole, teacher
+    return model, raw, optimizer, ema, empty, teacher
 
 
 def _reshard(module, args, output) -> None:

@@ -43,7 +43,7 @@ def save_final(raw, ema, shell, scheduler, folder: Path, pruning: dict | None, p
     if main:
         with staged_dir(folder / "raw") as tmp:
             write_model(tmp, model, pruning=pruning, scheduler=scheduler)
-    model = None
+    model = None  # the raw copy goes before the EMA one is gathered: one whole model in memory at a time
     model = whole_model("ema", raw, ema, shell, main)
     if main:
         with staged_dir(folder, merge=True) as tmp:  # beside the run's checkpoints, logs and record, which stay
