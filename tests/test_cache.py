@@ -107,7 +107,7 @@ def test_cache_command(tmp_path, capsys):
     assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()[1:]}
-    assert rows == {"latents": 1, "text": 1, "fid-stats": 0, "teacher-samples": 0}
+    assert rows == {"latents": 1, "text": 1, "fid-stats": 0, "teacher-samples": 0, "latency": 0}
     assert main(["cache", "clear", "--cache-dir", str(tmp_path), "--kind", "text"]) == 0
     assert [p.stem for p in _cache.entries(tmp_path)] == ["a"]
     assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0

@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
                                      "samples)", description=__doc__)
     p.add_argument("action", choices=["info", "clear"], help="info: entries and bytes per kind; clear: remove them")
     p.add_argument("--kind", action="append", default=None, metavar="KIND",
-                   help="clear only this kind (latents, text, fid-stats, teacher-samples); repeatable")
+                   help="clear only this kind (latents, text, fid-stats, teacher-samples, latency); repeatable")
     p.add_argument("--cache-dir", default=None,
                    help="the cache folder (default: $DIFFPRUNE_CACHE or ~/.cache/diffprune)")
     p.add_argument("--json", action="store_true", help="info as JSON")
