@@ -66,7 +66,8 @@ def main() -> None:
     atomic_write_bytes(out / f"{args.name}.json", (json.dumps(rows, indent=1) + "\n").encode())
     lines = ["# Speedup per allocation arm, idle machine", "",
              f"`python benchmarks/arm_speed.py --runs RUNS --seed {args.seed} --batch {args.batch} --rounds "
-             f"{args.rounds} --arms {' '.join(args.arms)} --name {args.name}` (CPU, {torch.get_num_threads()} threads; per denoiser call, teacher and student "
+             f"{args.rounds} --arms {' '.join(args.arms)} --name {args.name}` "
+             f"(CPU, {torch.get_num_threads()} threads; per denoiser call, teacher and student "
              "alternating).", "", "| family | arm | MACs ratio | teacher ms | student ms | speedup | speedup ÷ MAC cut |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['family']} | {r['arm']} | {r['macs_ratio']:.3f} | {r['teacher_ms']:.1f} | {r['student_ms']:.1f} | "

@@ -53,8 +53,9 @@ def local_share(model):  # the fraction of the parameters' elements this process
 
 images = load_data("mnist", resolution=8, channels=1, limit=64)
 shares = {}
-for name, kind, steps, resume in [("ddp", DistributedType.MULTI_CPU, 4, False), ("fsdp", DistributedType.FSDP, 4, False),
-                                  ("cut", DistributedType.FSDP, 2, False), ("cut", DistributedType.FSDP, 4, True)]:
+jobs = [("ddp", DistributedType.MULTI_CPU, 4, False), ("fsdp", DistributedType.FSDP, 4, False),
+        ("cut", DistributedType.FSDP, 2, False), ("cut", DistributedType.FSDP, 4, True)]
+for name, kind, steps, resume in jobs:
     acc = accelerator(kind)
     cfg = TrainConfig(steps=steps, batch_size=4, checkpoint_every=2, log_every=1, kd_weight=0.5, ema_decay=0.5,
                       sample_every=2, sample_steps=2, gradient_checkpointing=True)
@@ -133,5 +134,6 @@ def test_whole_model_of_a_shell_keeps_buffers_and_takes_every_parameter():
     rebuilt = plain_model(empty, {k: v.clone() for k, v in dit.named_parameters()})
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 40]), torch.tensor([1, 7])
     with torch.no_grad():
-        assert torch.equal(rebuilt(x, timestep=t, class_labels=y).sample, dit.eval()(x, timestep=t, class_labels=y).sample)
+        expected = dit.eval()(x, timestep=t, class_labels=y).sample
+        assert torch.equal(rebuilt(x, timestep=t, class_labels=y).sample, expected)
     assert all(p.is_meta for p in empty.parameters())  # the shell stays empty for the next rebuild

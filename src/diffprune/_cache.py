@@ -1,4 +1,5 @@
-"""The one load-or-compute cache (encoded latents, text embeddings, FID reference statistics, teacher samples, per-layer latency timings).
+"""The one load-or-compute cache (encoded latents, text embeddings, FID reference statistics, teacher samples,
+per-layer latency timings).
 
 An entry is a safetensors file ``<root>/<kind>/<name>.safetensors`` whose metadata records its key, the format, each
 tensor's shape and a sha256 of the tensors' bytes. :func:`cached` reads an entry only when all of that checks out

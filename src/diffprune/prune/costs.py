@@ -178,7 +178,8 @@ def _time_job(job, device, dtype, repeats: int) -> list[float]:
     else:
         out, inp = job[1][:2]
         shape = job[2]
-        calls = [_layer_call(kind, job[1], o, i, shape, rand) for o, i in ((out, inp), (_half(out), inp), (out, _half(inp)))]
+        sizes = ((out, inp), (_half(out), inp), (out, _half(inp)))
+        calls = [_layer_call(kind, job[1], o, i, shape, rand) for o, i in sizes]
     with torch.no_grad():
         return [measure(fn, device=device, repeats=repeats)["median_s"] for fn in calls]
 

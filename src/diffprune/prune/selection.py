@@ -233,8 +233,8 @@ class _RecordingImportance:
         return imp
 
 
-def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance,
-                cached: dict | None = None, skip=(), costs: dict | None = None) -> tuple[list, dict, dict, "_SelectingPruner"]:
+def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance, cached: dict | None = None,
+                skip=(), costs: dict | None = None) -> tuple[list, dict, dict, "_SelectingPruner"]:
     """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores, the
     pruner). ``cached``: scores recorded by an earlier call on the same unpruned model, used instead of
     ``importance``. ``skip``: positions global ranking keeps whatever their rank (:class:`GlobalPruner`).
