@@ -25,7 +25,7 @@ from diffprune.macs import count_macs
 FAMILIES = {"unet": ("unet-allocation", "mnist-teacher"), "dit": ("dit-allocation", "mnist-dit")}
 ARMS = {"default": "conditioning_floor-0.5", "paper": "diff-pruning", "magnitude": "magnitude", "taylor": "taylor",
         "cost-allocation": "allocation-cost", "latency-allocation": "allocation-latency",
-        "latency-allocation-capped": "allocation-latency_max_layer_ratio-0.5"}
+        "latency-allocation-capped": "allocation-latency_max_layer_ratio-0.5", "capped": "max_layer_ratio-0.5"}
 
 
 def timed(model, batch: int) -> float:
