@@ -221,7 +221,7 @@ def _prepare(unet, teacher, config: TrainConfig, acc, adapter):
     ema = EMAModel(raw.parameters(), decay=decay, min_decay=decay, foreach=True)
     if teacher is not None:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
-        if empty is not None:  # sharded like the student: each process holds 1/N of it, gathered layer by layer
+        if empty is not None:  # sharded like the student: each process holds 1/N, gathered per call
             teacher = acc.prepare(teacher)
             teacher.register_forward_hook(_reshard)  # FSDP2 keeps a root gathered after forward, awaiting backward
     return model, raw, optimizer, ema, empty, teacher
