@@ -39,7 +39,8 @@ def test_position_cost_is_the_mac_drop_of_removing_that_position(tiny):
     """For every group of the tiny UNet: prune one position (one channel per GroupNorm group or head) and count the
     MACs again; the estimate the cost-aware ranking uses equals the drop (conv, linear, attention products)."""
     adapter = adapter_for(tiny)
-    base, costs = count_macs(tiny, adapter=adapter), mac_costs(tiny, adapter)
+    base = count_macs(tiny, adapter=adapter)
+    costs = mac_costs(tiny, base.per_layer)
     with adapter.tracing(tiny):
         p0 = _pruner(tiny, adapter, costs)
         roots = [(p0.module_names[id(g[0].dep.target.module)], g[0].dep.handler)

@@ -124,12 +124,13 @@ def test_fsdp1_and_deepspeed_are_refused():
 def test_whole_model_of_a_shell_keeps_buffers_and_takes_every_parameter():
     from diffusers import DiTTransformer2DModel
 
-    from diffprune.train.state import plain_model, shell
+    from diffprune._torch import meta_copy
+    from diffprune.train.state import plain_model
 
     torch.manual_seed(0)
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
                                 num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-    empty = shell(dit)
+    empty = meta_copy(dit, buffers=False)
     assert all(p.is_meta for p in empty.parameters()) and not any(b.is_meta for b in empty.buffers())
     rebuilt = plain_model(empty, {k: v.clone() for k, v in dit.named_parameters()})
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 40]), torch.tensor([1, 7])

@@ -126,12 +126,13 @@ def require_finite_weights(model: nn.Module, what: str) -> None:
                                  "damaged: fine-tune it again with a lower learning rate, or load another checkpoint")
 
 
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers live on the meta device (shapes only, nothing copied): a
-    probe that only counts MACs prunes and traces it without touching the weights."""
+def meta_copy(model: nn.Module, buffers: bool = True) -> nn.Module:
+    """A copy of ``model`` whose parameters (and ``buffers``, unless False: then copied as they are) live on the meta
+    device (shapes only, nothing copied): a probe that only counts MACs prunes and traces it without touching the
+    weights; with real buffers, a shell that whole weights can later be assigned to."""
     memo: dict[int, Any] = {}
     for t in model.parameters():
         memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
-    for t in model.buffers():
+    for t in model.buffers() if buffers else ():
         memo[id(t)] = torch.empty_like(t, device="meta")
     return copy.deepcopy(model, memo)

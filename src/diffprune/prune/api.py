@@ -65,7 +65,7 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
         if method.removes == "blocks":
             pruned = _prune_blocks(unet, adapter, config, importance, before.macs)
         else:
-            pruned = _select_channels(unet, adapter, config, importance, snapshot, before.macs, progress,
+            pruned = _select_channels(unet, adapter, config, importance, snapshot, before, progress,
                                       (timer, base_s) if config.target_latency is not None else None, device, cache_dir)
         unet.zero_grad(set_to_none=True)
         if method.after_pruning is not None:
@@ -81,14 +81,15 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
                    seconds=round(time.time() - t0, 3), dtype=dtype_name(dtype))
 
 
-def _select_channels(unet, adapter, config: PruneConfig, importance, snapshot, macs_before: int, progress: bool,
+def _select_channels(unet, adapter, config: PruneConfig, importance, snapshot, before, progress: bool,
                      timing, device, cache_dir) -> _Pruned:
     """Channel pruning in place: the target (MACs, or latency with ``timing`` = (timer, seconds before)), the cost
-    table of a cost-aware allocation, then the selection."""
-    target = (_macs_target(config, macs_before, adapter) if config.target_macs is not None else
+    table of a cost-aware allocation (from ``before``, the MAC count of the unpruned model), then the selection."""
+    target = (_macs_target(config, before.macs, adapter) if config.target_macs is not None else
               _latency_target(config, *timing) if timing is not None else None)
-    costs = layer_costs(unet, adapter, config, device=device, cache_dir=cache_dir, progress=progress)
-    return _prune_channels(unet, adapter, config, importance, snapshot, macs_before, progress, target, costs)
+    costs = layer_costs(unet, adapter, config, per_layer=before.per_layer, device=device, cache_dir=cache_dir,
+                        progress=progress)
+    return _prune_channels(unet, adapter, config, importance, snapshot, before.macs, progress, target, costs)
 
 
 def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, device, progress: bool, **sources) -> dict:

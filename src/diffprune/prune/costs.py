@@ -24,15 +24,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._torch import eval_mode, meta_copy
-from ..macs import count_macs
+from ..structure import layer_widths
 
 LATENCY_FORMAT = 1  # bump when what a cached timing means changes
 
 
-def layer_costs(model: nn.Module, adapter, config, *, device=None, cache_dir=None, progress: bool = False):
-    """The cost table of ``config.allocation`` for ``model`` (None for ``"score"``, which needs none)."""
+def layer_costs(model: nn.Module, adapter, config, *, per_layer: dict, device=None, cache_dir=None,
+                progress: bool = False):
+    """The cost table of ``config.allocation`` for ``model`` (None for ``"score"``, which needs none); ``per_layer``:
+    its MAC count's own MACs per module (:class:`~diffprune.macs.MacsReport`)."""
     if config.allocation == "cost":
-        return mac_costs(model, adapter)
+        return mac_costs(model, per_layer)
     if config.allocation == "latency":
         from .config import LATENCY_DTYPES
 
@@ -42,24 +44,18 @@ def layer_costs(model: nn.Module, adapter, config, *, device=None, cache_dir=Non
     return None
 
 
-def _widths(module: nn.Module) -> tuple[int, int] | None:
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels, module.in_channels
-    return None
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
-def mac_costs(model: nn.Module, adapter) -> dict:
-    """MACs (one call at batch 1) per channel of each layer's own work, from a shapes-only count."""
-    per_layer = count_macs(model, adapter=adapter, shapes_only=True).per_layer
-    modules = dict(model.named_modules())
+def mac_costs(model: nn.Module, per_layer: dict) -> dict:
+    """MACs (one call at batch 1) per channel of each layer's own work, from ``per_layer`` (its MAC count's)."""
+    modules, widths = dict(model.named_modules()), layer_widths(model)
     table = {}
     for name, macs in per_layer.items():
         module = modules.get(name)
-        widths = _widths(module) if module is not None else None
-        if widths is not None:
-            table[name] = {"out": macs / widths[0], "in": macs / widths[1]}
+        if isinstance(module, _LAYERS):
+            inp, out = widths[name]
+            table[name] = {"out": macs / out, "in": macs / inp}
         elif module is not None and isinstance(getattr(module, "to_q", None), nn.Linear):
             table[name] = {"attn": macs / module.to_q.out_features}
     return table
@@ -76,7 +72,7 @@ def _input_shapes(model: nn.Module, adapter, batch: int) -> dict[str, tuple]:
         return hook
 
     for name, module in meta.named_modules():
-        if _widths(module) is not None:
+        if isinstance(module, _LAYERS):
             hooks.append(module.register_forward_pre_hook(record(name)))
     try:
         with eval_mode(meta), torch.no_grad():

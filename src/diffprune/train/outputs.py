@@ -21,7 +21,7 @@ def ema_copy(raw, ema):
 
 def whole_model(kind: str, raw, ema, shell, main: bool):
     """The ``kind`` ("raw" or "ema") model as an ordinary, whole module on the main process (None elsewhere). With a
-    ``shell`` (:func:`diffprune.train.state.shell`: FSDP shards ``raw``) it is gathered from every process, which
+    ``shell`` (``raw`` before FSDP sharded it, as ``meta_copy(raw, buffers=False)``) it is gathered from every process, which
     must all call this; else the main process uses ``raw`` itself or an EMA copy of it."""
     if shell is None:
         return None if not main else raw if kind == "raw" else ema_copy(raw, ema)

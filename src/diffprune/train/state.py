@@ -26,17 +26,10 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, _dtensor()) for p in model.parameters())
 
 
-def shell(model: nn.Module) -> nn.Module:
-    """A copy of the unsharded ``model`` whose parameters are shapes only (meta device) and whose buffers are real:
-    with :func:`plain_model`, how a sharded run rebuilds a whole, ordinary module to save or sample from."""
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in model.parameters()}
-    return copy.deepcopy(model, memo)
-
-
 def plain_model(shell_model: nn.Module, tensors: dict) -> nn.Module:
-    """An ordinary module built on :func:`shell` with the whole ``tensors`` (by state-dict name: every parameter,
-    and buffers where given; the others keep the shell's)."""
+    """An ordinary module built on ``shell_model`` (the unsharded model's ``meta_copy(model, buffers=False)``:
+    parameters shapes only, buffers real) with the whole ``tensors`` (by state-dict name: every parameter, and
+    buffers where given; the others keep the shell's): how a sharded run rebuilds a module to save or sample from."""
     model = copy.deepcopy(shell_model)
     state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
     model.load_state_dict({**state, **tensors}, assign=True)
