@@ -38,6 +38,22 @@ def sharding(acc) -> str | None:
     return "fsdp2"
 
 
+def shard_frozen(acc, model):
+    """``model`` (frozen, no optimizer: the teacher) sharded as accelerate shards the student under FSDP2, and
+    resharded after every call (FSDP2 keeps a root gathered after a forward, awaiting a backward that never comes).
+    Through ``fsdp2_prepare_model``, not ``acc.prepare``: accelerate < 1.16 refuses a model prepared without its
+    optimizer under FSDP2 (seen with 1.15 on a GPU)."""
+    from accelerate.utils import fsdp2_prepare_model
+
+    model = fsdp2_prepare_model(acc, model)
+    model.register_forward_hook(_reshard)
+    return model
+
+
+def _reshard(module, args, output) -> None:
+    module.reshard()
+
+
 def accelerate_settings(acc) -> dict:
     """The accelerate settings that change what a step computes (from its launch config or environment); "sharding"
     only when FSDP shards the model, so that records of unsharded runs keep their form."""

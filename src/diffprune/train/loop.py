@@ -31,7 +31,7 @@ from .._hashing import state_sha256
 from .._torch import meta_copy
 from ..errors import DiffPruneError, require
 from ..records import read_log
-from .accel import accelerate_settings, make_accelerator, sharding
+from .accel import accelerate_settings, make_accelerator, shard_frozen, sharding
 from .checkpoints import CHECKPOINT_PREFIX, restore_newest, save_checkpoint
 from .config import TrainConfig, TrainResult
 from .outputs import save_final, save_sample_grid, tensorboard, whole_model
@@ -223,13 +223,8 @@ def _prepare(unet, teacher, config: TrainConfig, acc, adapter):
     if teacher is not None:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
         if empty is not None:  # sharded like the student: each process holds 1/N, gathered per call
-            teacher = acc.prepare(teacher)
-            teacher.register_forward_hook(_reshard)  # FSDP2 keeps a root gathered after forward, awaiting backward
+            teacher = shard_frozen(acc, teacher)
     return model, raw, optimizer, ema, empty, teacher
-
-
-def _reshard(module, args, output) -> None:
-    module.reshard()
 
 
 class _Log:
