@@ -1,4 +1,5 @@
-"""The stock layout: a depth-pruned transformer saved so that plain diffusers loads it, bitwise as diffprune does."""
+"""The stock layout: a depth-pruned transformer, or a UNet2DModel pruned to one width per level, saved so that plain
+diffusers loads it, bitwise as diffprune does."""
 import json
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import test_family_pixart
 import test_family_sdxl
 import torch
 from diffusers import (DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
-                       SD3Transformer2DModel)
+                       SD3Transformer2DModel, UNet2DModel)
+from diffusers.models.embeddings import Timesteps
 from safetensors.torch import load_file, save_file
 from test_family_flux import HEAD_DIM as FLUX_HEAD_DIM, cond as flux_cond
 from test_family_sd3 import calibration as sd3_calibration
@@ -18,7 +20,7 @@ from diffprune.adapters import adapter_for
 from diffprune.cli import main
 from diffprune.errors import DiffPruneError
 from diffprune.io import load_model, save_pruned
-from diffprune.presets import build_model
+from diffprune.presets import PRESETS
 from diffprune.prune import PruneConfig, prune_
 
 # Loads every folder with plain diffusers (the class its config.json names), runs the saved inputs and saves the
@@ -161,25 +163,126 @@ def test_depth_pruned_transformers_load_in_plain_diffusers_bitwise(tmp_path, cap
 
 
 def test_what_the_stock_layout_cannot_express_is_refused_before_anything_is_written(tmp_path, capsys):
-    unet = build_model("tiny")
-    torch.save  # noqa: B018 (nothing pickled here: the folders below are safetensors)
-    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    DDPMScheduler(num_train_timesteps=10).save_pretrained(tmp_path / "unet" / "scheduler")
-    code = main(["prune", "--model", str(tmp_path / "unet"), "--method", "magnitude", "--ratio", "0.3",
+    dit = _dit()
+    dit.save_pretrained(tmp_path / "dit-in", safe_serialization=True)
+    code = main(["prune", "--model", str(tmp_path / "dit-in"), "--method", "magnitude", "--ratio", "0.3",
                  "--layout", "stock", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and "--layout stock is not available for unet2d models yet" in err and err.count("\n") == 1
+    assert code == 2 and "--layout stock needs --method depth for dit models" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
     sdxl = test_family_sdxl.TestSDXL().build()
+    with pytest.raises(DiffPruneError, match="--layout stock is not available for unet2d-cond models yet"):
+        prune_(sdxl, PruneConfig(method="magnitude", ratio=0.3, layout="stock"), progress=False)
     report = prune_(sdxl, PruneConfig(method="magnitude", ratio=0.3, ratio_mode="uniform"), progress=False)
     with pytest.raises(DiffPruneError, match="unet2d-cond family has no blocks to remove"):
         save_pruned(sdxl, tmp_path / "sdxl", report.to_dict(), layout="stock")
-    dit = _dit()
     report = prune_(dit, PruneConfig(method="magnitude", ratio=0.3, ratio_mode="uniform"), progress=False)
-    with pytest.raises(DiffPruneError, match=r"its diffusers config builds other shapes \(e.g. .*prune with "
-                                             r"--method depth"):
+    with pytest.raises(DiffPruneError, match=r"its diffusers config builds other shapes \(e.g. .*--method depth"):
         save_pruned(dit, tmp_path / "dit", report.to_dict(), layout="stock")
-    assert not (tmp_path / "sdxl").exists() and not (tmp_path / "dit").exists()
+    unet = _tiny_unet()
+    with pytest.raises(DiffPruneError, match="--prune-heads"):  # Torch-Pruning's own pruner keeps no width ties
+        prune_(unet, PruneConfig(method="magnitude", ratio=0.3, ratio_mode="uniform", prune_heads=True,
+                                 layout="stock"), progress=False)
+    report = prune_(unet, PruneConfig(method="magnitude", ratio=0.5, ratio_mode="uniform"), progress=False)
+    with pytest.raises(DiffPruneError, match=r"its diffusers config builds other shapes \(e.g. .*--layout stock"):
+        save_pruned(unet, tmp_path / "unet", report.to_dict(), layout="stock")  # free widths: not one per level
+    assert not any((tmp_path / n).exists() for n in ("sdxl", "dit", "unet"))
+
+
+def _tiny_unet(**overrides):
+    torch.manual_seed(0)
+    return UNet2DModel(**{**PRESETS.get("tiny"), **overrides})
+
+
+def _stock_widths(model) -> list[int]:
+    return [int(b.resnets[0].conv2.out_channels) for b in model.down_blocks]
+
+
+def test_narrower_timestep_features_are_every_mth_frequency_of_the_wider_ones():
+    """What lets a stock UNet's first level shrink: Timesteps(W / m) with freq_shift 0 is exactly every m-th
+    frequency of Timesteps(W), in both halves (m = 2 bitwise, other factors to float rounding)."""
+    t = torch.arange(1000)
+    for flip in (True, False):
+        wide = Timesteps(32, flip, 0)(t)
+        for width in (16, 8, 4):
+            m = 32 // width
+            kept = [m * i for i in range(width // 2)] + [16 + m * i for i in range(width // 2)]
+            narrow = Timesteps(width, flip, 0)(t)
+            assert narrow.shape == (1000, width)
+            assert torch.equal(narrow, wide[:, kept]) if m == 2 else torch.allclose(narrow, wide[:, kept], atol=1e-6)
+    assert not torch.allclose(Timesteps(16, True, 1)(t), Timesteps(32, True, 1)(t)[:, ::2][:, :16], atol=1e-3)
+
+
+def test_unet_stock_layout_loads_in_plain_diffusers_bitwise(tmp_path):
+    """UNet2DModel in the stock layout: one width per level (levels of one width share it), whole heads, the
+    first level narrowed with its timestep features; the saved config.json builds it, plain diffusers loads it
+    (no diffprune in the process) and gives bitwise the outputs of the pruned model and of diffprune.load_model.
+    The shipped teacher (32/64/64, 8 GroupNorm groups, heads of 32) reaches 0.257x MACs as 16/32/32; a class-
+    conditional UNet with freq_shift 1 keeps its first level whole (its narrower timestep features are others)."""
+    teacher = load_model("mnist-teacher").denoiser
+    cond = _tiny_unet(block_out_channels=(8, 32), num_class_embeds=4, freq_shift=1)
+    cases = {"teacher": (teacher, PruneConfig(method="magnitude", target_macs=0.26, layout="stock")),
+             "cond": (cond, PruneConfig(method="random", ratio=0.5, ratio_mode="uniform", global_ranking=True,
+                                        layout="stock"))}
+    spec, expected = {}, {}
+    for name, (model, config) in cases.items():
+        base = dict(model.config)
+        report = prune_(model, config, progress=False)
+        save_pruned(model, tmp_path / name, report.to_dict())  # the layout its pruning config asked for
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        assert json.loads((tmp_path / name / "pruning.json").read_text())["base_config"]["block_out_channels"] == \
+            list(base["block_out_channels"])
+        assert saved["block_out_channels"] == _stock_widths(model) == [model.conv_in.out_channels,
+                                                                       *_stock_widths(model)[1:]]
+        assert saved["time_embedding_dim"] == model.time_embedding.linear_1.out_features
+        assert saved["attention_head_dim"] == base["attention_head_dim"]
+        for attn in (m for m in model.modules() if type(m).__name__ == "Attention"):
+            assert attn.to_q.out_features == attn.heads * base["attention_head_dim"]  # whole heads went
+        inputs = _inputs(model)
+        save_file(inputs["flat"], str(tmp_path / f"{name}-in.safetensors"))
+        expected[name] = _call(model, inputs)
+        assert torch.equal(_call(load_model(tmp_path / name).denoiser, inputs), expected[name])
+        spec[name] = {"folder": str(tmp_path / name), "inputs": str(tmp_path / f"{name}-in.safetensors"),
+                      "keys": inputs["keys"]}
+    assert _stock_widths(teacher) == [16, 32, 32] and abs(report_macs(teacher) - 0.257) < 0.005
+    assert teacher.time_proj.num_channels == teacher.time_embedding.linear_1.in_features == 16
+    assert _stock_widths(cond)[0] == 8 and _stock_widths(cond)[1] < 32 and cond.time_proj.num_channels == 8
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run = subprocess.run([sys.executable, "-c", PLAIN, str(tmp_path / "spec.json"), str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = load_file(str(tmp_path / "out.safetensors"))
+    for name in expected:
+        assert got[name].shape == expected[name].shape and torch.equal(got[name], expected[name]), name
+
+
+def report_macs(model) -> float:
+    from diffprune.macs import count_macs
+
+    return count_macs(model).macs / count_macs(load_model("mnist-teacher").denoiser).macs
+
+
+def test_unet_stock_layout_targets_and_the_steps_it_cannot_reach(tmp_path, capsys):
+    """--target-macs lands within its tolerance on the widths a stock config can express, and a target between
+    them is refused before anything is written, naming the reachable fractions; neighbouring levels of different
+    widths never become equal (the stock config would drop the deeper one's conv_shortcut)."""
+    unet = _tiny_unet(block_out_channels=(8, 16, 32), down_block_types=("DownBlock2D",) * 3,
+                      up_block_types=("UpBlock2D",) * 3)
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    code = main(["prune", "--model", str(tmp_path / "unet"), "--method", "magnitude", "--target-macs", "0.5",
+                 "--layout", "stock", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "in the stock layout each level keeps one width its config allows" in err
+    assert not (tmp_path / "o").exists()
+    steps = [float(x) for x in err.split("ask for one of ")[1].split(",")[0].split(" and ")]
+    assert steps[1] < 0.5 < steps[0]
+    assert main(["prune", "--model", str(tmp_path / "unet"), "--method", "magnitude", "--target-macs",
+                 f"{steps[1]:.4f}", "--layout", "stock", "--out", str(tmp_path / "o")]) == 0
+    record = json.loads((tmp_path / "o" / "pruning.json").read_text())
+    assert abs(record["macs"] / record["base_macs"] / steps[1] - 1) <= 0.02 and record["layout"] == "stock"
+    widths = json.loads((tmp_path / "o" / "config.json").read_text())["block_out_channels"]
+    assert widths != [8, 16, 32] and all(a != b for a, b in zip(widths, widths[1:]))
+    assert all(w % 4 == 0 for w in widths)  # whole GroupNorm groups (4)
 
 
 def test_a_stock_layout_pipeline_folder_loads_as_the_stock_pipeline(tmp_path, capsys):

@@ -19,6 +19,7 @@ component is the denoiser, the autoencoder, the stock pipeline class) are in :mo
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 from dataclasses import dataclass
 from typing import Iterator
@@ -266,6 +267,33 @@ class ModelAdapter:
 
     # the block lists depth pruning shortens, each with the config key that counts it (the stock layout)
     block_counts: dict[str, str] = {}
+    # whether the stock config can express pruned widths (a channel method in the stock layout: width_tie)
+    stock_widths: bool = False
+    layout: str = "free"  # the layout the channel selection keeps (for_layout)
+
+    def for_layout(self, layout: str) -> "ModelAdapter":
+        """This adapter as the channel selection of ``layout`` sees it: itself for the free layout; for the stock
+        layout a copy whose :meth:`width_tie` and :meth:`whole_heads` keep what the stock config can express."""
+        if layout == self.layout:
+            return self
+        twin = copy.copy(self)
+        twin.layout = layout
+        return twin
+
+    def width_tie(self, model: nn.Module, name: str) -> str | None:
+        """Stock layout (:attr:`stock_widths`): the config width that sets the width of the channel group rooted at
+        layer ``name`` (e.g. ``"level 1"``: every group of one key keeps the same width); None: not expressible."""
+        return None
+
+    def tie_widths(self, model: nn.Module, key: str, width: int) -> list[int] | None:
+        """The widths the stock config allows for tie ``key`` (``width`` unpruned), or None: any multiple of what its
+        groups' GroupNorm groups and heads need."""
+        return None
+
+    def choose_widths(self, model: nn.Module, options: dict[str, tuple[list[int], float]]) -> dict[str, int]:
+        """Stock layout: the width of each tie key, given ``(allowed widths, the mean width its groups kept under the
+        selection)``: the nearest allowed one (a family whose config ties keys to each other overrides this)."""
+        return {key: min(allowed, key=lambda w: (abs(w - kept), -w)) for key, (allowed, kept) in options.items()}
 
     def stock_config(self, model: nn.Module, config: dict) -> dict | None:
         """The stock diffusers config that builds ``model`` as it is now (pruned from ``config``), or None where this

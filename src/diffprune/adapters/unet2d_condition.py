@@ -67,6 +67,10 @@ def _sdxl_pooled_dim(cfg) -> int:
 class UNet2DConditionAdapter(UNet2DAdapter):
     name = "unet2d-cond"
     model_classes = ("UNet2DConditionModel",)
+    stock_widths = False  # its config also ties the transformers' widths and heads: not built yet
+
+    def stock_config(self, model, config):
+        return None
     context_arg = "encoder_hidden_states"
     # SDXL's add_embedding joins the timestep embedding before the down blocks
     flow = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out",

@@ -121,7 +121,8 @@ def add_parser(sub) -> None:
                         "stored in, so bfloat16 weights stay bfloat16); scores are computed in float32 either way")
     p.add_argument("--layout", default=FREE, choices=list(LAYOUTS),
                    help="free (default: any widths; the folder loads with diffprune) or stock (loads with plain "
-                        "diffusers from_pretrained: transformer families with --method depth, whole blocks removed)")
+                        "diffusers from_pretrained: UNet2DModel widths one per level; transformer families with "
+                        "--method depth, whole blocks removed)")
     add_prediction_type_flag(p)
     add_device_flag(p)
     p.set_defaults(func=run)
@@ -170,7 +171,7 @@ def run(args) -> int:
         seed=args.seed, data_free_steps=args.data_free_steps, macs_tolerance=args.macs_tolerance,
         timestep_batch=args.timestep_batch, noise_draws=args.noise_draws, target_latency=args.target_latency,
         latency_batch=args.latency_batch, latency_dtype=args.latency_dtype, latency_tolerance=args.latency_tolerance,
-        latency_repeats=args.latency_repeats,
+        latency_repeats=args.latency_repeats, layout=args.layout,
     )
     inputs = (args.model, args.data)
     if not args.dry_run:
@@ -190,8 +191,7 @@ def _prune(args, config, inputs) -> int:
     loaded, report = prune_model(args.model, config, args.data, device=device_of(args), split=args.split,
                                  cache_dir=args.cache_dir, prediction_type=args.prediction_type,
                                  prompts=read_prompts(args),
-                                 dtype=args.dtype if args.dtype == "auto" else DTYPES[args.dtype],
-                                 layout=args.layout)
+                                 dtype=args.dtype if args.dtype == "auto" else DTYPES[args.dtype])
     record = loaded.pruning
 
     print(width_table(report.base_widths, report.widths))

@@ -97,21 +97,29 @@ def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | 
         _write_card(folder, model, pruning, pipeline, card)
 
 
-def check_layout(layout: str, adapter, method: str) -> None:
-    """Refuse, before any work, a ``layout`` this family or ``method`` cannot give (see :func:`stock_twin`)."""
+def check_layout(adapter, config) -> None:
+    """Refuse, before any work, a pruning ``config`` (a PruneConfig) whose ``layout`` this family or the config's
+    method and selection cannot give (see :func:`stock_twin`)."""
     from ..importance import METHODS
 
-    require(layout in LAYOUTS, f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
-    if layout == FREE:
+    if config.layout == FREE:
         return
-    require(bool(adapter.block_counts),
-            f"--layout stock is not available for {adapter.name} models yet: their stock config has one width per "
-            "block, which the channel selection does not keep; prune in the free layout (the default; load it with "
-            "diffprune.load_pipeline) or export it to ONNX (diffprune export)")
-    require(METHODS.get(method).removes == "blocks",
+    if METHODS.get(config.method).removes == "blocks":
+        require(bool(adapter.block_counts), f"--layout stock with --method depth: {adapter.name} models have no "
+                                            "blocks to remove; prune their widths (e.g. --method diff-pruning)")
+        return
+    require(adapter.stock_widths or not adapter.block_counts,
             f"--layout stock needs --method depth for {adapter.name} models: their stock config fixes every width "
             f"(heads x head dim is the residual stream, the MLP a multiple of it), so only removed whole blocks fit "
-            f"it; method {method!r} prunes widths: drop --layout stock to keep them (free layout)")
+            f"it; method {config.method!r} prunes widths: drop --layout stock to keep them (free layout)")
+    require(adapter.stock_widths,
+            f"--layout stock is not available for {adapter.name} models yet: their stock config also ties the "
+            "widths of every transformer to its level's, which the channel selection does not keep; prune in the "
+            "free layout (the default; load it with diffprune.load_pipeline) or export it to ONNX (diffprune export)")
+    require(config.ratio_mode == "paper" or (config.global_ranking and not config.prune_heads),
+            "--layout stock keeps one width per config value through diffprune's channel selection, which "
+            "Torch-Pruning's own pruner (--prune-heads, or local ranking in uniform mode) bypasses; drop "
+            "--prune-heads / use global ranking")
 
 
 def stock_twin(model: nn.Module) -> nn.Module:
@@ -126,11 +134,13 @@ def stock_twin(model: nn.Module) -> nn.Module:
            "(diffprune export)")
     require(config is not None, f"a pruned {name} cannot be saved in the stock layout: its diffusers config cannot "
                                 f"express pruned widths, and the {adapter.name} family has no blocks to remove; {fix}")
+    config.pop("_use_default_values", None)  # from_config would take those keys' defaults, not the pruned values
     with torch.device("meta"):
         twin = type(model).from_config(config)
     bad = shape_mismatch(state_shapes(twin), state_shapes(model))
     require(not bad, f"this pruned {name} cannot be saved in the stock layout: its diffusers config builds other "
-                     f"shapes (e.g. {bad}), as only removed whole blocks fit it; prune with --method depth, or {fix}")
+                     f"shapes (e.g. {bad}); prune it with --layout stock, which keeps only what the config can express "
+                     f"(the transformer families: --method depth), or {fix}")
     return twin
 
 
@@ -147,8 +157,10 @@ def _write_card(folder: Path, model: nn.Module, pruning: dict, pipeline: Pipelin
 
 
 def with_layout(record: dict, model: nn.Module, layout: str | None) -> dict:
-    """The pruning record of ``model`` saved in ``layout`` (None: as the record says, default free); the stock
-    layout keeps the unpruned config as ``base_config`` (config.json will build the pruned model)."""
+    """The pruning record of ``model`` saved in ``layout`` (None: as the record says, or as its pruning config
+    asked, default free); the stock layout keeps the unpruned config as ``base_config`` (config.json will build the
+    pruned model)."""
+    layout = layout or record.get("layout") or (record.get("config") or {}).get("layout")
     if layout is None or layout == record.get("layout", FREE):
         return record
     require(layout in LAYOUTS, f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")

@@ -11,7 +11,6 @@ from .._torch import dtype_name, float32_while, state_shapes
 from ..adapters import resolve_adapter
 from ..errors import require
 from ..importance import METHODS
-from ..layout import FREE
 from ..macs import count_macs
 from ..structure import STRUCTURE_FORMAT, TORCH_PRUNING_VERSION, chain_records, layer_widths
 from .calibration import accumulate_gradients, calibration_batch, calibration_noise
@@ -42,7 +41,11 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     from .._torch import require_finite_weights
 
     t0 = time.time()
+    from ..io.save import check_layout
+
     adapter = resolve_adapter(unet, adapter)
+    check_layout(adapter, config)  # before the calibration pass, which may take minutes
+    adapter = adapter.for_layout(config.layout)
     method = METHODS.get(config.method)
     require_finite_weights(unet, "model to prune")
     check_round_to(unet, adapter, config.round_to)  # before the calibration pass, which may take minutes
@@ -137,26 +140,24 @@ def _report(unet, config: PruneConfig, adapter, pruned: _Pruned, before, after, 
 
 def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None, *, device=None,
                 split: str = "train", cache_dir=None, prediction_type: str | None = None, prompts=None,
-                progress: bool = True, dtype: torch.dtype | str = "auto", layout: str = FREE):
+                progress: bool = True, dtype: torch.dtype | str = "auto"):
     """Load ``model`` (a shipped name, a folder — bare model or pipeline, pruned or not — or a hub id) and prune its
     denoiser in place; returns ``(loaded, report)`` with ``loaded.pruning`` set to the record to save (chained
     onto the previous one for a model pruned again) and ``loaded.scheduler`` to the scheduler used.
     ``prediction_type``: what the model predicts, for a model without a scheduler (checked against one it has).
     ``prompts``: for a text-to-image pipeline calibrated ``"data-free"``, the prompts its inputs are generated from.
     ``dtype``: the dtype the denoiser is loaded, pruned and saved in (``"auto"``: the one its weights are stored in,
-    so a bfloat16 model stays bfloat16; scores are computed in float32 whatever it is). ``layout``: "free" (any
-    widths; diffprune loads the folder) or "stock" (saved so that plain diffusers ``from_pretrained`` loads it:
-    whole blocks removed by ``method="depth"``, for the transformer families), recorded in the pruning record.
+    so a bfloat16 model stays bfloat16; scores are computed in float32 whatever it is). ``config.layout`` is
+    recorded in the pruning record ("stock": saved so that plain diffusers ``from_pretrained`` loads it).
 
     Save it with ``save_pruned(loaded.denoiser, out, loaded.pruning, scheduler=loaded.scheduler,
     pipeline=loaded.pipeline)``.
     """
     from ..io import load_model
-    from ..io.save import check_layout, with_layout
+    from ..io.save import with_layout
     from ..objective import resolve_scheduler
 
     loaded = load_model(model, dtype=dtype)
-    check_layout(layout, loaded.adapter, config.method)
     require(not (loaded.pruning or {}).get("structure", {}).get("meta", {}).get("removed_blocks"),
             f"{str(model)!r} was depth-pruned (whole blocks removed); prune the original model instead")
     scheduler = resolve_scheduler(loaded.scheduler, prediction_type)
@@ -170,7 +171,7 @@ def prune_model(model: str | os.PathLike, config: PruneConfig, calibration=None,
     record = {**report.to_dict(), "model_source": str(model), "model_revision": loaded.revision,
               "scheduler_source": "model" if loaded.scheduler is not None else
               f"default (DDPM, 1000 steps, linear, {scheduler.config.prediction_type})"}
-    record = with_layout(record, loaded.denoiser, layout)
+    record = with_layout(record, loaded.denoiser, config.layout)
     if loaded.pruning is not None:
         record = chain_records(loaded.pruning, record)
     loaded.pruning, loaded.scheduler = record, scheduler

@@ -20,7 +20,7 @@ NORMALIZERS = ("none", "mean")
 # the allocation settings at their defaults (the paper's global ranking); runs made before they existed used these
 ALLOCATION_DEFAULTS = {"allocation": "score", "normalize": "none", "max_layer_ratio": None, "conditioning_floor": 0.0}
 # settings added after runs were recorded, at the value those runs used (None: a method that does not own it)
-LATER_DEFAULTS = {**ALLOCATION_DEFAULTS, "noise_draws": 1}
+LATER_DEFAULTS = {**ALLOCATION_DEFAULTS, "noise_draws": 1, "layout": "free"}
 LATENCY_DTYPES = DTYPES
 DATA_FREE = "data-free"
 
@@ -58,6 +58,11 @@ class PruneConfig:
     its positions. ``conditioning_floor``: the conditioning pathways the adapter names keep at least this share, in
     [0, 1); None takes the method's default under global ranking (diff-pruning: 0.5, diffprune's measured default;
     the baselines: 0) and 0 elsewhere; 0 is the paper's unconstrained ranking.
+
+    ``layout``: "free" (any widths; the saved folder needs diffprune to load) or "stock" (only what the family's stock
+    diffusers config can express, so plain ``from_pretrained`` loads the saved folder: for UNet2DModel one width per
+    level, whole heads; for the transformer families ``method="depth"``); checked against the model's family by
+    :func:`diffprune.io.save.check_layout`.
     """
 
     method: str = "diff-pruning"
@@ -78,6 +83,7 @@ class PruneConfig:
     normalize: str = "none"
     max_layer_ratio: float | None = None
     conditioning_floor: float | None = None
+    layout: str = "free"
     # owned by the method (None: its default)
     calib_batch: int | None = None
     data_free_steps: int | None = None
@@ -138,6 +144,7 @@ class PruneConfig:
                 "prune_heads (drop whole attention heads) needs ratio_mode='uniform' (--ratio-mode uniform)")
         require_seed("seed", self.seed)
         require_int("round_to", self.round_to, 1)
+        require(self.layout in ("free", "stock"), f"unknown layout {self.layout!r}; choose from ['free', 'stock']")
         require(self.round_to == 1 or method.removes != "blocks",
                 f"round_to={self.round_to} rounds channel widths; method {self.method!r} removes whole blocks")
         require(self.round_to == 1 or ((mode == "paper" or self.global_ranking) and not self.prune_heads),

@@ -12,6 +12,7 @@ from torch import nn
 from .._torch import float32_params, meta_copy as _meta_copy
 from ..adapters import ModelAdapter
 from ..errors import require
+from ..layout import STOCK
 from ..seed import seed_everything
 from .config import PruneConfig
 
@@ -26,6 +27,7 @@ class _SelectingPruner(tp.pruner.BasePruner):
     """
 
     whole_heads: frozenset = frozenset()  # ids of projections whose attention loses whole heads (set per pass)
+    stock = None  # the adapter whose width ties the stock layout keeps (_tie), or None
 
     @torch.no_grad()
     def _prune(self):
@@ -60,7 +62,10 @@ class _SelectingPruner(tp.pruner.BasePruner):
             heads.append(size)
             if self.layer_costs is not None:
                 self.costs.append(self._position_cost(group, chunks if qkv is None else size))
-        for (module, pruning_fn, *_), idxs, size in zip(records, self._select(records), heads):
+        picks = self._select(records)
+        if self.stock is not None:
+            picks = self._tie(records, picks, heads)
+        for (module, pruning_fn, *_), idxs, size in zip(records, picks, heads):
             idxs = [int(i) * size + d for i in idxs for d in range(size)]  # a head's channels are contiguous
             if len(idxs) > 0:
                 group = self.DG.get_pruning_group(module, pruning_fn, sorted(int(i) for i in idxs))
@@ -70,6 +75,50 @@ class _SelectingPruner(tp.pruner.BasePruner):
     def _select(self, records) -> list:
         """The channel indices to prune in each record's group."""
         raise NotImplementedError
+
+    def _tie(self, records, picks: list, sizes: list[int]) -> list:
+        """The stock layout: every group whose width one config value sets (the adapter's ``width_tie``, e.g. a UNet
+        level) keeps the same width, which the adapter chooses (``choose_widths``) among the widths the config
+        allows, near the mean its groups kept under the selection (so global ranking still decides which levels
+        narrow most); in each group the lowest-scoring positions go (the same ones in every GroupNorm group)."""
+        ties, options = self._ties(records, sizes), {}
+        for key, rs in ties.items():
+            width = records[rs[0]][4] * sizes[rs[0]]  # channels: positions x head dim
+            unit = math.lcm(*(records[r][3] * sizes[r] for r in rs))  # whole GroupNorm groups and heads
+            allowed = [w for w in self.stock.tie_widths(self.model, key, width) or range(unit, width + 1, unit)
+                       if w % unit == 0] or [width]
+            options[key] = (allowed, sum((records[r][4] - len(picks[r])) * sizes[r] for r in rs) / len(rs))
+        chosen = self.stock.choose_widths(self.model, options)
+        out = list(picks)
+        for key, rs in ties.items():
+            for r in rs:
+                chunks, current = records[r][3:5]
+                per = current // chunks
+                gone = torch.argsort(self._position_scores(records[r]))[:per - chosen[key] // (chunks * sizes[r])]
+                out[r] = [i + g * per for g in range(chunks) for i in gone.tolist()]
+        return out
+
+    def _ties(self, records, sizes: list[int]) -> dict[str, list[int]]:
+        """The records of each config width (:meth:`_tie`), checked: every group has one, and one width per key."""
+        ties: dict[str, list[int]] = {}
+        kind = type(self.model).__name__
+        for r, rec in enumerate(records):
+            name = self.module_names.get(id(rec[0]), "?")
+            key = self.stock.width_tie(self.model, name)
+            require(key is not None, f"--layout stock: no {kind} config value sets the width of {name}; prune in the "
+                                     "free layout (the default)")
+            ties.setdefault(key, []).append(r)
+        for key, rs in ties.items():
+            widths = {records[r][4] * sizes[r] for r in rs}  # channels: positions x head dim
+            require(len(widths) == 1, f"--layout stock: the groups of {kind}'s {key} are {sorted(widths)} wide, which "
+                                      "one config value cannot set; prune in the free layout (the default)")
+        return ties
+
+    @staticmethod
+    def _position_scores(record) -> torch.Tensor:
+        """A record's score per position (averaged over its GroupNorm groups, as global ranking ranks them)."""
+        imp, chunks = record[2], record[3]
+        return imp.view(chunks, -1).mean(dim=0) if chunks > 1 else imp
 
     def _whole_heads_projection(self, group):
         """A q/k/v projection of ``group`` whose attention may only lose whole heads (the adapter's
@@ -284,6 +333,7 @@ def _pruner(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, impo
     pruner.layer_costs = costs
     pruner.module_names, pruner.skip, pruner.picks, pruner.total_positions = names, frozenset(skip), [], None
     pruner.whole_heads = {id(m) for m in adapter.whole_heads(unet)}
+    pruner.stock = adapter if adapter.layout == STOCK else None  # read by _SelectingPruner._tie
     return pruner, recorder
 
 
