@@ -142,6 +142,7 @@ def test_depth_pruned_transformers_load_in_plain_diffusers_bitwise(tmp_path, cap
             assert config["num_single_layers"] == len(model.single_transformer_blocks)
         card = (tmp_path / name / "README.md").read_text()
         assert f"{type(model).__name__}.from_pretrained(" in card and "needs diffprune" not in card
+        assert "Pruning removed whole blocks" in card
         again = load_model(tmp_path / name)
         assert again.pruning["layout"] == "stock"
         inputs = _inputs(model)
@@ -171,14 +172,16 @@ def test_what_the_stock_layout_cannot_express_is_refused_before_anything_is_writ
     assert code == 2 and "--layout stock needs --method depth for dit models" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
     sdxl = test_family_sdxl.TestSDXL().build()
-    with pytest.raises(DiffPruneError, match="--layout stock is not available for unet2d-cond models yet"):
-        prune_(sdxl, PruneConfig(method="magnitude", ratio=0.3, layout="stock"), progress=False)
+    with pytest.raises(DiffPruneError, match="unet2d-cond models have no blocks to remove"):
+        prune_(sdxl, PruneConfig(method="depth", ratio=0.3, layout="stock"), progress=False)
     report = prune_(sdxl, PruneConfig(method="magnitude", ratio=0.3, ratio_mode="uniform"), progress=False)
-    with pytest.raises(DiffPruneError, match="unet2d-cond family has no blocks to remove"):
-        save_pruned(sdxl, tmp_path / "sdxl", report.to_dict(), layout="stock")
+    with pytest.raises(DiffPruneError, match=r"its diffusers config builds other shapes \(e.g. .*--layout stock"):
+        save_pruned(sdxl, tmp_path / "sdxl", report.to_dict(), layout="stock")  # free widths
     report = prune_(dit, PruneConfig(method="magnitude", ratio=0.3, ratio_mode="uniform"), progress=False)
     with pytest.raises(DiffPruneError, match=r"its diffusers config builds other shapes \(e.g. .*--method depth"):
         save_pruned(dit, tmp_path / "dit", report.to_dict(), layout="stock")
+    with pytest.raises(DiffPruneError, match=r"unknown layout 'stok'; choose from \['free', 'stock'\]"):
+        PruneConfig(method="magnitude", ratio=0.3, layout="stok")
     unet = _tiny_unet()
     with pytest.raises(DiffPruneError, match="--prune-heads"):  # Torch-Pruning's own pruner keeps no width ties
         prune_(unet, PruneConfig(method="magnitude", ratio=0.3, ratio_mode="uniform", prune_heads=True,
@@ -192,6 +195,17 @@ def test_what_the_stock_layout_cannot_express_is_refused_before_anything_is_writ
 def _tiny_unet(**overrides):
     torch.manual_seed(0)
     return UNet2DModel(**{**PRESETS.get("tiny"), **overrides})
+
+
+def _tiny_sd():
+    """The UNet of tests/test_sd.py's tiny StableDiffusionPipeline (32/64, 8 heads, GEGLU, 32-wide context)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
 
 
 def _stock_widths(model) -> list[int]:
@@ -214,19 +228,25 @@ def test_narrower_timestep_features_are_every_mth_frequency_of_the_wider_ones():
 
 
 def test_unet_stock_layout_loads_in_plain_diffusers_bitwise(tmp_path):
-    """UNet2DModel in the stock layout: one width per level (levels of one width share it), whole heads, the
+    """UNet2DModel, SD's and SDXL's UNet2DConditionModel in the stock layout: one width per level (levels of one width share it), whole heads, the
     first level narrowed with its timestep features; the saved config.json builds it, plain diffusers loads it
     (no diffprune in the process) and gives bitwise the outputs of the pruned model and of diffprune.load_model.
     The shipped teacher (32/64/64, 8 GroupNorm groups, heads of 32) reaches 0.257x MACs as 16/32/32; a class-
-    conditional UNet with freq_shift 1 keeps its first level whole (its narrower timestep features are others)."""
+    conditional UNet with freq_shift 1 keeps its first level whole (its narrower timestep features are others). SD
+    and SDXL keep their heads (narrower), feed-forwards at 4x and SDXL's added embedding at the timestep width."""
     teacher = load_model("mnist-teacher").denoiser
     cond = _tiny_unet(block_out_channels=(8, 32), num_class_embeds=4, freq_shift=1)
+    one_head = _tiny_unet(block_out_channels=(8, 24), attention_head_dim=None)  # one head as wide as its level
     cases = {"teacher": (teacher, PruneConfig(method="magnitude", target_macs=0.26, layout="stock")),
              "cond": (cond, PruneConfig(method="random", ratio=0.5, ratio_mode="uniform", global_ranking=True,
-                                        layout="stock"))}
+                                        layout="stock")),
+             "one-head": (one_head, PruneConfig(method="magnitude", ratio=0.5, layout="stock")),
+             "sd": (_tiny_sd(), PruneConfig(method="magnitude", target_macs=0.5, macs_tolerance=0.05, layout="stock")),
+             "sdxl": (test_family_sdxl.TestSDXL().build(), PruneConfig(method="magnitude", ratio=0.3, layout="stock"))}
     spec, expected = {}, {}
     for name, (model, config) in cases.items():
         base = dict(model.config)
+        heads = [m.heads for m in model.modules() if type(m).__name__ == "Attention"]
         report = prune_(model, config, progress=False)
         save_pruned(model, tmp_path / name, report.to_dict())  # the layout its pruning config asked for
         saved = json.loads((tmp_path / name / "config.json").read_text())
@@ -235,9 +255,18 @@ def test_unet_stock_layout_loads_in_plain_diffusers_bitwise(tmp_path):
         assert saved["block_out_channels"] == _stock_widths(model) == [model.conv_in.out_channels,
                                                                        *_stock_widths(model)[1:]]
         assert saved["time_embedding_dim"] == model.time_embedding.linear_1.out_features
-        assert saved["attention_head_dim"] == base["attention_head_dim"]
-        for attn in (m for m in model.modules() if type(m).__name__ == "Attention"):
-            assert attn.to_q.out_features == attn.heads * base["attention_head_dim"]  # whole heads went
+        card = (tmp_path / name / "README.md").read_text()
+        assert f"{type(model).__name__}.from_pretrained(" in card and "needs diffprune" not in card
+        assert "kept one width per value of the stock config" in card and "whole blocks" not in card
+        assert saved["attention_head_dim"] == json.loads(json.dumps(base["attention_head_dim"]))
+        for attn in (m for m in model.modules() if type(m).__name__ == "Attention") if name not in ("sd", "sdxl") else ():
+            # UNet2DModel: whole heads of the config's head dim went (or its one head narrowed)
+            assert attn.to_q.out_features == attn.heads * (base["attention_head_dim"] or attn.to_q.out_features)
+        for block in (b for n, b in model.named_modules() if type(b).__name__ == "BasicTransformerBlock"):
+            # SD, SDXL: the config's number of heads, narrower; the feed-forward 4x its transformer's width
+            assert block.ff.net[2].in_features == 4 * block.attn1.to_q.out_features
+        if name in ("sd", "sdxl"):
+            assert [m.heads for m in model.modules() if type(m).__name__ == "Attention"] == heads
         inputs = _inputs(model)
         save_file(inputs["flat"], str(tmp_path / f"{name}-in.safetensors"))
         expected[name] = _call(model, inputs)
@@ -247,6 +276,8 @@ def test_unet_stock_layout_loads_in_plain_diffusers_bitwise(tmp_path):
     assert _stock_widths(teacher) == [16, 32, 32] and abs(report_macs(teacher) - 0.257) < 0.005
     assert teacher.time_proj.num_channels == teacher.time_embedding.linear_1.in_features == 16
     assert _stock_widths(cond)[0] == 8 and _stock_widths(cond)[1] < 32 and cond.time_proj.num_channels == 8
+    assert _stock_widths(sd_unet := cases["sd"][0]) == [16, 56] and sd_unet.time_proj.num_channels == 16
+    assert _stock_widths(one_head)[1] < 24 and {a.heads for a in one_head.modules() if hasattr(a, "heads")} == {1}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     run = subprocess.run([sys.executable, "-c", PLAIN, str(tmp_path / "spec.json"), str(tmp_path / "out.safetensors")],
                          capture_output=True, text=True)

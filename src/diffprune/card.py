@@ -94,14 +94,17 @@ def model_card(record: dict, *, stage: str, base: str | None = None, metrics: di
 
 def _stock_load(record: dict, name: str) -> list[str]:
     cls = (record.get("base_config") or {}).get("_class_name", "DiffusionPipeline")
+    depth = (record.get("structure") or {}).get("meta", {}).get("removed_blocks") is not None
+    kept = ("removed whole blocks" if depth else
+            "kept one width per value of the stock config (e.g. per level of `block_out_channels`)")
     return [
         "```python",
         f"from diffusers import {cls}   # or DiffusionPipeline for a pipeline folder",
         f'model = {cls}.from_pretrained("{name}")',
         "```", "",
-        "**Stock layout: plain diffusers loads this folder.** Pruning removed whole blocks, and `config.json` is the "
-        "stock config of the pruned model (the unpruned one is `base_config` in `pruning.json`), so no diffprune is "
-        "needed to load or run it.", "",
+        f"**Stock layout: plain diffusers loads this folder.** Pruning {kept}, and `config.json` is the stock config "
+        "of the pruned model (the unpruned one is `base_config` in `pruning.json`), so no diffprune is needed to load "
+        "or run it.", "",
         "Weights are safetensors and everything else JSON: nothing here is a pickle.", "",
     ]
 

@@ -290,6 +290,11 @@ class ModelAdapter:
         groups' GroupNorm groups and heads need."""
         return None
 
+    def tie_chunks(self, model: nn.Module, name: str) -> int:
+        """Stock layout: into how many equal chunks the outputs of layer ``name`` fall that lose the same positions
+        (2 for a gated feed-forward's projection, value and gate), beyond its GroupNorm groups and heads."""
+        return 1
+
     def choose_widths(self, model: nn.Module, options: dict[str, tuple[list[int], float]]) -> dict[str, int]:
         """Stock layout: the width of each tie key, given ``(allowed widths, the mean width its groups kept under the
         selection)``: the nearest allowed one (a family whose config ties keys to each other overrides this)."""

@@ -49,6 +49,7 @@ class UNet2DAdapter(ModelAdapter):
     # down blocks, mid block, up blocks: the order a sample flows through (UNet2DConditionModel's too)
     flow = ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out",
             "conv_out")
+    stock_widths = True
 
     def conditioning(self, model):
         n = model.config.num_class_embeds
@@ -68,8 +69,6 @@ class UNet2DAdapter(ModelAdapter):
     def num_heads(self, model):
         return _attention.num_heads(model)
 
-    stock_widths = True
-
     def whole_heads(self, model):
         # the stock config fixes the head dim (attention_head_dim; None: one head as wide as the level)
         if self.layout != STOCK or model.config.attention_head_dim is None:
@@ -80,8 +79,8 @@ class UNet2DAdapter(ModelAdapter):
         widths = list(model.config.block_out_channels)
         head, _, rest = name.partition(".")
         index = rest.split(".")[0]
-        if head in ("time_embedding", "class_embedding"):
-            return "time"  # time_embedding_dim: the timestep embedding's hidden and output width
+        if head in ("time_embedding", "class_embedding", "add_embedding"):
+            return "time"  # time_embedding_dim: the timestep embedding's hidden and output width (SDXL's added one)
         if head in ("conv_in", "conv_norm_out"):
             level = 0
         elif head == "mid_block":
@@ -160,9 +159,10 @@ class UNet2DAdapter(ModelAdapter):
 
     def finalize_(self, model, snapshot, heads=None):
         meta = {}
-        if self.layout == STOCK:  # whole heads went (the head dim is the config's); the timestep features follow
-            heads = {n: a.to_q.out_features // snapshot["attention"][n]["dim_head"]
-                     for n, a in _attention.attention_modules(model).items()}
+        if self.layout == STOCK:  # the timestep features follow the first level; whole heads went (the head dim is
+            if self.whole_heads(model):  # the config's), unless the config has one head per attention
+                heads = {n: a.to_q.out_features // snapshot["attention"][n]["dim_head"]
+                         for n, a in _attention.attention_modules(model).items()}
             if model.conv_in.out_channels != model.time_proj.num_channels:
                 meta["time_proj"] = _narrow_time_proj(model, model.conv_in.out_channels)
         with self.tracing(model):

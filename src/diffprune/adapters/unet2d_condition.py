@@ -32,6 +32,11 @@ written back with the trained scale folded into ``to_q``). What the text-conditi
   (``encoder_hid_dim``) and per-block ``cross_attention_dim`` lists that differ: none of them is handled (nor
   tested) yet.
 
+Stock layout (``prune --layout stock``), as for ``UNet2DModel`` (one width per level, the first narrowed with its
+timestep features, ``time_embedding_dim``), with what the config ties to a level's width ``c``: every transformer's
+inner width (``c``, in the config's number of heads, so head dims shrink), its feed-forward's hidden width (``4c``;
+the GEGLU projection ``8c``), and SDXL's ``add_embedding`` (the timestep embedding's width).
+
 MACs and tracing use a context of ``context_length`` = 77 tokens (CLIP's, the length SD's pipelines pad to): the
 cost of ``to_k``/``to_v`` and of the cross-attention product grows with it.
 """
@@ -67,10 +72,14 @@ def _sdxl_pooled_dim(cfg) -> int:
 class UNet2DConditionAdapter(UNet2DAdapter):
     name = "unet2d-cond"
     model_classes = ("UNet2DConditionModel",)
-    stock_widths = False  # its config also ties the transformers' widths and heads: not built yet
 
-    def stock_config(self, model, config):
-        return None
+    def whole_heads(self, model):
+        return []  # its config fixes the heads (attention_head_dim counts them); the stock layout narrows head dims
+
+    def tie_chunks(self, model, name):
+        parent, _, leaf = name.rpartition(".")
+        gated = leaf == "proj" and type(model.get_submodule(parent)).__name__ in ("GEGLU", "SwiGLU")
+        return 2 if gated else 1
     context_arg = "encoder_hidden_states"
     # SDXL's add_embedding joins the timestep embedding before the down blocks
     flow = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out",

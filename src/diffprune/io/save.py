@@ -97,29 +97,27 @@ def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | 
         _write_card(folder, model, pruning, pipeline, card)
 
 
-def check_layout(adapter, config) -> None:
-    """Refuse, before any work, a pruning ``config`` (a PruneConfig) whose ``layout`` this family or the config's
-    method and selection cannot give (see :func:`stock_twin`)."""
+def layout_adapter(adapter, config):
+    """``adapter`` as the channel selection of ``config.layout`` sees it (:meth:`ModelAdapter.for_layout`); refused,
+    before any work, where this family or the pruning ``config``'s method and selection cannot give that layout (see
+    :func:`stock_twin`)."""
     from ..importance import METHODS
 
     if config.layout == FREE:
-        return
+        return adapter
     if METHODS.get(config.method).removes == "blocks":
         require(bool(adapter.block_counts), f"--layout stock with --method depth: {adapter.name} models have no "
                                             "blocks to remove; prune their widths (e.g. --method diff-pruning)")
-        return
-    require(adapter.stock_widths or not adapter.block_counts,
+        return adapter.for_layout(config.layout)
+    require(adapter.stock_widths,
             f"--layout stock needs --method depth for {adapter.name} models: their stock config fixes every width "
             f"(heads x head dim is the residual stream, the MLP a multiple of it), so only removed whole blocks fit "
             f"it; method {config.method!r} prunes widths: drop --layout stock to keep them (free layout)")
-    require(adapter.stock_widths,
-            f"--layout stock is not available for {adapter.name} models yet: their stock config also ties the "
-            "widths of every transformer to its level's, which the channel selection does not keep; prune in the "
-            "free layout (the default; load it with diffprune.load_pipeline) or export it to ONNX (diffprune export)")
     require(config.ratio_mode == "paper" or (config.global_ranking and not config.prune_heads),
             "--layout stock keeps one width per config value through diffprune's channel selection, which "
             "Torch-Pruning's own pruner (--prune-heads, or local ranking in uniform mode) bypasses; drop "
             "--prune-heads / use global ranking")
+    return adapter.for_layout(config.layout)
 
 
 def stock_twin(model: nn.Module) -> nn.Module:
@@ -216,5 +214,5 @@ def assemble_pipeline(folder, denoiser: nn.Module, autoencoder_dir, scheduler, c
     return PipelineSource(folder, family, index)
 
 
-__all__ = ["assemble_pipeline", "check_layout", "copy_component", "save_pruned", "stock_twin", "with_layout",
+__all__ = ["assemble_pipeline", "layout_adapter", "copy_component", "save_pruned", "stock_twin", "with_layout",
            "write_model"]

@@ -39,13 +39,10 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     """
     require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}")
     from .._torch import require_finite_weights
+    from ..io.save import layout_adapter
 
     t0 = time.time()
-    from ..io.save import check_layout
-
-    adapter = resolve_adapter(unet, adapter)
-    check_layout(adapter, config)  # before the calibration pass, which may take minutes
-    adapter = adapter.for_layout(config.layout)
+    adapter = layout_adapter(resolve_adapter(unet, adapter), config)  # checked before the calibration pass
     method = METHODS.get(config.method)
     require_finite_weights(unet, "model to prune")
     check_round_to(unet, adapter, config.round_to)  # before the calibration pass, which may take minutes

@@ -11,6 +11,7 @@ from .. import __version__
 from .._torch import DTYPES
 from ..errors import require, require_int, require_seed
 from ..importance import METHODS, TAYLOR_FORMS, setting_owners
+from ..layout import FREE, LAYOUTS
 from ..structure import TORCH_PRUNING_VERSION
 from ..timesteps import STRATEGY_FIELDS, TimestepStrategy, make_strategy
 
@@ -20,7 +21,7 @@ NORMALIZERS = ("none", "mean")
 # the allocation settings at their defaults (the paper's global ranking); runs made before they existed used these
 ALLOCATION_DEFAULTS = {"allocation": "score", "normalize": "none", "max_layer_ratio": None, "conditioning_floor": 0.0}
 # settings added after runs were recorded, at the value those runs used (None: a method that does not own it)
-LATER_DEFAULTS = {**ALLOCATION_DEFAULTS, "noise_draws": 1, "layout": "free"}
+LATER_DEFAULTS = {**ALLOCATION_DEFAULTS, "noise_draws": 1, "layout": FREE}
 LATENCY_DTYPES = DTYPES
 DATA_FREE = "data-free"
 
@@ -62,7 +63,7 @@ class PruneConfig:
     ``layout``: "free" (any widths; the saved folder needs diffprune to load) or "stock" (only what the family's stock
     diffusers config can express, so plain ``from_pretrained`` loads the saved folder: for UNet2DModel one width per
     level, whole heads; for the transformer families ``method="depth"``); checked against the model's family by
-    :func:`diffprune.io.save.check_layout`.
+    :func:`diffprune.io.save.layout_adapter`.
     """
 
     method: str = "diff-pruning"
@@ -83,7 +84,7 @@ class PruneConfig:
     normalize: str = "none"
     max_layer_ratio: float | None = None
     conditioning_floor: float | None = None
-    layout: str = "free"
+    layout: str = FREE
     # owned by the method (None: its default)
     calib_batch: int | None = None
     data_free_steps: int | None = None
@@ -144,7 +145,7 @@ class PruneConfig:
                 "prune_heads (drop whole attention heads) needs ratio_mode='uniform' (--ratio-mode uniform)")
         require_seed("seed", self.seed)
         require_int("round_to", self.round_to, 1)
-        require(self.layout in ("free", "stock"), f"unknown layout {self.layout!r}; choose from ['free', 'stock']")
+        require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose from {list(LAYOUTS)}")
         require(self.round_to == 1 or method.removes != "blocks",
                 f"round_to={self.round_to} rounds channel widths; method {self.method!r} removes whole blocks")
         require(self.round_to == 1 or ((mode == "paper" or self.global_ranking) and not self.prune_heads),

@@ -78,28 +78,35 @@ class _SelectingPruner(tp.pruner.BasePruner):
 
     def _tie(self, records, picks: list, sizes: list[int]) -> list:
         """The stock layout: every group whose width one config value sets (the adapter's ``width_tie``, e.g. a UNet
-        level) keeps the same width, which the adapter chooses (``choose_widths``) among the widths the config
+        level) keeps that width, or a whole multiple of it where the group is that much wider (a feed-forward's hidden
+        width, four times its transformer's); the adapter chooses it (``choose_widths``) among the widths the config
         allows, near the mean its groups kept under the selection (so global ranking still decides which levels
         narrow most); in each group the lowest-scoring positions go (the same ones in every GroupNorm group)."""
-        ties, options = self._ties(records, sizes), {}
+        ties, options, factors = self._ties(records, sizes), {}, {}
+        records = [(*rec[:3], max(rec[3], self.stock.tie_chunks(self.model, self.module_names.get(id(rec[0]), "?"))),
+                    *rec[4:]) for rec in records]  # a gated projection's halves: the same positions go in both
         for key, rs in ties.items():
-            width = records[rs[0]][4] * sizes[rs[0]]  # channels: positions x head dim
-            unit = math.lcm(*(records[r][3] * sizes[r] for r in rs))  # whole GroupNorm groups and heads
+            width = min(records[r][4] * sizes[r] for r in rs)  # channels: positions x head dim
+            factors.update({r: records[r][4] * sizes[r] // width for r in rs})
+            # whole GroupNorm groups and heads in every group, at its multiple of the width
+            unit = math.lcm(*(records[r][3] * sizes[r] // math.gcd(records[r][3] * sizes[r], factors[r]) for r in rs))
             allowed = [w for w in self.stock.tie_widths(self.model, key, width) or range(unit, width + 1, unit)
                        if w % unit == 0] or [width]
-            options[key] = (allowed, sum((records[r][4] - len(picks[r])) * sizes[r] for r in rs) / len(rs))
+            options[key] = (allowed, sum((records[r][4] - len(picks[r])) * sizes[r] / factors[r] for r in rs) / len(rs))
         chosen = self.stock.choose_widths(self.model, options)
         out = list(picks)
         for key, rs in ties.items():
             for r in rs:
                 chunks, current = records[r][3:5]
                 per = current // chunks
-                gone = torch.argsort(self._position_scores(records[r]))[:per - chosen[key] // (chunks * sizes[r])]
-                out[r] = [i + g * per for g in range(chunks) for i in gone.tolist()]
+                keep = chosen[key] * factors[r] // (chunks * sizes[r])
+                out[r] = [i + g * per for g in range(chunks)
+                          for i in torch.argsort(self._position_scores(records[r]))[:per - keep].tolist()]
         return out
 
     def _ties(self, records, sizes: list[int]) -> dict[str, list[int]]:
-        """The records of each config width (:meth:`_tie`), checked: every group has one, and one width per key."""
+        """The records of each config width (:meth:`_tie`), checked: every group has one, and every group of a key is
+        a whole multiple of the narrowest one's width."""
         ties: dict[str, list[int]] = {}
         kind = type(self.model).__name__
         for r, rec in enumerate(records):
@@ -110,8 +117,9 @@ class _SelectingPruner(tp.pruner.BasePruner):
             ties.setdefault(key, []).append(r)
         for key, rs in ties.items():
             widths = {records[r][4] * sizes[r] for r in rs}  # channels: positions x head dim
-            require(len(widths) == 1, f"--layout stock: the groups of {kind}'s {key} are {sorted(widths)} wide, which "
-                                      "one config value cannot set; prune in the free layout (the default)")
+            require(all(w % min(widths) == 0 for w in widths),
+                    f"--layout stock: the groups of {kind}'s {key} are {sorted(widths)} wide, which one config value "
+                    "cannot set; prune in the free layout (the default)")
         return ties
 
     @staticmethod
