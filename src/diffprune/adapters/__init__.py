@@ -269,15 +269,13 @@ class ModelAdapter:
     block_counts: dict[str, str] = {}
     # whether the stock config can express pruned widths (a channel method in the stock layout: width_tie)
     stock_widths: bool = False
-    layout: str = "free"  # the layout the channel selection keeps (for_layout)
+    stock: bool = False  # the channel selection keeps what the stock config can express (stock_layout)
 
-    def for_layout(self, layout: str) -> "ModelAdapter":
-        """This adapter as the channel selection of ``layout`` sees it: itself for the free layout; for the stock
-        layout a copy whose :meth:`width_tie` and :meth:`whole_heads` keep what the stock config can express."""
-        if layout == self.layout:
-            return self
+    def stock_layout(self) -> "ModelAdapter":
+        """This adapter as the channel selection of the stock layout sees it: a copy with :attr:`stock` set, whose
+        :meth:`width_tie` groups and :meth:`whole_heads` keep what the stock config can express."""
         twin = copy.copy(self)
-        twin.layout = layout
+        twin.stock = True
         return twin
 
     def width_tie(self, model: nn.Module, name: str) -> str | None:

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from ..errors import DiffPruneError
-from ..layout import STOCK
 from . import ADAPTERS, Conditioning, ModelAdapter, _attention
 
 
@@ -71,7 +70,7 @@ class UNet2DAdapter(ModelAdapter):
 
     def whole_heads(self, model):
         # the stock config fixes the head dim (attention_head_dim; None: one head as wide as the level)
-        if self.layout != STOCK or model.config.attention_head_dim is None:
+        if not self.stock or model.config.attention_head_dim is None:
             return []
         return list(self.num_heads(model))
 
@@ -159,7 +158,7 @@ class UNet2DAdapter(ModelAdapter):
 
     def finalize_(self, model, snapshot, heads=None):
         meta = {}
-        if self.layout == STOCK:  # the timestep features follow the first level; whole heads went (the head dim is
+        if self.stock:  # the timestep features follow the first level; whole heads went (the head dim is
             if self.whole_heads(model):  # the config's), unless the config has one head per attention
                 heads = {n: a.to_q.out_features // snapshot["attention"][n]["dim_head"]
                          for n, a in _attention.attention_modules(model).items()}

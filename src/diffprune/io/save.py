@@ -98,7 +98,7 @@ def write_model(folder: str | os.PathLike, model: nn.Module, *, pruning: dict | 
 
 
 def layout_adapter(adapter, config):
-    """``adapter`` as the channel selection of ``config.layout`` sees it (:meth:`ModelAdapter.for_layout`); refused,
+    """``adapter`` as the channel selection of ``config.layout`` sees it (:meth:`ModelAdapter.stock_layout`); refused,
     before any work, where this family or the pruning ``config``'s method and selection cannot give that layout (see
     :func:`stock_twin`)."""
     from ..importance import METHODS
@@ -108,7 +108,7 @@ def layout_adapter(adapter, config):
     if METHODS.get(config.method).removes == "blocks":
         require(bool(adapter.block_counts), f"--layout stock with --method depth: {adapter.name} models have no "
                                             "blocks to remove; prune their widths (e.g. --method diff-pruning)")
-        return adapter.for_layout(config.layout)
+        return adapter.stock_layout()
     require(adapter.stock_widths,
             f"--layout stock needs --method depth for {adapter.name} models: their stock config fixes every width "
             f"(heads x head dim is the residual stream, the MLP a multiple of it), so only removed whole blocks fit "
@@ -117,7 +117,7 @@ def layout_adapter(adapter, config):
             "--layout stock keeps one width per config value through diffprune's channel selection, which "
             "Torch-Pruning's own pruner (--prune-heads, or local ranking in uniform mode) bypasses; drop "
             "--prune-heads / use global ranking")
-    return adapter.for_layout(config.layout)
+    return adapter.stock_layout()
 
 
 def stock_twin(model: nn.Module) -> nn.Module:

@@ -9,7 +9,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DiffPruneError, require
-from ..layout import STOCK
 from ..macs import count_macs
 from .config import LATENCY_DTYPES, PruneConfig
 from .selection import _copy_with_grads, _meta_copy, _prune_once, scores_in_place
@@ -102,7 +101,7 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     search = _Search(unet, adapter, config, importance, snapshot, macs_before, target, progress, costs)
     search.check_reachable()
     done = search.bisect(0.0, _MAX_SEARCH_RATIO, _MIN_RATIO_STEP)  # the ratios left prune nearly the same channels
-    if search.totals and adapter.layout != STOCK:  # tied widths move in steps a kept position cannot bridge
+    if search.totals and not adapter.stock:  # tied widths move in steps a kept position cannot bridge
         search.fill(done)
     search.bar.close()
     return search.best()
@@ -219,7 +218,7 @@ class _Search:
             steps = " and ".join(f"{v:.4f}" for v in (above, below) if v is not None)
             hint = (f"; in the stock layout each level keeps one width its config allows, so the cost moves in "
                     f"large steps: ask for one of {steps}, or prune in the free layout (the default)"
-                    if self.adapter.layout == STOCK else
+                    if self.adapter.stock else
                     "; per-layer steps are coarse: try global ranking (--ranking global --ratio-mode uniform)"
                     if not self.config.global_ranking else
                     "; channels coupled through GroupNorm groups and shared layers go together, so the cost moves "

@@ -12,7 +12,6 @@ from torch import nn
 from .._torch import float32_params, meta_copy as _meta_copy
 from ..adapters import ModelAdapter
 from ..errors import require
-from ..layout import STOCK
 from ..seed import seed_everything
 from .config import PruneConfig
 
@@ -341,7 +340,7 @@ def _pruner(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, impo
     pruner.layer_costs = costs
     pruner.module_names, pruner.skip, pruner.picks, pruner.total_positions = names, frozenset(skip), [], None
     pruner.whole_heads = {id(m) for m in adapter.whole_heads(unet)}
-    pruner.stock = adapter if adapter.layout == STOCK else None  # read by _SelectingPruner._tie
+    pruner.stock = adapter if adapter.stock else None  # read by _SelectingPruner._tie
     return pruner, recorder
 
 
