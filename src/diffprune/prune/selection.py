@@ -219,7 +219,7 @@ class GlobalPruner(_SelectingPruner):
     """
 
     def _select(self, records):
-        positions = [imp.view(k, -1).mean(dim=0) if k > 1 else imp for _, _, imp, k, _, _ in records]
+        positions = [self._position_scores(rec) for rec in records]
         names = [self.module_names.get(id(rec[0]), "?") for rec in records]
         self.total_positions = total = sum(len(p) for p in positions)
         n_pruned = total - int(total * (1 - self.pruning_ratio))
