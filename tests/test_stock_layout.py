@@ -343,3 +343,17 @@ def test_a_stock_layout_pipeline_folder_loads_as_the_stock_pipeline(tmp_path, ca
         assert run.stdout.split()[:2] == ["DiTPipeline", "1"] and "(1, 16, 16, 1)" in run.stdout
         assert json.loads((tmp_path / folder / "transformer" / "pruning.json").read_text())["layout"] == "stock"
         assert len(load_model(tmp_path / folder).denoiser.transformer_blocks) == 1
+
+
+def test_a_stock_target_between_two_levels_that_move_together_lands_on_their_mix():
+    """Where the ratio narrows two levels at once (random scores, seed 5: the teacher's levels go 32/64 -> 16/32
+    together, 0.9993 -> 0.2568 of the MACs), the target search probes the mixes of the two nearest probes' widths
+    and lands on the one the config can build (16/64; 32/32 would make neighbouring levels equal), forced."""
+    unet = load_model("mnist-teacher").denoiser
+    report = prune_(unet, PruneConfig(method="random", seed=5, target_macs=0.73, layout="stock"), progress=False)
+    by_ratio = [t["macs_fraction"] for t in report.search if not t.get("forced")]
+    assert max(f for f in by_ratio if f < 0.73) < 0.73 * 0.98 and min(f for f in by_ratio if f > 0.73) > 0.73 * 1.02
+    forced = [t for t in report.search if t.get("forced")]
+    assert [t["widths"]["level 0"] for t in forced] == [16] and forced[0]["widths"]["level 1"] == 64
+    assert _stock_widths(unet) == [16, 64, 64] and report.macs / report.base_macs == pytest.approx(
+        forced[0]["macs_fraction"], abs=1e-6) and abs(report.macs / report.base_macs / 0.73 - 1) <= 0.02

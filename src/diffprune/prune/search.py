@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ from .selection import _copy_with_grads, _meta_copy, _prune_once, scores_in_plac
 _MAX_SEARCH_RATIO = 0.9
 _MIN_RATIO_STEP = 2e-3  # the search stops once its bracket is narrower (ratios a few channels per thousand apart)
 _MAX_FILL = 4  # positions the target search may keep out of rank order to step past a jump in the cost
+_MAX_STOCK_MIXES = 62  # stock layout: mixes of the two nearest probes' config widths the search may try (6 widths)
 
 
 @dataclass(frozen=True)
@@ -71,20 +73,21 @@ def _prune_channels(unet, adapter, config: PruneConfig, importance, snapshot, ma
                     target: _Target | None, costs: dict | None = None) -> _Pruned:
     """Channel pruning in place: at ``config.ratio``, or at the ratio :func:`_search_ratio` finds for ``target``.
     ``costs``: the cost table of a cost-aware allocation."""
-    search, skip = [], []
+    search, skip, widths = [], [], None
     if target is not None:
-        ratio, search, skip = _search_ratio(unet, adapter, config, importance, snapshot, macs_before, progress, target,
-                                            costs)
+        ratio, search, skip, widths = _search_ratio(unet, adapter, config, importance, snapshot, macs_before, progress,
+                                                    target, costs)
     else:
         ratio = float(config.ratio)
-    history, heads, scores, _ = _prune_once(unet, adapter, config, ratio, importance, skip=skip, costs=costs)
+    history, heads, scores, _ = _prune_once(unet, adapter, config, ratio, importance, skip=skip, costs=costs,
+                                            widths=widths)
     return _Pruned(ratio, search, history, adapter.finalize_(unet, snapshot, heads), scores, skip)
 
 
 def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int, progress: bool, target: _Target,
                   costs: dict | None = None):
     """Bisection on the ratio so that ``target.measure`` lands within the tolerance; returns ``(ratio, trials,
-    skip)``.
+    skip, widths)``.
 
     The channel scores are computed once, on the model itself with nothing pruned (:func:`scores_in_place`; for
     Torch-Pruning's own pruner, which scores on a pruned model, on a copy holding the calibration gradients), and
@@ -97,12 +100,18 @@ def _search_ratio(unet, adapter, config, importance, snapshot, macs_before: int,
     position of a group coupled through many layers), the search finds that position by bisecting the number of
     pruned positions, keeps it (``skip``) and prunes the next-ranked positions instead, up to ``_MAX_FILL`` times.
     The positions kept out of rank order are recorded with each probe (``kept_out_of_order``).
+
+    The stock layout's step (:meth:`_Search.step_widths`): where the ratio moves several config widths past the
+    target together (one level narrows only with another), the search tries the mixes of the two nearest probes'
+    widths, forcing them (``widths``, recorded with each probe, and ``forced``).
     """
     search = _Search(unet, adapter, config, importance, snapshot, macs_before, target, progress, costs)
     search.check_reachable()
     done = search.bisect(0.0, _MAX_SEARCH_RATIO, _MIN_RATIO_STEP)  # the ratios left prune nearly the same channels
     if search.totals and not adapter.stock:  # tied widths move in steps a kept position cannot bridge
         search.fill(done)
+    elif adapter.stock and not any(search.close(t[search.key], 1) for t in search.trials):
+        search.step_widths()
     search.bar.close()
     return search.best()
 
@@ -124,11 +133,12 @@ class _Search:
         self.totals: list[int] = []  # global ranking: the positions a ratio is a share of
         self.bar = tqdm(total=None, desc=f"target-{target.name} search", disable=not progress)
 
-    def probe(self, ratio: float) -> float:
-        """Prune a copy at ``ratio`` (with the current ``skip``) and measure it; records the trial."""
+    def probe(self, ratio: float, widths: dict | None = None) -> float:
+        """Prune a copy at ``ratio`` (with the current ``skip``; in the stock layout, ``widths`` forced) and measure
+        it; records the trial."""
         key, skip, target = self.key, self.skip, self.target
         n = self.totals[0] - int(self.totals[0] * (1 - ratio)) if self.totals else None  # positions it prunes
-        if (len(skip), n) in self.picks:  # probed already (a ratio rounding to the same positions)
+        if widths is None and (len(skip), n) in self.picks:  # probed already (a ratio rounding to the same positions)
             return next(t[key] for t in reversed(self.trials) if t.get("positions") == n
                         and len(t.get("kept_out_of_order", ())) == len(skip))
         if not self.cache:  # score once, on the model itself (no copy of weights and gradients) where possible
@@ -137,7 +147,8 @@ class _Search:
                 copy.deepcopy(self.unet))
         with self.adapter.tracing(twin):
             _, heads, scores, pruner = _prune_once(twin, self.adapter, self.config, ratio, self.importance,
-                                                   cached=self.cache or None, skip=skip, costs=self.costs)
+                                                   cached=self.cache or None, skip=skip, costs=self.costs,
+                                                   widths=widths)
             self.adapter.finalize_(twin, self.snapshot, heads)
         self.cache.update(scores)
         rel = target.measure(twin)
@@ -149,6 +160,9 @@ class _Search:
             self.totals.append(pruner.total_positions)
         if skip:
             trial["kept_out_of_order"] = [list(x) for x in skip]
+        if self.adapter.stock:
+            trial["widths"], self.tie_options = dict(pruner.chosen), pruner.tie_options
+            trial.update({"forced": True} if widths else {})
         self.trials.append(trial)
         self.bar.update()
         self.bar.set_postfix(ratio=f"{ratio:.4f}", **{target.name: f"{rel:.4f}"})
@@ -207,9 +221,28 @@ class _Search:
             floor = above
             done = self.bisect((above - 0.5) / totals[0], _MAX_SEARCH_RATIO, 1 / totals[0])
 
-    def best(self) -> tuple[float, list[dict], list[tuple[str, int]]]:
-        """The probe nearest the target, ``(ratio, trials, skip)``; an error naming the nearest steps if it is not
-        within the tolerance."""
+    def step_widths(self) -> None:
+        """The stock layout's step past a jump: the two probes nearest the target on either side differ in a few
+        config widths that the ratio moves together; probe every mix of the two (each differing width from one or
+        the other; ``_MAX_STOCK_MIXES`` at most, combinations the config cannot build passed over)."""
+        key, value = self.key, self.target.value
+        above = [t for t in self.trials if t[key] > value and "widths" in t]
+        below = [t for t in self.trials if t[key] < value and "widths" in t]
+        if not above or not below:
+            return
+        wide = min(above, key=lambda t: t[key])["widths"]
+        narrow = max(below, key=lambda t: t[key])["widths"]
+        differ = [k for k in wide if wide[k] != narrow[k]]
+        mixes = list(itertools.product(*((wide[k], narrow[k]) for k in differ)))[1:-1]  # neither end: probed
+        for mix in mixes[:_MAX_STOCK_MIXES]:
+            try:
+                self.probe(min(above, key=lambda t: t[key])["ratio"], {**wide, **dict(zip(differ, mix))})
+            except DiffPruneError:  # neighbouring levels made equal, or another combination it cannot build
+                continue
+
+    def best(self) -> tuple[float, list[dict], list[tuple[str, int]], dict | None]:
+        """The probe nearest the target, ``(ratio, trials, skip, forced widths or None)``; an error naming the
+        nearest steps if it is not within the tolerance."""
         key, target, tol = self.key, self.target, self.tol
         best = min(self.trials, key=lambda r: abs(r[key] / target.value - 1))
         if abs(best[key] / target.value - 1) > tol:
@@ -227,7 +260,8 @@ class _Search:
                 f"target_{target.name}={target.value} cannot be reached within +-{tol:.0%}: the nearest pruning "
                 f"keeps {best[key]:.4f} of the {'MACs' if target.name == 'macs' else target.name} (ratio "
                 f"{best['ratio']:.4f}){hint}")
-        return best["ratio"], self.trials, [tuple(x) for x in best.get("kept_out_of_order", ())]
+        return (best["ratio"], self.trials, [tuple(x) for x in best.get("kept_out_of_order", ())],
+                best["widths"] if best.get("forced") else None)
 
 
 def _prune_blocks(model, adapter, config: PruneConfig, score, macs_before: int) -> _Pruned:

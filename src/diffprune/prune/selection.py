@@ -27,6 +27,7 @@ class _SelectingPruner(tp.pruner.BasePruner):
 
     whole_heads: frozenset = frozenset()  # ids of projections whose attention loses whole heads (set per pass)
     stock = None  # the adapter whose width ties the stock layout keeps (_tie), or None
+    widths = None  # the stock layout's {tie key: width} a target search forces (_tie), or None: the adapter chooses
 
     @torch.no_grad()
     def _prune(self):
@@ -92,7 +93,12 @@ class _SelectingPruner(tp.pruner.BasePruner):
             allowed = [w for w in self.stock.tie_widths(self.model, key, width) or range(unit, width + 1, unit)
                        if w % unit == 0] or [width]
             options[key] = (allowed, sum((records[r][4] - len(picks[r])) * sizes[r] / factors[r] for r in rs) / len(rs))
-        chosen = self.stock.choose_widths(self.model, options)
+        self.tie_options = {key: allowed for key, (allowed, _) in options.items()}  # what a target search may force
+        for key, width in (self.widths or {}).items():
+            require(width in options.get(key, ([],))[0], f"--layout stock: {key} cannot be {width} wide; its config "
+                                                           f"allows {options.get(key, ([],))[0]}")
+            options[key] = ([width], width)
+        chosen = self.chosen = self.stock.choose_widths(self.model, options)
         out = list(picks)
         for key, rs in ties.items():
             for r in rs:
@@ -290,12 +296,15 @@ class _RecordingImportance:
 
 
 def _prune_once(unet, adapter: ModelAdapter, config: PruneConfig, ratio: float, importance, cached: dict | None = None,
-                skip=(), costs: dict | None = None) -> tuple[list, dict, dict, "_SelectingPruner"]:
+                skip=(), costs: dict | None = None,
+                widths: dict | None = None) -> tuple[list, dict, dict, "_SelectingPruner"]:
     """Prune ``unet`` in place at ``ratio``; returns (Torch-Pruning history, heads per attention, scores, the
     pruner). ``cached``: scores recorded by an earlier call on the same unpruned model, used instead of
     ``importance``. ``skip``: positions global ranking keeps whatever their rank (:class:`GlobalPruner`).
-    ``costs``: the cost table of a cost-aware allocation (:func:`diffprune.prune.costs.layer_costs`)."""
+    ``costs``: the cost table of a cost-aware allocation (:func:`diffprune.prune.costs.layer_costs`). ``widths``: the
+    stock layout's width per tie key, forced (a target search's step past a jump, :meth:`_SelectingPruner._tie`)."""
     pruner, recorder = _pruner(unet, adapter, config, ratio, importance, cached, skip, costs)
+    pruner.widths = widths
     pruner.step()
     heads = {}
     for name, m in unet.named_modules():
