@@ -304,6 +304,7 @@ def test_unet_stock_layout_targets_and_the_steps_it_cannot_reach(tmp_path, capsy
                  "--layout", "stock", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "in the stock layout each level keeps one width its config allows" in err
+    assert "with --ratio-mode uniform --ranking global)" in err  # the ratio it names is global ranking's
     assert not (tmp_path / "o").exists()
     steps = [float(x) for x in err.split("ask for one of ")[1].split(",")[0].split(" and ")]
     assert steps[1] < 0.5 < steps[0]

@@ -256,10 +256,13 @@ class _Search:
                     if not self.config.global_ranking else
                     "; channels coupled through GroupNorm groups and shared layers go together, so the cost moves "
                     f"in steps here: ask for one of {steps}, or widen {target.flag} (now {tol:.0%})")
+            how = (f"ratio {best['ratio']:.4f} with --ratio-mode {self.config.ratio_mode}"
+                   + (" --ranking global" if self.config.global_ranking else "")
+                   + (", widths forced" if best.get("forced") else
+                      ", positions kept out of order" if best.get("kept_out_of_order") else ""))
             raise DiffPruneError(
                 f"target_{target.name}={target.value} cannot be reached within +-{tol:.0%}: the nearest pruning "
-                f"keeps {best[key]:.4f} of the {'MACs' if target.name == 'macs' else target.name} (ratio "
-                f"{best['ratio']:.4f}){hint}")
+                f"keeps {best[key]:.4f} of the {'MACs' if target.name == 'macs' else target.name} ({how}){hint}")
         return (best["ratio"], self.trials, [tuple(x) for x in best.get("kept_out_of_order", ())],
                 best["widths"] if best.get("forced") else None)
 
