@@ -97,7 +97,7 @@ CASES = {
                                               r"round_to=4096 leaves every layer whole: .*the widest prunable layer, "
                                               r"\S+, has \d+ channels; choose a round_to below"),
     "prune-scale-shift-unet": ([*PRUNE[:2], "{r}/scale-shift", *PRUNE[3:]], "out",
-                               "UNet2DModel with resnet_time_scale_shift='scale_shift' is not supported yet"),
+                               "UNet2DModel with resnet_time_scale_shift='scale_shift' cannot be pruned yet"),
     "info-heads-disagree": (["info", "{r}/bad-heads"], None, "do not split into .* heads of .*does not match the weights"),
     "train-grad-clip-inf": ([*TRAIN, "--grad-clip", "inf"], "out", r"grad_clip=inf must be a finite number"),
     "train-malformed-config": (["train", "--config", "{r}/arch.json", *TRAIN[3:]], "out", "is not valid JSON"),

@@ -42,17 +42,6 @@ def _resampling_conv(m: nn.Module):
     return conv if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) else None
 
 
-def _check_time_norm(model) -> None:
-    """Refuse ResNets that modulate by the timestep as scale and shift (``resnet_time_scale_shift="scale_shift"``,
-    e.g. DeepFloyd IF, consistency models): each ``time_emb_proj`` feeds two halves of its level's width, which the
-    channel selection does not pair yet (it would cut the halves apart and break the GroupNorm that follows)."""
-    value = getattr(model.config, "resnet_time_scale_shift", "default")
-    if value != "default":
-        raise DiffPruneError(f"{type(model).__name__} with resnet_time_scale_shift={value!r} is not supported yet (its "
-                             "time projections feed scale and shift halves that pruning does not pair); diffprune "
-                             "prunes UNets with resnet_time_scale_shift='default' (DDPM, LDM, Stable Diffusion, SDXL)")
-
-
 class UNet2DAdapter(ModelAdapter):
     name = "unet2d"
     model_classes = ("UNet2DModel",)
@@ -61,8 +50,17 @@ class UNet2DAdapter(ModelAdapter):
             "conv_out")
     stock_widths = True
 
+    def check_prunable(self, model):
+        # ResNets modulated by the timestep as scale and shift (DeepFloyd IF, consistency models): each time_emb_proj
+        # feeds two halves of its level's width, which the selection does not pair yet (it would cut them apart)
+        value = getattr(model.config, "resnet_time_scale_shift", "default")
+        if value != "default":
+            raise DiffPruneError(f"{type(model).__name__} with resnet_time_scale_shift={value!r} cannot be pruned yet "
+                                 "(its time projections feed scale and shift halves that pruning does not pair); "
+                                 "diffprune prunes UNets with resnet_time_scale_shift='default' (DDPM, LDM, Stable "
+                                 "Diffusion, SDXL)")
+
     def conditioning(self, model):
-        _check_time_norm(model)
         n = model.config.num_class_embeds
         if n is None:
             return None

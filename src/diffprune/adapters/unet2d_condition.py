@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from ..errors import DiffPruneError
 from . import ADAPTERS, Conditioning, _text, unwrap
-from .unet2d import UNet2DAdapter, _check_time_norm
+from .unet2d import UNet2DAdapter
 
 CONTEXT_LENGTH = 77  # CLIP's max_position_embeddings: Stable Diffusion pads every prompt to it
 SDXL_TIME_IDS = 6  # StableDiffusionXLPipeline._get_add_time_ids: original size (2), crop top-left (2), target size (2)
@@ -86,7 +86,6 @@ class UNet2DConditionAdapter(UNet2DAdapter):
             "conv_out")
 
     def conditioning(self, model):
-        _check_time_norm(model)
         cfg = model.config
         unsupported = {"class_embed_type": cfg.class_embed_type, "num_class_embeds": cfg.num_class_embeds,
                        "encoder_hid_dim": cfg.encoder_hid_dim}

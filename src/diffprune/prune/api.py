@@ -38,14 +38,9 @@ def prune_(unet: nn.Module, config: PruneConfig, calibration=None, *, scheduler=
     ``adapter``: the model's adapter (default: its family's), resolved once and handed to every step.
     """
     require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}")
-    from .._torch import require_finite_weights
-    from ..io.save import layout_adapter
-
     t0 = time.time()
-    adapter = layout_adapter(resolve_adapter(unet, adapter), config)  # checked before the calibration pass
+    adapter = _checked_adapter(unet, config, adapter)
     method = METHODS.get(config.method)
-    require_finite_weights(unet, "model to prune")
-    check_round_to(unet, adapter, config.round_to)  # before the calibration pass, which may take minutes
     if device is not None:
         unet.to(device)
     device = next(unet.parameters()).device
@@ -114,6 +109,19 @@ def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, devic
                       seconds=round(sum(r.seconds for r in results), 3),
                       cpu_seconds=round(sum(r.cpu_seconds for r in results), 3))
     return record
+
+
+def _checked_adapter(unet, config: PruneConfig, adapter):
+    """``unet``'s adapter as ``config.layout`` sees it, after every check that needs no calibration pass (which may
+    take minutes): the layout, finite weights, the family's prunable configurations, ``round_to``."""
+    from .._torch import require_finite_weights
+    from ..io.save import layout_adapter
+
+    adapter = layout_adapter(resolve_adapter(unet, adapter), config)
+    require_finite_weights(unet, "model to prune")
+    adapter.check_prunable(unet)
+    check_round_to(unet, adapter, config.round_to)
+    return adapter
 
 
 def _report(unet, config: PruneConfig, adapter, pruned: _Pruned, before, after, widths_before, calibration_record,

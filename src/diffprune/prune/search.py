@@ -230,13 +230,13 @@ class _Search:
         below = [t for t in self.trials if t[key] < value and "widths" in t]
         if not above or not below:
             return
-        wide = min(above, key=lambda t: t[key])["widths"]
-        narrow = max(below, key=lambda t: t[key])["widths"]
+        start = min(above, key=lambda t: t[key])
+        wide, narrow = start["widths"], max(below, key=lambda t: t[key])["widths"]
         differ = [k for k in wide if wide[k] != narrow[k]]
-        mixes = list(itertools.product(*((wide[k], narrow[k]) for k in differ)))[1:-1]  # neither end: probed
-        for mix in mixes[:_MAX_STOCK_MIXES]:
+        mixes = itertools.product(*((wide[k], narrow[k]) for k in differ))  # the first (all wide) was probed
+        for mix in itertools.islice(mixes, 1, min(2 ** len(differ) - 1, _MAX_STOCK_MIXES + 1)):  # so was the last
             try:
-                self.probe(min(above, key=lambda t: t[key])["ratio"], {**wide, **dict(zip(differ, mix))})
+                self.probe(start["ratio"], {**wide, **dict(zip(differ, mix))})
             except DiffPruneError:  # neighbouring levels made equal, or another combination it cannot build
                 continue
 
