@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_model
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 
 from diffprune.cli import main
 from diffprune.io import save_pruned
@@ -39,7 +39,6 @@ def root(tmp_path_factory):
     torch.save(build_model("tiny").state_dict(), r / "unet.pth")
     (r / "arch.json").write_text('{"block_out_channels": [8, 16],')  # truncated JSON
     (r / "odd.json").write_text(json.dumps({**_tiny(), "block_out_channels": [10, 16]}))
-    UNet2DModel(**{**_tiny(), "resnet_time_scale_shift": "scale_shift"}).save_pretrained(r / "scale-shift")
     run = {"model": str(r / "model"), "data": "mnist", "prune": {"method": "magnitude", "ratio": 0.3},
            "finetune": {"steps": 1, "batch_size": 2}, "eval": {"n": 2, "steps": 1, "latency_batches": []}}
     (r / "run.yaml").write_text(json.dumps(run))  # JSON is YAML
@@ -96,8 +95,6 @@ CASES = {
     "prune-round-to-wider-than-every-layer": ([*PRUNE, "--round-to", "4096"], "out",
                                               r"round_to=4096 leaves every layer whole: .*the widest prunable layer, "
                                               r"\S+, has \d+ channels; choose a round_to below"),
-    "prune-scale-shift-unet": ([*PRUNE[:2], "{r}/scale-shift", *PRUNE[3:]], "out",
-                               "UNet2DModel with resnet_time_scale_shift='scale_shift' cannot be pruned yet"),
     "info-heads-disagree": (["info", "{r}/bad-heads"], None, "do not split into .* heads of .*does not match the weights"),
     "train-grad-clip-inf": ([*TRAIN, "--grad-clip", "inf"], "out", r"grad_clip=inf must be a finite number"),
     "train-malformed-config": (["train", "--config", "{r}/arch.json", *TRAIN[3:]], "out", "is not valid JSON"),

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffprune.errors import DiffPruneError
 from diffprune.io import load_model, load_pruned, save_pruned
@@ -164,3 +164,27 @@ def test_hub_ids_load_pruned_models_and_fetch_no_pickles(pruned, tmp_path, monke
     with pytest.raises(DiffPruneError, match=r"could not fetch 'someone/x' from the Hugging Face hub \(OSError: We "
                                              r"have no connection\); check the id"):
         load_model("someone/x")
+
+
+def test_scale_and_shift_resnets_lose_the_same_channels_in_both_halves(tmp_path):
+    """resnet_time_scale_shift="scale_shift": each ResNet's time projection is 2c wide (scale and shift of a c-wide
+    level); Torch-Pruning roots that group at the projection, so each half's channel was a position of its own and
+    the halves lost different channels (GroupNorm broke). Rooted at the c-wide layer, both halves lose the level's
+    channels; diff-pruning at 0.5, saved and loaded bitwise."""
+    torch.manual_seed(0)
+    from diffprune.presets import PRESETS
+
+    unet = UNet2DModel(**{**PRESETS.get("tiny"), "resnet_time_scale_shift": "scale_shift"})
+    sched = DDPMScheduler(num_train_timesteps=10)
+    report = prune_(unet, PruneConfig(ratio=0.5, calib_batch=2, max_timesteps=3), torch.rand(2, 1, 8, 8) * 2 - 1,
+                    scheduler=sched, progress=False)
+    resnets = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert len(resnets) == 8 and report.params < 0.5 * report.base_params
+    for r in resnets:
+        c = r.conv1.out_channels
+        assert r.time_emb_proj.out_features == 2 * c and r.norm2.num_channels == c and c % r.norm2.num_groups == 0
+    save_pruned(unet.eval(), tmp_path / "p", report.to_dict(), scheduler=sched)
+    loaded = load_pruned(tmp_path / "p")
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        assert torch.equal(unet(x, t).sample, loaded(x, t).sample)

@@ -233,7 +233,8 @@ def test_unet_stock_layout_loads_in_plain_diffusers_bitwise(tmp_path):
     (no diffprune in the process) and gives bitwise the outputs of the pruned model and of diffprune.load_model.
     The shipped teacher (32/64/64, 8 GroupNorm groups, heads of 32) reaches 0.257x MACs as 16/32/32; a class-
     conditional UNet with freq_shift 1 keeps its first level whole (its narrower timestep features are others). SD
-    and SDXL keep their heads (narrower), feed-forwards at 4x and SDXL's added embedding at the timestep width."""
+    and SDXL keep their heads (narrower), feed-forwards at 4x and SDXL's added embedding at the timestep width; a UNet
+    with scale-and-shift ResNets keeps its time projections at twice their level's width."""
     teacher = load_model("mnist-teacher").denoiser
     cond = _tiny_unet(block_out_channels=(8, 32), num_class_embeds=4, freq_shift=1)
     one_head = _tiny_unet(block_out_channels=(8, 24), attention_head_dim=None)  # one head as wide as its level
@@ -241,6 +242,8 @@ def test_unet_stock_layout_loads_in_plain_diffusers_bitwise(tmp_path):
              "cond": (cond, PruneConfig(method="random", ratio=0.5, ratio_mode="uniform", global_ranking=True,
                                         layout="stock")),
              "one-head": (one_head, PruneConfig(method="magnitude", ratio=0.5, layout="stock")),
+             "scale-shift": (_tiny_unet(resnet_time_scale_shift="scale_shift"),  # time projections 2x a level
+                             PruneConfig(method="magnitude", ratio=0.5, layout="stock")),
              "sd": (_tiny_sd(), PruneConfig(method="magnitude", ratio=0.3, layout="stock")),
              "sdxl": (test_family_sdxl.TestSDXL().build(), PruneConfig(method="magnitude", ratio=0.3, layout="stock"))}
     spec, expected = {}, {}
@@ -277,6 +280,9 @@ def test_unet_stock_layout_loads_in_plain_diffusers_bitwise(tmp_path):
     assert teacher.time_proj.num_channels == teacher.time_embedding.linear_1.in_features == 16
     assert _stock_widths(cond)[0] == 8 and _stock_widths(cond)[1] < 32 and cond.time_proj.num_channels == 8
     assert _stock_widths(sd_unet := cases["sd"][0]) == [16, 48] and sd_unet.time_proj.num_channels == 16
+    shifted = cases["scale-shift"][0]
+    assert _stock_widths(shifted) == [4, 8] and all(r.time_emb_proj.out_features == 2 * r.conv1.out_channels
+                                                    for r in shifted.modules() if type(r).__name__ == "ResnetBlock2D")
     assert _stock_widths(one_head)[1] < 24 and {a.heads for a in one_head.modules() if hasattr(a, "heads")} == {1}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     run = subprocess.run([sys.executable, "-c", PLAIN, str(tmp_path / "spec.json"), str(tmp_path / "out.safetensors")],

@@ -152,10 +152,6 @@ class ModelAdapter:
         """What the model is conditioned on (None: unconditional)."""
         return None
 
-    def check_prunable(self, model: nn.Module) -> None:
-        """Raise DiffPruneError, before any calibration, where this family's pruning does not handle ``model``'s
-        configuration (sampling and training it may still work); default: every model of the family is."""
-
     def model_kwargs(self, model: nn.Module, cond) -> dict:
         return {} if cond is None else {self.label_arg: cond}
 

@@ -50,16 +50,6 @@ class UNet2DAdapter(ModelAdapter):
             "conv_out")
     stock_widths = True
 
-    def check_prunable(self, model):
-        # ResNets modulated by the timestep as scale and shift (DeepFloyd IF, consistency models): each time_emb_proj
-        # feeds two halves of its level's width, which the selection does not pair yet (it would cut them apart)
-        value = getattr(model.config, "resnet_time_scale_shift", "default")
-        if value != "default":
-            raise DiffPruneError(f"{type(model).__name__} with resnet_time_scale_shift={value!r} cannot be pruned yet "
-                                 "(its time projections feed scale and shift halves that pruning does not pair); "
-                                 "diffprune prunes UNets with resnet_time_scale_shift='default' (DDPM, LDM, Stable "
-                                 "Diffusion, SDXL)")
-
     def conditioning(self, model):
         n = model.config.num_class_embeds
         if n is None:

@@ -113,13 +113,12 @@ def _calibrate(unet, adapter, config: PruneConfig, calibration, scheduler, devic
 
 def _checked_adapter(unet, config: PruneConfig, adapter):
     """``unet``'s adapter as ``config.layout`` sees it, after every check that needs no calibration pass (which may
-    take minutes): the layout, finite weights, the family's prunable configurations, ``round_to``."""
+    take minutes): the layout, finite weights, ``round_to``."""
     from .._torch import require_finite_weights
     from ..io.save import layout_adapter
 
     adapter = layout_adapter(resolve_adapter(unet, adapter), config)
     require_finite_weights(unet, "model to prune")
-    adapter.check_prunable(unet)
     check_round_to(unet, adapter, config.round_to)
     return adapter
 

@@ -45,6 +45,7 @@ class _SelectingPruner(tp.pruner.BasePruner):
                 group = self._downstream_node_as_root_if_attention(group)
                 if group is None:
                     continue
+            group = self._narrowest_root(group)
             imp = self.estimate_importance(group)
             if imp is None:
                 continue
@@ -132,6 +133,23 @@ class _SelectingPruner(tp.pruner.BasePruner):
         """A record's score per position (averaged over its GroupNorm groups, as global ranking ranks them)."""
         imp, chunks = record[2], record[3]
         return imp.view(chunks, -1).mean(dim=0) if chunks > 1 else imp
+
+    def _narrowest_root(self, group):
+        """``group`` rooted at its narrowest layer whose output channels it prunes, where its root is wider: a
+        projection whose output is split into parts that each act on the same channels (a ResNet's scale-and-shift
+        time projection, ``2c`` wide for a ``c``-wide level) would make each part's channel a position of its own, so
+        the parts lose different channels; rooted at the ``c``-wide layer, a position is one channel of every part."""
+        root, fn = group[0].dep.target.module, group[0].dep.handler
+        if not self.DG.is_out_channel_pruning_fn(fn):
+            return group
+        layers = [(self.DG.get_out_channels(item.dep.target.module), i) for i, item in enumerate(group)
+                  if isinstance(item.dep.target.module, (nn.Conv2d, nn.Linear))
+                  and self.DG.is_out_channel_pruning_fn(item.dep.handler)]
+        width, i = min(layers, default=(None, 0))
+        if width is None or width >= self.DG.get_out_channels(root):
+            return group
+        item = group[i].dep.target
+        return self.DG.get_pruning_group(item.module, group[i].dep.handler, list(range(width)))
 
     def _whole_heads_projection(self, group):
         """A q/k/v projection of ``group`` whose attention may only lose whole heads (the adapter's
