@@ -36,6 +36,10 @@ class TestSDXL(TextFamilySuite):
     def build(self):
         return build_sdxl_unet()
 
+    @pytest.fixture(scope="class", params=["diff-pruning"])  # the suite's magnitude run too costs 20 s on SDXL
+    def pruned(self, request):
+        return self.pruned_by(request.param)
+
     def make_cond(self, n, length, generator):
         size = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])  # original size, crop top-left, target size
         return {"context": torch.randn(n, length, CONTEXT, generator=generator),

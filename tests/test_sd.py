@@ -276,8 +276,8 @@ def test_bad_text_inputs_are_one_line_errors(sd, tmp_path, capsys):
 
 
 def test_sd2_layout_linear_projections_and_per_block_heads(tmp_path):
-    """SD 2.x's UNet: linear proj_in/proj_out, attention_head_dim as a per-block list, a wider context. Pruned to
-    0.5x MACs it runs, and save -> load is bitwise."""
+    """SD 2.x's UNet: linear proj_in/proj_out, attention_head_dim as a per-block list, a wider context. Pruned (to
+    under 0.8x MACs) it keeps its per-block heads, runs, and save -> load is bitwise."""
     from diffprune.prune import prune_
 
     torch.manual_seed(0)
@@ -287,8 +287,10 @@ def test_sd2_layout_linear_projections_and_per_block_heads(tmp_path):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
         attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=8).eval()
     assert isinstance(unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
-    report = prune_(unet, PruneConfig(method="magnitude", target_macs=0.5), progress=False)
-    assert abs(report.macs / report.base_macs - 0.5) <= 0.02 * 0.5
+    # one global-ranking pass, no MACs search (tested elsewhere): the layout is what this test is about
+    report = prune_(unet, PruneConfig(method="magnitude", ratio=0.4, ratio_mode="uniform", global_ranking=True),
+                    progress=False)
+    assert report.macs < 0.8 * report.base_macs
     heads = {n: m.heads for n, m in unet.named_modules() if n.endswith("attn1")}
     assert heads["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == 2
     assert heads["down_blocks.1.attentions.0.transformer_blocks.0.attn1"] == 4

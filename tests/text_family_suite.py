@@ -71,11 +71,14 @@ class TextFamilySuite:
 
     @pytest.fixture(scope="class", params=["magnitude", "diff-pruning"])
     def pruned(self, request):
+        return self.pruned_by(request.param)
+
+    def pruned_by(self, method: str) -> dict:
         model = self.build()
-        extra = CALIB if request.param == "diff-pruning" else {}
-        report = prune_(model, PruneConfig(method=request.param, target_macs=0.5, **extra), self.calibration(model),
+        extra = CALIB if method == "diff-pruning" else {}
+        report = prune_(model, PruneConfig(method=method, target_macs=0.5, **extra), self.calibration(model),
                         scheduler=scheduler(), progress=False)
-        return dict(model=model, report=report, method=request.param)
+        return dict(model=model, report=report, method=method)
 
     def inputs(self, model, n: int = 2, length: int = 12, seed: int = 2):
         g = torch.Generator().manual_seed(seed)
