@@ -42,9 +42,24 @@ from diffprune.prune import PruneConfig, prune_
 
 from _models import benchmark_model
 
+# Keyword inputs from their flattened names ("added_cond_kwargs.time_ids" -> an entry of that dict): one text, run
+# here and in the plain process (which must not import this file: it imports diffprune).
+UNFLATTEN = r"""
+def unflatten(flat):
+    kwargs = {}
+    for key, value in flat.items():
+        outer, _, inner = key.partition(".")
+        if inner:
+            kwargs.setdefault(outer, {})[inner] = value
+        else:
+            kwargs[outer] = value
+    return kwargs
+"""
+exec(UNFLATTEN)
+
 # Loads the folder with plain diffusers (the class its config.json names), runs the saved inputs, saves the output;
 # fails if anything imported diffprune.
-PLAIN = r"""
+PLAIN = UNFLATTEN + r"""
 import json, sys
 import diffusers, torch
 from safetensors.torch import load_file, save_file
@@ -54,15 +69,8 @@ torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 cls = getattr(diffusers, json.load(open(folder + "/config.json"))["_class_name"])
 model = cls.from_pretrained(folder).to(device).eval()
-kwargs = {}
-for key, value in load_file(inputs, device=device).items():
-    outer, _, inner = key.partition(".")
-    if inner:
-        kwargs.setdefault(outer, {})[inner] = value
-    else:
-        kwargs[outer] = value
 with torch.no_grad():
-    save_file({"out": model(**kwargs).sample.float().cpu().contiguous()}, out)
+    save_file({"out": model(**unflatten(load_file(inputs, device=device))).sample.float().cpu().contiguous()}, out)
 assert not any(m.split(".")[0] == "diffprune" for m in sys.modules), "diffprune was imported"
 """
 
@@ -80,15 +88,8 @@ def flat_inputs(model, device) -> dict[str, torch.Tensor]:
 
 
 def call(model, flat) -> torch.Tensor:
-    kwargs = {}
-    for key, value in flat.items():
-        outer, _, inner = key.partition(".")
-        if inner:
-            kwargs.setdefault(outer, {})[inner] = value
-        else:
-            kwargs[outer] = value
     with torch.no_grad():
-        return model.eval()(**kwargs).sample.float().cpu()
+        return model.eval()(**unflatten(flat)).sample.float().cpu()  # noqa: F821 (defined by exec(UNFLATTEN))
 
 
 def widths(model) -> list[int] | None:
