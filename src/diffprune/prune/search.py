@@ -161,7 +161,7 @@ class _Search:
         if skip:
             trial["kept_out_of_order"] = [list(x) for x in skip]
         if self.adapter.stock:
-            trial["widths"], self.tie_options = dict(pruner.chosen), pruner.tie_options
+            trial["widths"] = dict(pruner.chosen)
             trial.update({"forced": True} if widths else {})
         self.trials.append(trial)
         self.bar.update()

@@ -94,12 +94,11 @@ class _SelectingPruner(tp.pruner.BasePruner):
             allowed = [w for w in self.stock.tie_widths(self.model, key, width) or range(unit, width + 1, unit)
                        if w % unit == 0] or [width]
             options[key] = (allowed, sum((records[r][4] - len(picks[r])) * sizes[r] / factors[r] for r in rs) / len(rs))
-        self.tie_options = {key: allowed for key, (allowed, _) in options.items()}  # what a target search may force
         for key, width in (self.widths or {}).items():
-            require(width in options.get(key, ([],))[0], f"--layout stock: {key} cannot be {width} wide; its config "
-                                                           f"allows {options.get(key, ([],))[0]}")
+            allowed = options.get(key, ([], 0))[0]
+            require(width in allowed, f"--layout stock: {key} cannot be {width} wide; its config allows {allowed}")
             options[key] = ([width], width)
-        chosen = self.chosen = self.stock.choose_widths(self.model, options)
+        chosen = self.chosen = self.stock.choose_widths(self.model, options)  # read by the target search's probes
         out = list(picks)
         for key, rs in ties.items():
             for r in rs:
